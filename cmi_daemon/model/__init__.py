@@ -1,0 +1,1 @@
+"""Torch networks of CMI: RWKV-4 generator, context/target encoder and predictor (JEPA)."""
