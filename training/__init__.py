@@ -1,0 +1,1 @@
+"""Data preparation, pretraining, generator training, evaluation and benchmarks for CMI models."""
