@@ -1,0 +1,219 @@
+"""RWKV-4 generator: parallel == recurrent, agreement with BlinkDL's `rwkv` package, JEP fusion."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from cmi_daemon.model.config import GeneratorConfig, preset
+from cmi_daemon.model.rwkv import RWKVGenerator, load_blinkdl_checkpoint
+from cmi_daemon.vocab import FIRST_NOTE_ID, LAST_NOTE_ID, LAST_WAIT_ID, PUBLIC_VOCAB_SIZE, VOCAB_SIZE
+from shared_data import FIXTURE_MIDI_DIR, SHARED_DATA_DIR
+
+
+def tiny_config(conditioned: bool) -> GeneratorConfig:
+    config = preset("tiny").generator
+    config.conditioned = conditioned
+    return config
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial weights everywhere: decays from slow to very fast, random mixes and norms."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            if name.endswith("time_decay"):
+                p.copy_(torch.linspace(-6.0, 4.0, p.numel()) + 0.5 * noise)
+            elif name.endswith("time_first"):
+                p.copy_(noise)
+            elif ".time_mix_" in name:
+                p.copy_(torch.rand(p.shape, generator=generator))
+            elif name.startswith("ln") or ".ln" in name:
+                p.copy_(1.0 + 0.2 * noise if name.endswith("weight") else 0.2 * noise)
+            else:
+                p.copy_(noise / p.shape[-1] ** 0.5)
+    return model
+
+
+def recurrent_logits(model, token_ids, state=None, cond=None):
+    state = model.empty_state(token_ids.shape[0]) if state is None else state
+    logits = []
+    for t in range(token_ids.shape[1]):
+        step_logits, state = model.step(token_ids[:, t], state, cond)
+        logits.append(step_logits)
+    return torch.stack(logits, dim=1), state
+
+
+@pytest.mark.parametrize("n_tokens", [1, 17, 512])
+def test_parallel_matches_recurrent(n_tokens):
+    model = randomize_(RWKVGenerator(tiny_config(conditioned=False))).eval()
+    token_ids = torch.randint(0, VOCAB_SIZE, (3, n_tokens), generator=torch.Generator().manual_seed(n_tokens))
+    with torch.no_grad():
+        parallel, parallel_state = model(token_ids)
+        recurrent, recurrent_state = recurrent_logits(model, token_ids)
+    assert parallel.shape == (3, n_tokens, VOCAB_SIZE)
+    assert (parallel - recurrent).abs().max() <= 1e-4
+    assert torch.allclose(parallel_state, recurrent_state, rtol=1e-4, atol=1e-4)
+
+
+def test_chunk_length_does_not_change_the_result():
+    model = randomize_(RWKVGenerator(tiny_config(conditioned=False))).eval()
+    token_ids = torch.randint(0, VOCAB_SIZE, (2, 45))
+    with torch.no_grad():
+        reference, _ = model(token_ids, chunk_len=64)
+        for chunk_len in (1, 5, 16):
+            logits, _ = model(token_ids, chunk_len=chunk_len)
+            assert (logits - reference).abs().max() <= 1e-4
+
+
+def test_parallel_continues_from_a_state():
+    model = randomize_(RWKVGenerator(tiny_config(conditioned=True)), seed=1).eval()
+    token_ids = torch.randint(0, VOCAB_SIZE, (3, 90))
+    cond = torch.randn(3, model.config.cond_in_dim)
+    with torch.no_grad():
+        whole, whole_state = model(token_ids, cond=cond)
+        _, prefix_state = model(token_ids[:, :50], cond=cond)
+        rest, rest_state = model(token_ids[:, 50:], state=prefix_state, cond=cond)
+        stepped, _ = recurrent_logits(model, token_ids[:, 50:], prefix_state, cond)
+    assert (rest - whole[:, 50:]).abs().max() <= 1e-4
+    assert (stepped - whole[:, 50:]).abs().max() <= 1e-4
+    assert torch.allclose(rest_state, whole_state, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_autocast_stays_finite_and_close():
+    model = randomize_(RWKVGenerator(tiny_config(conditioned=False)))
+    token_ids = torch.randint(0, VOCAB_SIZE, (2, 70))
+    reference, _ = model(token_ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, state = model(token_ids)
+        logits.float().logsumexp(-1).mean().backward()
+    assert state.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert (logits.float() - reference).abs().max() <= 0.05 * reference.abs().max()
+
+
+def test_zero_init_fusion_gives_unconditioned_logits_and_learns():
+    conditioned = randomize_(RWKVGenerator(tiny_config(conditioned=True)), seed=2)
+    conditioned.reset_fusion()
+    plain = RWKVGenerator(tiny_config(conditioned=False))
+    plain.load_state_dict({k: v for k, v in conditioned.state_dict().items() if not k.startswith("cond_")})
+    token_ids = torch.randint(0, VOCAB_SIZE, (2, 20))
+    cond = torch.randn(2, conditioned.config.cond_in_dim)
+    logits, _ = conditioned(token_ids, cond=cond)
+    with torch.no_grad():
+        assert torch.equal(logits, plain(token_ids)[0])
+        step_logits, _ = conditioned.step(token_ids[:, 0], conditioned.empty_state(2), cond)
+        assert torch.equal(step_logits, plain.step(token_ids[:, 0], plain.empty_state(2))[0])
+
+    optimizer = torch.optim.SGD(conditioned.parameters(), lr=0.1)
+    logits.logsumexp(-1).mean().backward()
+    c = conditioned.config.n_embd
+    # The zero half of the back-projection gets a gradient at once ...
+    assert conditioned.cond_fuse.weight.grad[:, c:].abs().sum() > 0
+    optimizer.step()
+    optimizer.zero_grad()
+    # ... and once it is non-zero, so does the input projection (product of two factors).
+    conditioned(token_ids, cond=cond)[0].logsumexp(-1).mean().backward()
+    assert conditioned.cond_proj.weight.grad.abs().sum() > 0
+    assert conditioned.cond_fuse.weight.grad.abs().sum() > 0
+
+
+def test_conditioned_generator_needs_cond():
+    model = RWKVGenerator(tiny_config(conditioned=True))
+    with pytest.raises(ValueError, match="conditioned"):
+        model(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_paper_parameter_counts():
+    from cmi_daemon.model.jepa import JEPA
+    config = preset("paper")
+    with torch.device("meta"):
+        generator = RWKVGenerator(config.generator)
+        jepa = JEPA(config.encoder, config.predictor)
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    assert abs(count(generator) / 565e6 - 1) <= 0.02
+    assert abs(count(jepa.context_encoder) / 29e6 - 1) <= 0.05
+    assert abs(count(jepa.predictor) / 2.6e6 - 1) <= 0.05
+
+
+def real_or_synthetic_tokens(n_tokens: int) -> list[int]:
+    """A real tokenized MIDI file when the tokenizer and a file are at hand, else valid ids."""
+    try:
+        from cmi_daemon.tokens import encode_file
+    except ImportError:
+        encode_file = None
+    candidates = sorted(FIXTURE_MIDI_DIR.rglob("*.mid")) + sorted((SHARED_DATA_DIR / "pop909" / "dev").rglob("*.mid"))
+    if encode_file is not None and candidates:
+        for path in candidates:
+            token_ids = encode_file(path)
+            if len(token_ids) >= n_tokens:
+                return token_ids[:n_tokens]
+    generator = torch.Generator().manual_seed(7)
+    waits = torch.randint(3, LAST_WAIT_ID + 1, (n_tokens,), generator=generator)
+    notes = torch.randint(FIRST_NOTE_ID, LAST_NOTE_ID + 1, (n_tokens,), generator=generator)
+    return torch.where(torch.arange(n_tokens) % 3 == 2, waits, notes).tolist()
+
+
+def test_matches_the_rwkv_package(tmp_path: Path):
+    """A random checkpoint in BlinkDL's format through our loader and through rwkv.model.RWKV.
+
+    The `rwkv` package folds ln0 into emb in the checkpoint's own dtype (bf16 arithmetic),
+    which alone moves its logits by ~1e-2; it is given the same bf16 values stored as fp32,
+    so both sides compute in fp32 on identical weights.
+    """
+    os.environ["RWKV_JIT_ON"] = "0"
+    os.environ["RWKV_CUDA_ON"] = "0"
+    os.environ["RWKV_RESCALE_LAYER"] = "999"  # the music models run without layer rescaling
+    rwkv_model = importlib.import_module("rwkv.model")
+
+    source = randomize_(RWKVGenerator(GeneratorConfig(n_layer=3, n_embd=64, ctx_len=256, conditioned=False)), 3)
+    checkpoint = {name: (tensor[:PUBLIC_VOCAB_SIZE] if name in ("emb.weight", "head.weight") else tensor)
+                  .to(torch.bfloat16).clone() for name, tensor in source.state_dict().items()}
+    assert checkpoint["blocks.0.att.time_mix_k"].shape == (1, 1, 64)
+    assert checkpoint["blocks.0.att.time_decay"].shape == (64,)
+    assert checkpoint["blocks.0.ffn.key.weight"].shape == (256, 64)
+    torch.save(checkpoint, tmp_path / "public_bf16.pth")
+    torch.save({name: tensor.float() for name, tensor in checkpoint.items()}, tmp_path / "public_fp32.pth")
+
+    ours = load_blinkdl_checkpoint(tmp_path / "public_bf16.pth", ctx_len=256)
+    assert ours.emb.weight.shape == (VOCAB_SIZE, 64) and ours.head.weight.shape == (VOCAB_SIZE, 64)
+    peer = rwkv_model.RWKV(str(tmp_path / "public_fp32.pth"), "cpu fp32", verbose=False)
+
+    token_ids = real_or_synthetic_tokens(300)
+    with torch.no_grad():
+        our_logits, our_state = ours(torch.tensor([token_ids]))
+        peer_logits, peer_state = peer.forward(token_ids, None, full_output=True)
+        peer_state_after_sequence = torch.stack(peer_state)  # forward() updates the list in place
+        our_step, _ = ours.step(torch.tensor([token_ids[-1]]), our_state)
+        peer_step, _ = peer.forward([token_ids[-1]], peer_state)
+    assert (our_logits[0, :, :PUBLIC_VOCAB_SIZE] - peer_logits).abs().max() <= 1e-3
+    assert (our_step[0, :PUBLIC_VOCAB_SIZE] - peer_step).abs().max() <= 1e-3
+    # Our state holds exactly the peer's five vectors per layer, in the same order.
+    assert torch.allclose(our_state[:, :, 0].reshape(-1, 64), peer_state_after_sequence, rtol=1e-4, atol=1e-3)
+
+
+def test_loader_refuses_a_checkpoint_of_another_vocabulary(tmp_path: Path):
+    source = RWKVGenerator(GeneratorConfig(n_layer=1, n_embd=16, ctx_len=64, conditioned=False))
+    torch.save(source.state_dict(), tmp_path / "ours.pth")  # 20,099 rows: not a public checkpoint
+    with pytest.raises(ValueError, match="20096"):
+        load_blinkdl_checkpoint(tmp_path / "ours.pth")
+
+
+def test_loaded_conditioned_generator_is_the_public_model(tmp_path: Path):
+    source = randomize_(RWKVGenerator(GeneratorConfig(n_layer=1, n_embd=16, ctx_len=64, conditioned=False)))
+    torch.save({k: v[:PUBLIC_VOCAB_SIZE] if k in ("emb.weight", "head.weight") else v
+                for k, v in source.state_dict().items()}, tmp_path / "public.pth")
+    plain = load_blinkdl_checkpoint(tmp_path / "public.pth")
+    conditioned = load_blinkdl_checkpoint(tmp_path / "public.pth", conditioned=True, cond_in_dim=24)
+    token_ids = torch.randint(0, VOCAB_SIZE, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(plain(token_ids)[0], conditioned(token_ids, cond=torch.randn(2, 24))[0])
+    new_rows = plain.emb.weight[PUBLIC_VOCAB_SIZE:]
+    assert torch.allclose(new_rows, plain.emb.weight[:PUBLIC_VOCAB_SIZE].mean(0).expand_as(new_rows), atol=0.01)
+    assert not torch.equal(new_rows[0], new_rows[1])
