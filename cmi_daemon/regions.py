@@ -36,7 +36,8 @@ class Region:
     """What the range holds now (all tracks), from the range start to its end, without `<ans>`."""
     suffix_ids: list[int]
     fixed_notes: frozenset[tuple[int, int, int]]
-    """(onset step, bin, pitch) of other tracks' notes inside the range."""
+    """(onset step, bin, pitch) of other tracks' notes inside the range. A target note doubling one
+    of them is heard once in the tokens, as the other track's."""
     target_bins: dict[int, tuple[int, ...]]
     """Instrument bin -> target tracks that play it."""
     pitch_centre: dict[int, float]
@@ -109,9 +110,8 @@ def build_region(song: Song, start_qn: float, end_qn: float, target_tracks: Sequ
     prefix_ids, suffix_ids = _bound_context(prefix_ids, suffix_ids, context_tokens)
 
     fixed = frozenset(
-        (event.step, clipped[event.note].instrument_bin, clipped[event.note].pitch)
-        for event in blank_events
-        if clipped[event.note].source not in targets and vocab.note_fields(event.token_id)[2] > 0)
+        (int(ms_to_step(note.start_ms)), note.instrument_bin, note.pitch)
+        for note, where in zip(clipped, part) if where == 1 and note.source not in targets)
     target_bins: dict[int, tuple[int, ...]] = {}
     for track_index in targets:
         instrument_bin = track_bin(song, track_index)

@@ -1,0 +1,190 @@
+"""Regions: prefix / blank / suffix on real POP909 bars, ILM sequences, answers never leave the range."""
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cmi_daemon import vocab
+from cmi_daemon.errors import RegionError
+from cmi_daemon.regions import answer_notes, apply_answer, build_region
+from cmi_daemon.tempo import TempoMap
+from cmi_daemon.tokens import Note, Song, Track, read_midi
+from conftest import POP909_FIXTURES, shared_data
+from training.annotations import pop909_downbeats_s
+
+
+def downbeats_qn(song: Song, midi_path):
+    return [song.tempo_map.qn_at(t * 1000.0) for t in pop909_downbeats_s(midi_path.parent / "beat_midi.txt")]
+
+
+def onset_tolerance_qn(song: Song, qn: float) -> float:
+    """4 ms (half a wait step) in QN at that position."""
+    return (vocab.WAIT_STEP_MS / 2 + 1e-6) * song.tempo_map.bpm_at(qn) / 60_000.0
+
+
+def assert_blank_reproduced(song: Song, start_qn: float, end_qn: float, targets, context_tokens=4096):
+    """Rebuild the song from its region with the original blank as the answer.
+
+    Tracks of one instrument bin cannot be told apart in tokens, so the blank's notes are
+    compared over all target tracks together, one note per bin, pitch and 8 ms step; a target
+    note doubling another track's note there is heard once, as the other track's.
+    """
+    region = build_region(song, start_qn, end_qn, targets, context_tokens)
+    rebuilt = apply_answer(song, region, region.blank_ids)
+    inside = lambda notes: [n for n in notes if start_qn <= n.start_qn < end_qn]
+    expected, got = {}, []
+    for index, (before, after) in enumerate(zip(song.tracks, rebuilt.tracks)):
+        if index not in targets:
+            assert after.notes == before.notes, f"track {index} is not a target but changed"
+            continue
+        outside = lambda notes: [n for n in notes if not start_qn <= n.start_qn < end_qn]
+        assert outside(after.notes) == outside(before.notes), f"track {index}: notes outside the range changed"
+        instrument_bin = song.tracks[index].instrument_bin
+        for n in inside(before.notes):
+            step = round(song.tempo_map.ms_at(n.start_qn) / vocab.WAIT_STEP_MS)
+            if (step, instrument_bin, n.pitch) not in region.fixed_notes:
+                key = (instrument_bin, n.pitch, step)  # doubles merge into the louder
+                first = expected.setdefault(key, n)
+                expected[key] = first._replace(velocity=max(first.velocity, n.velocity))
+        got += [(instrument_bin, n) for n in inside(after.notes)]
+    expected_notes = sorted(((b, n) for (b, _, _), n in expected.items()), key=lambda x: (x[1].start_qn, x[0], x[1].pitch))
+    got.sort(key=lambda x: (x[1].start_qn, x[0], x[1].pitch))
+    assert len(got) == len(expected_notes)
+    for (bin_before, original), (bin_after, new) in zip(expected_notes, got):
+        assert (bin_after, new.pitch) == (bin_before, original.pitch)
+        assert abs(new.start_qn - original.start_qn) <= onset_tolerance_qn(song, original.start_qn)
+        assert vocab.velocity_to_bin(new.velocity) == vocab.velocity_to_bin(original.velocity)
+        assert start_qn <= new.start_qn and new.start_qn + new.duration_qn <= end_qn + 1e-9
+    return region
+
+
+@pytest.mark.parametrize("path", POP909_FIXTURES, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("bars", [2, 4])
+def test_pop909_bars_reproduce_with_original_blank(path, bars):
+    song = read_midi(path)
+    downbeats = downbeats_qn(song, path)
+    rng = random.Random(bars)
+    for _ in range(6):
+        first = rng.randrange(8, len(downbeats) - bars - 8)
+        targets = rng.choice([[2], [0], [0, 2], [0, 1, 2]])
+        region = assert_blank_reproduced(song, downbeats[first], downbeats[first + bars], targets)
+        assert region.prefix_ids and region.suffix_ids
+        assert sum(vocab.wait_steps(t) for t in region.blank_ids) == region.n_steps
+
+
+def test_pop909_dev_bars_reproduce():
+    folders = sorted(shared_data("pop909/dev").iterdir())
+    for folder in folders[::9]:
+        path = folder / f"{folder.name}.mid"
+        song = read_midi(path)
+        downbeats = downbeats_qn(song, path)
+        first = len(downbeats) // 2
+        assert_blank_reproduced(song, downbeats[first], downbeats[first + 4], [0, 1, 2])
+
+
+def test_ilm_sequence_layout():
+    song = read_midi(POP909_FIXTURES[0])
+    region = build_region(song, 40.0, 48.0, [2])
+    ids = region.ilm_ids(region.blank_ids)
+    mask, sep = ids.index(vocab.MASK_ID), ids.index(vocab.SEP_ID)
+    assert ids[:mask] == region.prefix_ids
+    assert ids[mask + 1:sep] == region.suffix_ids
+    assert ids[sep + 1:-1] == region.blank_ids and ids[-1] == vocab.ANS_ID
+    assert region.ilm_ids()[-1] == vocab.SEP_ID
+    assert region.expected_answer_tokens() == len(region.blank_ids)
+
+
+def test_context_budget_bounds_prefix_and_suffix():
+    song = read_midi(POP909_FIXTURES[0])
+    full = build_region(song, 40.0, 48.0, [2], context_tokens=100_000)
+    for budget in (0, 64, 257, 1000):
+        region = build_region(song, 40.0, 48.0, [2], context_tokens=budget)
+        assert len(region.prefix_ids) + len(region.suffix_ids) <= budget
+        assert region.prefix_ids == full.prefix_ids[len(full.prefix_ids) - len(region.prefix_ids):]
+        assert region.suffix_ids == full.suffix_ids[:len(region.suffix_ids)]
+        assert not region.prefix_ids or not vocab.is_wait(region.prefix_ids[0]) or budget < 2
+        assert region.blank_ids == full.blank_ids
+    near_start = build_region(song, 1.0, 5.0, [2], context_tokens=400)
+    assert len(near_start.suffix_ids) > 200  # the short prefix leaves its share to the suffix
+
+
+def test_notes_sounding_into_the_range_are_seen_ending_at_its_start():
+    song = Song([Track("keys", 0, False, [Note(0.0, 8.0, 60, 100), Note(4.0, 1.0, 64, 100)])],
+                TempoMap.constant(120))
+    region = build_region(song, 2.0, 6.0, [0])
+    # the long note ends at the range start (1 s = t125) in the prefix, and is kept whole
+    assert vocab.ids_to_text(region.prefix_ids) == "pi:3c:a t125 pi:3c:0"
+    assert vocab.ids_to_text(region.blank_ids) == "t125 pi:40:a t63 pi:40:0 t62"
+    assert apply_answer(song, region, []).tracks[0].notes == [Note(0.0, 8.0, 60, 100)]
+
+
+def test_other_tracks_inside_the_range_are_context_not_answer():
+    song = Song([Track("keys", 0, False, [Note(4.0, 1.0, 64, 100)]),
+                 Track("more keys", 1, False, [Note(4.0, 1.0, 67, 100)])], TempoMap.constant(120))
+    region = build_region(song, 2.0, 6.0, [0])
+    assert "pi:43:a" in vocab.ids_to_text(region.blank_ids)
+    notes = answer_notes(song, region, region.blank_ids)
+    assert [n.pitch for n in notes[0]] == [64]
+
+
+def test_tracks_sharing_a_bin_get_the_notes_nearest_their_register():
+    song = Song([Track("melody", 0, False, [Note(0.0, 1.0, 76, 90), Note(12.0, 1.0, 79, 90)]),
+                 Track("left hand", 0, False, [Note(0.0, 1.0, 40, 90), Note(12.0, 1.0, 43, 90)])])
+    region = build_region(song, 4.0, 8.0, [0, 1])
+    answer = vocab.text_to_ids("pi:48:a pi:2d:a t50 pi:48:0 pi:2d:0 <ans>")
+    notes = answer_notes(song, region, answer)
+    assert [n.pitch for n in notes[0]] == [72] and [n.pitch for n in notes[1]] == [45]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(vocab.FIRST_WAIT_ID, vocab.LAST_NOTE_ID), max_size=200),
+       st.floats(0, 30), st.floats(0.25, 16))
+def test_any_answer_stays_inside_the_range_and_target_tracks(answer, start_qn, length_qn):
+    song = Song([Track("drums", 0, True, [Note(1.0, 0.5, 36, 100)]),
+                 Track("bass", 33, False, [Note(2.0, 1.0, 40, 100)]),
+                 Track("keys", 0, False, [Note(0.0, 2.0, 60, 100)])],
+                TempoMap.from_changes([(0, 90), (8, 140)]))
+    region = build_region(song, start_qn, start_qn + length_qn, [0, 2])
+    notes = answer_notes(song, region, answer)
+    assert set(notes) == {0, 2}
+    for track, track_notes in notes.items():
+        for note in track_notes:
+            assert region.start_qn <= note.start_qn < region.end_qn
+            assert note.duration_qn > 0 and note.start_qn + note.duration_qn <= region.end_qn + 1e-9
+    allowed = {vocab.PERCUSSION_BIN, 8}
+    decoded_bins = {vocab.note_bin(t) for t in answer if vocab.is_note(t)}
+    if not decoded_bins & allowed:
+        assert not any(notes.values())
+
+
+songs = st.lists(st.lists(st.tuples(st.integers(0, 200), st.integers(1, 16), st.integers(30, 90),
+                                    st.integers(1, 127)), max_size=25), min_size=1, max_size=3)
+
+
+@settings(max_examples=150, deadline=None)
+@given(songs, st.lists(st.tuples(st.integers(0, 50), st.floats(40, 200)), max_size=4),
+       st.integers(0, 150), st.integers(1, 40), st.data())
+def test_random_songs_reproduce_with_original_blank(tracks, tempo_changes, start, length, data):
+    programs = [0, 33, 24]
+    song = Song([Track(f"t{i}", programs[i], False,
+                       sorted({Note(s / 4, d / 4, p, v) for s, d, p, v in notes}))
+                 for i, notes in enumerate(tracks)],
+                TempoMap.from_changes([(qn * 1.0, bpm) for qn, bpm in tempo_changes]))
+    targets = data.draw(st.lists(st.integers(0, len(tracks) - 1), min_size=1, unique=True))
+    assert_blank_reproduced(song, start / 4, (start + length) / 4, targets)
+
+
+def test_bad_requests_are_refused_with_the_reason():
+    song = read_midi(POP909_FIXTURES[0])
+    with pytest.raises(RegionError, match="empty"):
+        build_region(song, 8.0, 8.0, [0])
+    with pytest.raises(RegionError, match="before the start"):
+        build_region(song, -4.0, 8.0, [0])
+    with pytest.raises(RegionError, match="track 7 does not exist"):
+        build_region(song, 0.0, 8.0, [7])
+    with pytest.raises(RegionError, match="no target track"):
+        build_region(song, 0.0, 8.0, [])
+    with pytest.raises(RegionError, match="not finite"):
+        build_region(song, 0.0, float("nan"), [0])
