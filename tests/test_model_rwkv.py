@@ -217,3 +217,50 @@ def test_loaded_conditioned_generator_is_the_public_model(tmp_path: Path):
     new_rows = plain.emb.weight[PUBLIC_VOCAB_SIZE:]
     assert torch.allclose(new_rows, plain.emb.weight[:PUBLIC_VOCAB_SIZE].mean(0).expand_as(new_rows), atol=0.01)
     assert not torch.equal(new_rows[0], new_rows[1])
+
+
+class _Step(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, token_ids, state, cond):
+        return self.model.step(token_ids, state, cond)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_step_exports_to_onnx_and_agrees(tmp_path: Path):
+    ort = pytest.importorskip("onnxruntime")
+    model = randomize_(RWKVGenerator(tiny_config(conditioned=True)), seed=4).eval()
+    state, cond = model.empty_state(2), torch.randn(2, model.config.cond_in_dim)
+    batch_axis = {"token_ids": {0: "batch"}, "state": {2: "batch"}, "cond": {0: "batch"},
+                  "logits": {0: "batch"}, "new_state": {2: "batch"}}
+    torch.onnx.export(_Step(model), (torch.tensor([5, 900]), state, cond), str(tmp_path / "step.onnx"),
+                      dynamo=False, input_names=["token_ids", "state", "cond"],
+                      output_names=["logits", "new_state"], dynamic_axes=batch_axis, opset_version=17)
+    session = ort.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"])
+    token_ids = torch.randint(0, VOCAB_SIZE, (6, 3))
+    cond = torch.randn(3, model.config.cond_in_dim)
+    torch_state, onnx_state = model.empty_state(3), model.empty_state(3).numpy()
+    with torch.no_grad():
+        for tokens in token_ids:
+            torch_logits, torch_state = model.step(tokens, torch_state, cond)
+            onnx_logits, onnx_state = session.run(None, {"token_ids": tokens.numpy(), "state": onnx_state,
+                                                         "cond": cond.numpy()})
+    assert abs(onnx_logits - torch_logits.numpy()).max() <= 1e-4
+    assert abs(onnx_state - torch_state.numpy()).max() <= 1e-3
+
+
+def test_parallel_gradients_match_recurrent_gradients():
+    """The chunked WKV (with its detached scales) differentiates like the plain recurrence."""
+    model = randomize_(RWKVGenerator(tiny_config(conditioned=True)), seed=5)
+    token_ids = torch.randint(0, VOCAB_SIZE, (2, 40))
+    cond = torch.randn(2, model.config.cond_in_dim)
+    gradients = []
+    for logits_of in (lambda: model(token_ids, cond=cond, chunk_len=16)[0],
+                      lambda: recurrent_logits(model, token_ids, cond=cond)[0]):
+        model.zero_grad()
+        logits_of().logsumexp(-1).mean().backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    for name, parallel_grad in gradients[0].items():
+        assert torch.allclose(parallel_grad, gradients[1][name], rtol=1e-3, atol=1e-5), name

@@ -62,15 +62,17 @@ def wkv_chunked(w, u, k, v, aa, bb, pp, chunk_len: int = WKV_CHUNK_LEN):
     state (w * t + pp, weights aa / bb). Each row is scaled by its own maximum before exp, the
     same stabilisation as the recurrent form, so nothing overflows for any decay.
     """
+    chunk_len = min(chunk_len, k.shape[1])
+    pos = torch.arange(chunk_len, device=k.device, dtype=k.dtype)
+    lag = (pos[:, None] - pos[None, :] - 1)[..., None]              # (t, i, 1): t - 1 - i
+    # Log-weight of token i in output t, before adding k_i; a shorter chunk uses the top-left.
+    pair_logw = torch.where(lag >= 0, w * lag, torch.where(lag == -1, u, torch.full_like(u, -math.inf)))
     outputs = []
     for start in range(0, k.shape[1], chunk_len):
         k_chunk, v_chunk = k[:, start:start + chunk_len], v[:, start:start + chunk_len]
         n_tokens = k_chunk.shape[1]
-        pos = torch.arange(n_tokens, device=k.device, dtype=k.dtype)
-        lag = (pos[:, None] - pos[None, :] - 1)[..., None]          # (t, i, 1): t - 1 - i
-        pair_logw = torch.where(lag >= 0, w * lag,
-                                torch.where(lag == -1, u, torch.full_like(u, -math.inf)))
-        logw = pair_logw + k_chunk[:, None]                          # (B, t, i, C)
+        pos = pos[:n_tokens]
+        logw = pair_logw[:n_tokens, :n_tokens] + k_chunk[:, None]   # (B, t, i, C)
         state_logw = w * pos[:, None] + pp[:, None]                  # (B, t, C)
         scale = torch.maximum(logw.amax(2), state_logw).detach()
         e_pairs, e_state = torch.exp(logw - scale[:, :, None]), torch.exp(state_logw - scale)
