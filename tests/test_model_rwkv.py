@@ -12,7 +12,7 @@ import torch
 from cmi_daemon.model.config import GeneratorConfig, preset
 from cmi_daemon.model.rwkv import RWKVGenerator, load_blinkdl_checkpoint
 from cmi_daemon.vocab import FIRST_NOTE_ID, LAST_NOTE_ID, LAST_WAIT_ID, PUBLIC_VOCAB_SIZE, VOCAB_SIZE
-from shared_data import FIXTURE_MIDI_DIR, SHARED_DATA_DIR
+from conftest import FIXTURES, SHARED_DATA
 
 
 def tiny_config(conditioned: bool) -> GeneratorConfig:
@@ -148,7 +148,8 @@ def real_or_synthetic_tokens(n_tokens: int) -> list[int]:
         from cmi_daemon.tokens import encode_file
     except ImportError:
         encode_file = None
-    candidates = sorted(FIXTURE_MIDI_DIR.rglob("*.mid")) + sorted((SHARED_DATA_DIR / "pop909" / "dev").rglob("*.mid"))
+    candidates = sorted(FIXTURES.rglob("*.mid"))
+    candidates += sorted((SHARED_DATA / "pop909" / "dev").rglob("*.mid"))
     if encode_file is not None and candidates:
         for path in candidates:
             token_ids = encode_file(path)

@@ -36,7 +36,7 @@ ATT_X, ATT_AA, ATT_BB, ATT_PP, FFN_X = range(N_STATE_FIELDS)
 EMPTY_LOG_SCALE = -1e30
 """pp of an empty state: exp(pp) is 0, so aa and bb contribute nothing."""
 NEW_TOKEN_NOISE_STD = 0.01
-"""Std of the noise added, relative to each matrix's row spread, to new infilling-token rows."""
+"""Std of the noise on new infilling-token rows, relative to the existing rows' per-column std."""
 
 
 def wkv_step(w, u, k, v, aa, bb, pp):
