@@ -258,7 +258,7 @@ def test_parallel_gradients_match_recurrent_gradients():
     token_ids = torch.randint(0, VOCAB_SIZE, (2, 40))
     cond = torch.randn(2, model.config.cond_in_dim)
     gradients = []
-    for logits_of in (lambda: model(token_ids, cond=cond, chunk_len=16)[0],
+    for logits_of in (lambda: model(token_ids, cond=cond, chunk_len=7)[0],
                       lambda: recurrent_logits(model, token_ids, cond=cond)[0]):
         model.zero_grad()
         logits_of().logsumexp(-1).mean().backward()

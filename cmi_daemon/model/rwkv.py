@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from cmi_daemon.model.config import GeneratorConfig
 from cmi_daemon.vocab import PUBLIC_VOCAB_SIZE, VOCAB_SIZE
 
-WKV_CHUNK_LEN = 32
+WKV_CHUNK_LEN = 16
 """Tokens per chunk of the parallel WKV: memory grows with B * T * chunk * C."""
 N_STATE_FIELDS = 5
 ATT_X, ATT_AA, ATT_BB, ATT_PP, FFN_X = range(N_STATE_FIELDS)
