@@ -140,7 +140,7 @@ def test_tracks_sharing_a_bin_get_the_notes_nearest_their_register():
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.integers(vocab.FIRST_WAIT_ID, vocab.LAST_NOTE_ID), max_size=200),
-       st.floats(0, 30), st.floats(0.25, 16))
+       st.floats(0, 30, allow_subnormal=False), st.floats(0.25, 16, allow_subnormal=False))
 def test_any_answer_stays_inside_the_range_and_target_tracks(answer, start_qn, length_qn):
     song = Song([Track("drums", 0, True, [Note(1.0, 0.5, 36, 100)]),
                  Track("bass", 33, False, [Note(2.0, 1.0, 40, 100)]),
@@ -164,7 +164,7 @@ songs = st.lists(st.lists(st.tuples(st.integers(0, 200), st.integers(1, 16), st.
 
 
 @settings(max_examples=150, deadline=None)
-@given(songs, st.lists(st.tuples(st.integers(0, 50), st.floats(40, 200)), max_size=4),
+@given(songs, st.lists(st.tuples(st.integers(0, 50), st.floats(40, 200, allow_subnormal=False)), max_size=4),
        st.integers(0, 150), st.integers(1, 40), st.data())
 def test_random_songs_reproduce_with_original_blank(tracks, tempo_changes, start, length, data):
     programs = [0, 33, 24]

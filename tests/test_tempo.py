@@ -10,7 +10,7 @@ from cmi_daemon.errors import TimeMapError
 from cmi_daemon.tempo import Meter, TempoMap
 
 tempo_changes = st.lists(
-    st.tuples(st.floats(0, 2000, allow_nan=False), st.floats(20, 300, allow_nan=False)),
+    st.tuples(st.floats(0, 2000, allow_nan=False, allow_subnormal=False), st.floats(20, 300, allow_nan=False, allow_subnormal=False)),
     min_size=0, max_size=12)
 meter_changes = st.lists(
     st.tuples(st.integers(0, 400).map(lambda n: n * 0.5), st.integers(1, 15), st.sampled_from([2, 4, 8, 16])),
@@ -32,7 +32,7 @@ def test_tempo_change_applies_from_its_position():
 
 
 @settings(max_examples=200, deadline=None)
-@given(tempo_changes, st.lists(st.floats(0, 5000, allow_nan=False), min_size=1, max_size=20))
+@given(tempo_changes, st.lists(st.floats(0, 5000, allow_nan=False, allow_subnormal=False), min_size=1, max_size=20))
 def test_qn_ms_are_inverse(changes, positions_qn):
     tempo_map = TempoMap.from_changes(changes)
     for qn in positions_qn:
@@ -87,7 +87,7 @@ def test_a_change_mid_bar_cuts_the_bar_short():
 
 
 @settings(max_examples=200, deadline=None)
-@given(meter_changes, st.floats(0, 600, allow_nan=False))
+@given(meter_changes, st.floats(0, 600, allow_nan=False, allow_subnormal=False))
 def test_bar_qn_are_inverse(changes, qn):
     meter = Meter.from_changes(changes)
     bar = meter.bar_at_qn(qn)
