@@ -1,0 +1,162 @@
+"""Evaluation protocol: baselines stay inside the range, the run writes every output, the metrics
+separate a sensible baseline from noise on real songs."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from cmi_daemon import vocab
+from cmi_daemon.tokens import read_midi
+from conftest import GROOVE_FIXTURES, POP909_FIXTURES, shared_data
+from training import evaluate
+from training.baselines import BASELINES, RandomNotes, RepeatPreviousBars
+
+
+def all_blanks(path, n_blanks=12, seed=3):
+    song = read_midi(path)
+    lines, _ = evaluate.bar_lines_qn(song, path)
+    targets = evaluate.target_tracks(song)
+    blanks = evaluate.choose_blanks(song, path.stem, lines, targets, n_blanks, np.random.default_rng(seed))
+    return song, targets, blanks
+
+
+@pytest.mark.parametrize("path", POP909_FIXTURES, ids=lambda p: p.parent.name)
+def test_blanks_sit_on_bar_lines_with_context_and_do_not_overlap(path):
+    song, targets, blanks = all_blanks(path)
+    lines, source = evaluate.bar_lines_qn(song, path)
+    assert source == evaluate.BEAT_FILE_NAME and targets == (0, 1, 2)
+    assert len(blanks) >= 6
+    for blank in blanks:
+        assert blank.width_bars in evaluate.BLANK_WIDTHS_BARS
+        assert len(blank.bar_lines_qn) == 2 * evaluate.CONTEXT_BARS + blank.width_bars + 1
+        assert set(blank.bar_lines_qn) <= set(lines)
+        assert blank.beat_qn == 1.0
+    for earlier, later in zip(blanks, blanks[1:]):
+        assert earlier.end_qn <= later.start_qn
+
+
+def test_bars_come_from_the_meter_without_a_beat_file():
+    path = next(p for p in GROOVE_FIXTURES if "3-4" in p.name)
+    song = read_midi(path)
+    lines, source = evaluate.bar_lines_qn(song, path)
+    assert source == "meter" and lines[-1] >= song.end_qn
+    assert np.allclose(np.diff(lines), 3.0)
+    assert evaluate.target_tracks(song) == tuple(range(len(song.tracks)))
+
+
+@pytest.mark.parametrize("path", POP909_FIXTURES, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("system", BASELINES, ids=lambda s: s.name)
+def test_baselines_stay_inside_the_range_and_are_deterministic(path, system):
+    song, targets, blanks = all_blanks(path)
+    for index, blank in enumerate(blanks):
+        hidden = evaluate.masked_song(song, blank, targets)
+        infill = system.infill(hidden, blank, targets, np.random.default_rng(index))
+        evaluate.check_infill(system.name, infill, blank, targets)
+        assert set(infill) == set(targets)
+        assert any(infill.values())
+        for notes in infill.values():
+            assert all(blank.start_qn <= n.start_qn < blank.end_qn for n in notes)
+            assert all(n.start_qn + n.duration_qn <= blank.end_qn + 1e-9 for n in notes)
+        assert infill == system.infill(hidden, blank, targets, np.random.default_rng(index))
+
+
+def test_repeat_baseline_copies_the_bars_before_and_random_follows_the_context_density():
+    song, targets, blanks = all_blanks(POP909_FIXTURES[0])
+    blank = blanks[0]
+    hidden = evaluate.masked_song(song, blank, targets)
+    repeated = RepeatPreviousBars().infill(hidden, blank, targets, np.random.default_rng(0))
+    source_start = blank.bar_lines_qn[blank.context_bars - blank.width_bars]
+    shift = blank.start_qn - source_start
+    for track in targets:
+        source = [n for n in song.tracks[track].notes if source_start <= n.start_qn < blank.start_qn]
+        assert [n.pitch for n in repeated[track]] == [n.pitch for n in source]
+        assert [n.start_qn - shift for n in repeated[track]] == pytest.approx([n.start_qn for n in source])
+    counts = []
+    for seed in range(40):
+        infill = RandomNotes().infill(hidden, blank, targets, np.random.default_rng(seed))
+        counts.append(sum(len(v) for v in infill.values()))
+    context = sum(1 for t in targets for n in song.tracks[t].notes
+                  if blank.past_start_qn <= n.start_qn < blank.future_end_qn
+                  and not blank.start_qn <= n.start_qn < blank.end_qn)
+    expected = context * (blank.end_qn - blank.start_qn) / (blank.future_end_qn - blank.past_start_qn
+                                                            - (blank.end_qn - blank.start_qn))
+    assert np.mean(counts) == pytest.approx(expected, rel=0.15)
+
+
+def test_systems_never_see_the_ground_truth():
+    song, targets, blanks = all_blanks(POP909_FIXTURES[1])
+    for blank in blanks:
+        hidden = evaluate.masked_song(song, blank, targets)
+        assert not any(blank.start_qn <= n.start_qn < blank.end_qn for t in targets for n in hidden.tracks[t].notes)
+
+
+def test_check_infill_refuses_notes_outside_the_range():
+    song, targets, blanks = all_blanks(POP909_FIXTURES[0])
+    blank = blanks[0]
+    note = song.tracks[0].notes[0]._replace(start_qn=blank.end_qn - 0.5, duration_qn=1.0)
+    with pytest.raises(ValueError, match="outside"):
+        evaluate.check_infill("test", {0: [note]}, blank, targets)
+    with pytest.raises(ValueError, match="not a target"):
+        evaluate.check_infill("test", {7: []}, blank, targets)
+
+
+def test_ground_truth_nll_under_a_uniform_model():
+    song, targets, blanks = all_blanks(POP909_FIXTURES[0])
+    uniform = lambda ids, start: [-math.log(vocab.VOCAB_SIZE)] * (len(ids) - start)
+    bits = evaluate.blank_nll_bits(uniform, song, blanks[0], targets)
+    assert bits["bits_per_token"] == pytest.approx(math.log2(20099))
+    assert bits["bits_per_note"] > 2 * math.log2(20099)
+
+
+def test_end_to_end_on_the_fixture_songs(tmp_path):
+    data = POP909_FIXTURES[0].parent.parent
+    report = evaluate.run(data, tmp_path, list(BASELINES), [b.name for b in BASELINES],
+                          blanks_per_song=3, seed=5, progress=False)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["protocol"]["seed"] == 5 and saved["protocol"]["n_songs"] == 2
+    assert saved["protocol"]["n_blanks"] == 6 == len(saved["blanks"])
+    assert saved["protocol"]["git_commit"]
+    systems = [evaluate.GROUND_TRUTH] + [b.name for b in BASELINES]
+    for blank in saved["blanks"]:
+        for system in systems:
+            assert set(blank["values"][system]) == set(evaluate.METRICS)
+            assert all(math.isfinite(v) for v in blank["values"][system].values())
+    truth = saved["aggregates"][evaluate.GROUND_TRUTH]
+    assert truth["onset_F1"]["mean"] == 1.0 and truth["PCE_diff"]["mean"] == 0.0
+    assert {(t["system"], t["baseline"]) for t in saved["tests"]} == {
+        ("random notes", "repeat previous bars"), ("repeat previous bars", "random notes")}
+    table = (tmp_path / "results.md").read_text()
+    for name in systems + list(evaluate.METRICS):
+        assert name in table
+    images = sorted(tmp_path.glob("*.png"))
+    assert (tmp_path / "metrics.png") in images and len(images) == 1 + evaluate.PIANO_ROLL_BLANKS
+    import matplotlib.image
+    for image in images:
+        pixels = matplotlib.image.imread(image)
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 400 and pixels.std() > 0.05, image
+    again = evaluate.run(data, tmp_path / "again", list(BASELINES), [b.name for b in BASELINES],
+                         blanks_per_song=3, seed=5, progress=False)
+    assert again["blanks"] == report["blanks"]
+
+
+def test_main_refuses_a_model_until_one_is_plugged_in(tmp_path):
+    data = POP909_FIXTURES[0].parent.parent
+    with pytest.raises(SystemExit, match="no model system"):
+        evaluate.main(["--data", str(data), "--model", str(tmp_path / "model"), "--out", str(tmp_path)])
+
+
+def test_pop909_dev_repeat_beats_random_on_pitch_overlap_with_the_past(tmp_path):
+    data = shared_data("pop909/dev")
+    report = evaluate.run(data, tmp_path, list(BASELINES), [b.name for b in BASELINES],
+                          blanks_per_song=2, seed=0, progress=False)
+    assert report["protocol"]["n_blanks"] >= 150
+    repeat = np.array([b["values"]["repeat previous bars"]["PD_p"] for b in report["blanks"]])
+    random_notes = np.array([b["values"]["random notes"]["PD_p"] for b in report["blanks"]])
+    assert repeat.mean() > random_notes.mean() + 0.1
+    assert stats.wilcoxon(repeat, random_notes, alternative="greater").pvalue < 0.05
+    closer = next(t for t in report["tests"] if (t["system"], t["baseline"], t["metric"])
+                  == ("repeat previous bars", "random notes", "PD_p"))
+    assert closer["significantly_closer"] and closer["bootstrap_ci95"][1] < 0
