@@ -37,12 +37,15 @@ def cpu_model() -> str:
 
 
 def timed(function, repeats: int) -> float:
-    """Seconds per call, after one warm-up call."""
+    """Fastest seconds per call over `repeats` calls after one warm-up call: the least disturbed
+    by other work on a shared machine."""
     function()
-    start = time.perf_counter()
+    fastest = float("inf")
     for _ in range(repeats):
+        start = time.perf_counter()
         function()
-    return (time.perf_counter() - start) / repeats
+        fastest = min(fastest, time.perf_counter() - start)
+    return fastest
 
 
 def perturb_(model, seed: int = 0):
@@ -71,7 +74,7 @@ def bench_training(config, batch_size: int, ctx_len: int, repeats: int, device) 
 def bench_prefill(model, n_tokens: int, device) -> float:
     token_ids = torch.randint(FIRST_NOTE_ID, PUBLIC_VOCAB_SIZE, (1, n_tokens), device=device)
     with torch.inference_mode():
-        return n_tokens / timed(lambda: model(token_ids), 2)
+        return n_tokens / timed(lambda: model(token_ids), 3)
 
 
 def bench_decode(model, batch_size: int, n_tokens: int, device) -> float:
@@ -83,7 +86,7 @@ def bench_decode(model, batch_size: int, n_tokens: int, device) -> float:
             _, state = model.step(token_ids[t], state)
 
     with torch.inference_mode():
-        return batch_size * n_tokens / timed(decode, 1)
+        return batch_size * n_tokens / timed(decode, 3)
 
 
 def bench_rwkv_package(model, n_tokens: int) -> tuple[float, float]:
@@ -105,7 +108,7 @@ def bench_rwkv_package(model, n_tokens: int) -> tuple[float, float]:
             logits, state = peer.forward([token], state)
         return logits
 
-    seconds = timed(decode, 1)
+    seconds = timed(decode, 3)
     with torch.inference_mode():
         state = model.empty_state(1, torch.device("cpu"))
         for token in token_ids:
@@ -121,14 +124,16 @@ def main(argv=None):
     parser.add_argument("--ctx", type=int, default=256, help="training sequence length in tokens")
     parser.add_argument("--train-repeats", type=int, default=3)
     parser.add_argument("--prefill-tokens", type=int, default=1024)
-    parser.add_argument("--decode-tokens", type=int, default=200)
+    parser.add_argument("--decode-tokens", type=int, default=100)
     args = parser.parse_args(argv)
 
     device = choose_device()
     config = preset(args.preset).generator
     print(f"command: python -m training.bench_model {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), python {platform.python_version()}, device {device}")
+          f"({torch.get_num_threads()} threads), python {platform.python_version()}, device {device}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print("timings: fastest of 3 runs after a warm-up")
     print(f"generator '{args.preset}': {config.n_layer} layers x {config.n_embd}, "
           f"{sum(p.numel() for p in RWKVGenerator(config).parameters()) / 1e6:.1f}M parameters")
 
