@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 
 import pytest
@@ -161,16 +160,16 @@ def real_or_synthetic_tokens(n_tokens: int) -> list[int]:
     return torch.where(torch.arange(n_tokens) % 3 == 2, waits, notes).tolist()
 
 
-def test_matches_the_rwkv_package(tmp_path: Path):
+def test_matches_the_rwkv_package(tmp_path: Path, monkeypatch):
     """A random checkpoint in BlinkDL's format through our loader and through rwkv.model.RWKV.
 
     The `rwkv` package folds ln0 into emb in the checkpoint's own dtype (bf16 arithmetic),
     which alone moves its logits by ~1e-2; it is given the same bf16 values stored as fp32,
     so both sides compute in fp32 on identical weights.
     """
-    os.environ["RWKV_JIT_ON"] = "0"
-    os.environ["RWKV_CUDA_ON"] = "0"
-    os.environ["RWKV_RESCALE_LAYER"] = "999"  # the music models run without layer rescaling
+    monkeypatch.setenv("RWKV_JIT_ON", "0")
+    monkeypatch.setenv("RWKV_CUDA_ON", "0")
+    monkeypatch.setenv("RWKV_RESCALE_LAYER", "999")  # the music models run without layer rescaling
     rwkv_model = importlib.import_module("rwkv.model")
 
     source = randomize_(RWKVGenerator(GeneratorConfig(n_layer=3, n_embd=64, ctx_len=256, conditioned=False)), 3)
