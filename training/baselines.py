@@ -29,6 +29,13 @@ class Blank:
     beat_qn: float
     """Length of one beat in QN: durations in beats are duration_qn / beat_qn."""
 
+    def __post_init__(self):
+        if len(self.bar_lines_qn) != 2 * self.context_bars + self.width_bars + 1:
+            raise ValueError(f"a blank of {self.width_bars} bars with {self.context_bars} bars of context each side "
+                             f"needs {2 * self.context_bars + self.width_bars + 1} bar lines, not {len(self.bar_lines_qn)}")
+        if self.width_bars > self.context_bars:
+            raise ValueError(f"a blank of {self.width_bars} bars is wider than its {self.context_bars} bars of context")
+
     @property
     def past_bar_lines_qn(self) -> tuple[float, ...]:
         return self.bar_lines_qn[:self.context_bars + 1]
