@@ -395,7 +395,7 @@ def plot_metrics(aggregates: dict, path: Path) -> None:
             heights = [aggregates[system][m][key] for m in METRICS]
             errors = [aggregates[system][m]["ci95" if key == "mean" else "distance_ci95"] for m in METRICS]
             axis.bar(x + (index - (len(systems) - 1) / 2) * width, heights, width, yerr=np.nan_to_num(errors),
-                     capsize=2, label=system)
+                     capsize=2, label=system, color=f"C{index}")
         axis.set_xticks(x, METRICS, rotation=30)
         axis.set_title(title)
         axis.grid(axis="y", alpha=0.3)
