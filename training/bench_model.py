@@ -14,7 +14,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -24,28 +23,7 @@ from cmi_daemon.device import choose_device
 from cmi_daemon.model.config import preset
 from cmi_daemon.model.rwkv import RWKVGenerator
 from cmi_daemon.vocab import FIRST_NOTE_ID, PUBLIC_VOCAB_SIZE
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def timed(function, repeats: int) -> float:
-    """Fastest seconds per call over `repeats` calls after one warm-up call: the least disturbed
-    by other work on a shared machine."""
-    function()
-    fastest = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        fastest = min(fastest, time.perf_counter() - start)
-    return fastest
+from training.benchutil import cpu_model, timed
 
 
 def perturb_(model, seed: int = 0):

@@ -11,54 +11,36 @@ import argparse
 import io
 import os
 import platform
-import time
 from pathlib import Path
 
 import mido
 
 from cmi_daemon.tokens import decode_ids, read_midi, tokenize
+from training.benchutil import cpu_model, timed
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pop909" / "dev"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder searched for *.mid")
-    parser.add_argument("--repeats", type=int, default=3, help="runs; the fastest is reported")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up; the fastest is reported")
     args = parser.parse_args(argv)
     files = sorted(args.data.rglob("*.mid"))
     if not files:
         raise SystemExit(f"no .mid files under {args.data}")
     contents = [f.read_bytes() for f in files]
 
-    def time_best(work) -> float:
-        best = float("inf")
-        for _ in range(args.repeats):
-            started = time.perf_counter()
-            work()
-            best = min(best, time.perf_counter() - started)
-        return best
-
-    mido_s = time_best(lambda: [mido.MidiFile(file=io.BytesIO(c)) for c in contents])
-    read_s = time_best(lambda: [read_midi(c) for c in contents])
+    mido_s = timed(lambda: [mido.MidiFile(file=io.BytesIO(c)) for c in contents], args.repeats)
+    read_s = timed(lambda: [read_midi(c) for c in contents], args.repeats)
     songs = [read_midi(c) for c in contents]
-    encode_s = time_best(lambda: [tokenize(s) for s in songs])
+    encode_s = timed(lambda: [tokenize(s) for s in songs], args.repeats)
     encodings = [tokenize(s) for s in songs]
-    decode_s = time_best(lambda: [decode_ids(e.ids) for e in encodings])
+    decode_s = timed(lambda: [decode_ids(e.ids) for e in encodings], args.repeats)
     n_notes = sum(len(e.notes) for e in encodings)
     n_tokens = sum(len(e.ids) for e in encodings)
 
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"command: python -m training.bench_tokenizer --data {args.data}")
     print(f"data: {len(files)} files, {n_notes} notes, {n_tokens} tokens (best of {args.repeats})")
     total_s = read_s + encode_s

@@ -24,7 +24,6 @@ import math
 
 import torch
 import torch.nn as nn
-from torch.nn import functional as F
 
 from cmi_daemon.model.config import GeneratorConfig
 from cmi_daemon.vocab import PUBLIC_VOCAB_SIZE, VOCAB_SIZE
