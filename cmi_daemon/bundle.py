@@ -1,0 +1,140 @@
+"""Model bundles: the folder the daemon loads a model from (ONNX graphs, safetensors, manifest.json).
+
+A bundle holds everything inference and DIL need and nothing of training:
+- `manifest.json`: format version, vocabulary id, model configs, tokenizer settings, the
+  training-data summary, and the sha256 of every other file;
+- ONNX graphs: `context_encoder.onnx`, `predictor.onnx`, `generator_prefill.onnx`,
+  `generator_step.onnx` (the last two take the head rows to compute as an input: the engine
+  passes only the rows it may sample, read from the generator's safetensors);
+- torch weights: `generator.safetensors` (RWKVGenerator state dict) and `jepa.safetensors`
+  (JEPA state dict: context_encoder.*, predictor.*, target_encoder.*).
+An unconditioned generator (the "w/o JEP-AGA" ablation) has no JEPA files.
+
+Loading checks the format version, the vocabulary and every file's hash before anything is
+used, and refuses a bundle that fails with a BundleError naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from . import vocab
+from .errors import CMIError
+from .model.config import ModelConfig
+
+BUNDLE_FORMAT = "cmi-bundle-1"
+MANIFEST_NAME = "manifest.json"
+CONTEXT_ENCODER_GRAPH = "context_encoder.onnx"
+PREDICTOR_GRAPH = "predictor.onnx"
+PREFILL_GRAPH = "generator_prefill.onnx"
+STEP_GRAPH = "generator_step.onnx"
+GENERATOR_WEIGHTS = "generator.safetensors"
+JEPA_WEIGHTS = "jepa.safetensors"
+PREFILL_CHUNK_TOKENS = 32
+"""Tokens the prefill graph reads per call (the chunked WKV is unrolled for a fixed length)."""
+_HASH_BLOCK_BYTES = 1 << 20
+
+
+class BundleError(CMIError):
+    """A model bundle cannot be used; the message names the bundle, the file and the problem."""
+
+
+@dataclass(frozen=True)
+class TokenizerSettings:
+    wait_step_ms: float
+    context_tokens: int
+    """Most tokens of prefix + blank + suffix the model reads (its training window)."""
+    prefill_chunk_tokens: int
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict
+    model_config: ModelConfig
+    tokenizer: TokenizerSettings
+
+    @property
+    def conditioned(self) -> bool:
+        return self.model_config.generator.conditioned
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def training(self) -> Optional[dict]:
+        return self.manifest.get("training")
+
+
+def bundle_files(conditioned: bool) -> tuple[str, ...]:
+    """Every file a bundle must hold besides the manifest."""
+    generator = (PREFILL_GRAPH, STEP_GRAPH, GENERATOR_WEIGHTS)
+    return generator + ((CONTEXT_ENCODER_GRAPH, PREDICTOR_GRAPH, JEPA_WEIGHTS) if conditioned else ())
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(_HASH_BLOCK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_bundle(path, verify_hashes: bool = True) -> Bundle:
+    """Read and check a bundle folder; raises BundleError saying what is wrong."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_NAME
+    if not path.is_dir():
+        raise BundleError(f"model bundle {path}: no such folder")
+    if not manifest_path.is_file():
+        raise BundleError(f"model bundle {path}: missing file {MANIFEST_NAME} (is this a bundle folder?)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BundleError(f"model bundle {path}: {MANIFEST_NAME} is not readable JSON ({error})") from error
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"model bundle {path}: {MANIFEST_NAME} has format version {manifest.get('format')!r}, "
+                          f"this cmi-daemon reads {BUNDLE_FORMAT!r} (export the model again, or update cmi-daemon)")
+    if manifest.get("vocab_id") != vocab.VOCAB_ID:
+        raise BundleError(f"model bundle {path}: vocabulary {manifest.get('vocab_id')!r} is not {vocab.VOCAB_ID!r}")
+    try:
+        model_config = ModelConfig.from_dict(manifest["model_config"])
+        tokenizer = TokenizerSettings(**manifest["tokenizer"])
+        hashes = dict(manifest["files"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise BundleError(f"model bundle {path}: {MANIFEST_NAME} is incomplete or malformed ({error!r})") from error
+    if tokenizer.wait_step_ms != vocab.WAIT_STEP_MS:
+        raise BundleError(f"model bundle {path}: wait step {tokenizer.wait_step_ms} ms, this tokenizer uses "
+                          f"{vocab.WAIT_STEP_MS} ms")
+    for name in bundle_files(model_config.generator.conditioned):
+        if name not in hashes:
+            raise BundleError(f"model bundle {path}: {MANIFEST_NAME} lists no hash for {name}")
+    for name, expected in sorted(hashes.items()):
+        file_path = path / name
+        if not file_path.is_file():
+            raise BundleError(f"model bundle {path}: missing file {name}")
+        if verify_hashes and sha256_of(file_path) != expected:
+            raise BundleError(f"model bundle {path}: {name} does not match its sha256 in {MANIFEST_NAME} "
+                              "(file changed or damaged; export the bundle again)")
+    return Bundle(path, manifest, model_config, tokenizer)
+
+
+def load_torch_models(bundle: Bundle):
+    """(RWKVGenerator, JEPA or None) in eval mode, from the bundle's safetensors (for DIL and NLL)."""
+    from safetensors.torch import load_file
+
+    from .model.jepa import JEPA
+    from .model.rwkv import RWKVGenerator
+
+    generator = RWKVGenerator(bundle.model_config.generator)
+    generator.load_state_dict(load_file(bundle.file(GENERATOR_WEIGHTS)))
+    jepa = None
+    if bundle.conditioned:
+        jepa = JEPA(bundle.model_config.encoder, bundle.model_config.predictor)
+        jepa.load_state_dict(load_file(bundle.file(JEPA_WEIGHTS)))
+        jepa.eval().requires_grad_(False)
+    return generator.eval().requires_grad_(False), jepa

@@ -1,0 +1,108 @@
+"""Read the checkpoints a bundle is made from: training.train's, or the simple documented dict.
+
+The simple dict (what tests and hand-made models use), loadable with torch.load(weights_only=True):
+    {"model_config": ModelConfig.to_dict(), "generator": RWKVGenerator state dict,
+     "encoder": ContextEncoder state dict, "target_encoder": ContextEncoder state dict,
+     "predictor": Predictor state dict, "training": optional dict copied into the manifest}
+training.train writes {"format": "cmi-train-1", "stage": "jepa" | "generator", "model_config",
+"train_config", "model": state dict, "step", ...}; a generator checkpoint is exported together
+with the stage-1 JEPA checkpoint it was conditioned on (its train_config's jepa_dir/best.pt, or
+--jepa).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from cmi_daemon.model.config import ModelConfig
+
+TRAIN_CHECKPOINT_FORMAT = "cmi-train-1"
+SIMPLE_KEYS = ("model_config", "generator", "encoder", "target_encoder", "predictor")
+TRAINING_SUMMARY_KEYS = ("stage", "step", "examples_seen", "elapsed_s", "best_dev", "train_config")
+SHARD_SUMMARY_KEYS = ("vocab_id", "data_root", "git_commit", "seed", "augmented_copies_per_train_file",
+                      "sources", "splits")
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be exported; the message says which file and why."""
+
+
+@dataclass
+class Checkpoint:
+    model_config: ModelConfig
+    generator: dict
+    jepa: Optional[dict]
+    """JEPA state dict (context_encoder.*, predictor.*, target_encoder.*); None when unconditioned."""
+    training: dict
+
+
+def _load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise CheckpointError(f"{path}: no such checkpoint") from error
+    except Exception as error:  # torch reports unpicklable or corrupt files with many types
+        raise CheckpointError(f"{path}: not a weights-only torch checkpoint ({error})") from error
+
+
+def _summary(checkpoint: dict) -> dict:
+    return {key: checkpoint[key] for key in TRAINING_SUMMARY_KEYS if key in checkpoint}
+
+
+def read_checkpoint(path, jepa_path=None) -> Checkpoint:
+    path = Path(path)
+    checkpoint = _load(path)
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(checkpoint).__name__}")
+    if checkpoint.get("format") == TRAIN_CHECKPOINT_FORMAT:
+        return _read_train_checkpoint(path, checkpoint, jepa_path)
+    missing = [key for key in SIMPLE_KEYS if key not in checkpoint]
+    model_config = ModelConfig.from_dict(checkpoint["model_config"]) if "model_config" in checkpoint else None
+    if model_config is not None and not model_config.generator.conditioned:
+        missing = [key for key in missing if key == "generator"]
+    if missing:
+        raise CheckpointError(f"{path}: neither a {TRAIN_CHECKPOINT_FORMAT} checkpoint nor the simple dict "
+                              f"(missing {', '.join(missing)})")
+    jepa = None
+    if model_config.generator.conditioned:
+        jepa = {f"{part}.{name}": tensor for part, key in (("context_encoder", "encoder"),
+                                                           ("target_encoder", "target_encoder"),
+                                                           ("predictor", "predictor"))
+                for name, tensor in checkpoint[key].items()}
+    return Checkpoint(model_config, checkpoint["generator"], jepa, dict(checkpoint.get("training", {})))
+
+
+def _read_train_checkpoint(path: Path, checkpoint: dict, jepa_path) -> Checkpoint:
+    if checkpoint["stage"] != "generator":
+        raise CheckpointError(f"{path} is a stage-1 ({checkpoint['stage']}) checkpoint: export the stage-2 "
+                              "generator checkpoint, with --jepa pointing at this one")
+    model_config = ModelConfig.from_dict(checkpoint["model_config"])
+    training = _summary(checkpoint)
+    jepa = None
+    if model_config.generator.conditioned:
+        if jepa_path is None:
+            jepa_dir = checkpoint.get("train_config", {}).get("jepa_dir")
+            if not jepa_dir:
+                raise CheckpointError(f"{path}: conditioned generator without a JEPA; pass --jepa JEPA_CHECKPOINT")
+            jepa_path = Path(jepa_dir) / "best.pt"
+        jepa_checkpoint = _load(Path(jepa_path))
+        if jepa_checkpoint.get("stage") != "jepa":
+            raise CheckpointError(f"{jepa_path}: not a stage-1 (jepa) checkpoint")
+        jepa = jepa_checkpoint["model"]
+        training["jepa"] = _summary(jepa_checkpoint)
+    return Checkpoint(model_config, checkpoint["model"], jepa, training)
+
+
+def shard_summary(shard_dir) -> dict:
+    """What the training data was, from training.prepare's manifest.json."""
+    manifest_path = Path(shard_dir) / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{manifest_path}: cannot read the shard manifest ({error})") from error
+    return {key: manifest[key] for key in SHARD_SUMMARY_KEYS if key in manifest}
