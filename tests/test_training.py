@@ -1,0 +1,219 @@
+"""Training examples and the training loop: masks, ILM layout, DDP equivalence, exact resume, learning.
+
+Shards are built from the committed fixture MIDI with training.prepare's own functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cmi_daemon import vocab
+from tests.conftest import ALL_FIXTURES, GROOVE_FIXTURES, POP909_FIXTURES, REPO
+from training import batches, train
+from training.prepare import work_items, write_split
+
+SMOKE = ["--config", "smoke", "--eval-interval", "2", "--dev-examples", "4"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    write_split(out, "train", list(work_items(ALL_FIXTURES, 0, 0)), workers=1)
+    write_split(out, "dev", list(work_items(POP909_FIXTURES[:1] + GROOVE_FIXTURES[:1], 0, 0)), workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def jepa_dir(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("jepa")
+    train.main(["--stage", "jepa", "--shards", str(shards), "--out", str(out), *SMOKE, "--max-steps", "2"])
+    return out
+
+
+def params(checkpoint_path):
+    return torch.load(checkpoint_path, map_location="cpu", weights_only=True)["model"]
+
+
+def log_losses(out_dir) -> dict[int, float]:
+    """step -> training loss; a resumed run's later lines replace a killed run's."""
+    losses = {}
+    for line in (out_dir / "log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            losses[record["step"]] = record["loss"]
+    return losses
+
+
+def command(*args) -> list[str]:
+    return [sys.executable, "-m", "training.train", *map(str, args)]
+
+
+def environment() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+# --- examples --------------------------------------------------------------------------------
+
+
+def test_random_spans_cover_10_to_80_percent(shards):
+    shard = batches.TokenShard(shards, "train")
+    config = batches.BlankConfig(time_aligned_fraction=0.0)
+    for index in range(200):
+        split = batches.sample_split(shard, 3, index, 300, config)
+        n = len(split.prefix) + len(split.blank) + len(split.suffix)
+        assert not split.time_aligned
+        assert 0.1 <= len(split.blank) / n <= 0.8 + 1 / n
+
+
+def test_time_aligned_blanks_span_their_time_exactly(shards):
+    shard = batches.TokenShard(shards, "train")
+    config = batches.BlankConfig(time_aligned_fraction=1.0)
+    shortest = config.min_blank_ms / vocab.WAIT_STEP_MS
+    n_aligned = 0
+    for index in range(100):
+        rng = batches.example_rng(5, index)
+        window = shard.window(rng, 400)
+        split = batches.draw_split(window, rng, config)
+        if not split.time_aligned:
+            continue
+        n_aligned += 1
+        # The blank starts with a note-on at its first step; its waits are its whole length.
+        assert vocab.is_note(split.blank[0]) and vocab.note_fields(split.blank[0])[2] > 0
+        blank_steps = sum(vocab.wait_steps(t) for t in split.blank)
+        assert shortest <= blank_steps <= config.max_blank_ms / vocab.WAIT_STEP_MS
+        # Prefix + blank + suffix play the same time as the window, onsets at the same steps.
+        music = split.prefix + split.blank + split.suffix
+        window_onsets = onsets(window)
+        assert onsets(music) == {s - min(window_onsets) for s in window_onsets}
+        # Every note the blank starts is closed inside it; prefix notes are closed before it.
+        assert not sounding(split.blank) and not sounding(split.prefix)
+    assert n_aligned >= 80
+
+
+def onsets(token_ids) -> set[int]:
+    clock, first, found = 0, None, set()
+    for t in token_ids:
+        clock += vocab.wait_steps(t)
+        if vocab.is_note(t) and vocab.note_fields(t)[2] > 0:
+            first = clock if first is None else first
+            found.add(clock - first)
+    return found
+
+
+def sounding(token_ids) -> set:
+    keys = set()
+    for t in token_ids:
+        if vocab.is_note(t):
+            instrument_bin, pitch, velocity_bin = vocab.note_fields(t)
+            (keys.add if velocity_bin else keys.discard)((instrument_bin, pitch))
+    return keys
+
+
+def test_ilm_layout_and_loss_masks():
+    split = batches.Split([10, 11, 12], [20, 21], [30, 31, 32, 33], False)
+    example = batches.ilm_example(split)
+    assert example.ids == [10, 11, 12, vocab.MASK_ID, 30, 31, 32, 33, vocab.SEP_ID, 20, 21, vocab.ANS_ID]
+    targets = example.ids[1:]
+    assert [t for t, m in zip(targets, example.answer_mask) if m] == [20, 21, vocab.ANS_ID]
+    assert [t for t, m in zip(targets, example.loss_mask) if m] == [11, 12, 30, 31, 32, 33, 20, 21, vocab.ANS_ID]
+    jepa = batches.jepa_example(split)
+    assert jepa.ids == [10, 11, 12, 20, 21, 30, 31, 32, 33]
+    assert jepa.target_mask == [False] * 3 + [True] * 2 + [False] * 4
+
+
+def test_batches_pad_and_masks_agree(shards):
+    stream = batches.ExampleStream(batches.TokenShard(shards, "train"), "generator", 128, 1, batches.BlankConfig())
+    batch = stream.batch(range(8))
+    real = batch.input_ids != vocab.PAD_ID
+    assert not (batch.loss_mask & ~real).any() and not (batch.answer_mask & ~batch.loss_mask).any()
+    assert batch.input_ids.shape[1] <= 128
+    assert ((batch.target_ids == vocab.ANS_ID) == (batch.answer_mask & ~torch.roll(batch.answer_mask, -1, 1))).all()
+    jepa = batch.jepa
+    assert not (jepa.context_mask & jepa.target_mask).any()
+    assert ((jepa.context_mask | jepa.target_mask) == jepa.valid).all()
+    assert ((jepa.token_ids == vocab.PAD_ID) == ~jepa.valid).all()
+    # The answer is the blank's tokens: same count per example as the JEPA targets (+ <ans>).
+    assert (batch.answer_mask.sum(1) == jepa.target_mask.sum(1) + 1).all()
+    # Seeded: the same indices give the same batch.
+    assert torch.equal(stream.batch(range(8)).input_ids, batch.input_ids)
+
+
+def test_ranks_split_the_global_stream():
+    one = list(batches.micro_batch_indices(32, 0, 0, 1, 8))
+    two = [i for rank in (0, 1) for i in batches.micro_batch_indices(32, 0, rank, 2, 4)]
+    assert one == two == list(range(32, 40))
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+def test_two_process_ddp_equals_one_process_with_twice_the_batch(shards, jepa_dir, tmp_path):
+    common = ["--stage", "generator", "--shards", shards, "--jepa", jepa_dir, *SMOKE, "--max-steps", "1"]
+    single, double = tmp_path / "single", tmp_path / "ddp"
+    train.main([*map(str, common), "--out", str(single), "--batch-size", "4"])
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "training.train", *map(str, common), "--out", str(double), "--batch-size", "2"],
+                   check=True, cwd=REPO, env=environment(), capture_output=True, timeout=120)
+    one, two = (torch.load(out / "last.pt", weights_only=True) for out in (single, double))
+    config = train.config_from_args(train.parse_args([*map(str, common), "--out", str(single)]))
+    initial = train.build_model(config)[0].state_dict()
+    assert any(not torch.equal(one["model"][name], initial[name]) for name in initial)
+    # Gradients agree to fp32 rounding (Adam's first moment is 0.1 x the clipped gradient) ...
+    for state_one, state_two in zip(one["optimizer"]["state"].values(), two["optimizer"]["state"].values()):
+        scale = state_one["exp_avg"].abs().max()
+        torch.testing.assert_close(state_two["exp_avg"], state_one["exp_avg"], rtol=1e-4, atol=1e-5 * scale)
+    # ... and so do the weights; Adam's first step is about +-lr per weight whatever the
+    # gradient's size, so rounding in near-zero gradients shows at a small fraction of lr.
+    for name in one["model"]:
+        torch.testing.assert_close(two["model"][name], one["model"][name], rtol=1e-5, atol=1e-2 * config.lr,
+                                   msg=name)
+    assert log_losses(single)[1] == pytest.approx(log_losses(double)[1], rel=1e-5)
+
+
+def test_resume_after_kill_continues_the_same_run(shards, tmp_path):
+    """All runs in subprocesses of one thread count, so their float reductions are the same."""
+    n_steps = 10
+    common = ["--stage", "generator", "--conditioning", "off", "--shards", shards, *SMOKE,
+              "--max-steps", n_steps, "--eval-interval", "1", "--grad-accum", "2"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(command(*common, "--out", straight), check=True, cwd=REPO, env=environment(),
+                   capture_output=True, timeout=120)
+
+    process = subprocess.Popen(command(*common, "--out", killed), cwd=REPO, env=environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (killed / "last.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    stopped_at = torch.load(killed / "last.pt", weights_only=True)["step"]
+    assert 1 <= stopped_at < n_steps, "the run finished before it could be killed"
+
+    subprocess.run(command(*common, "--out", killed, "--resume"), check=True, cwd=REPO, env=environment(),
+                   capture_output=True, timeout=120)
+    assert log_losses(killed) == log_losses(straight)
+    final_straight, final_resumed = params(straight / "last.pt"), params(killed / "last.pt")
+    for name in final_straight:
+        assert torch.equal(final_straight[name], final_resumed[name]), name
+    best = torch.load(killed / "best.pt", weights_only=True)
+    assert set(best) >= {"model", "optimizer", "step", "examples_seen", "rng", "model_config", "train_config"}
+
+
+def test_smoke_training_lowers_the_loss(shards, tmp_path):
+    out = tmp_path / "smoke"
+    train.main(["--stage", "generator", "--conditioning", "off", "--shards", str(shards), "--out", str(out),
+                "--config", "smoke", "--max-steps", "30", "--eval-interval", "30"])
+    losses = log_losses(out)
+    first, last = np.mean([losses[s] for s in range(1, 6)]), np.mean([losses[s] for s in range(26, 31)])
+    assert last < first - 2.0, (first, last)
+    dev = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if "dev_nll_bits" in line]
+    assert dev[-1]["dev_nll_bits"] < np.log2(vocab.VOCAB_SIZE)
