@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import Counter
+from pathlib import Path
 
 from . import __version__, vocab
 from .errors import CMIError
-from .tokens import read_midi, tokenize
+from .tokens import read_midi, tokenize, write_midi
 
 
 def _format_duration(seconds: float) -> str:
@@ -38,6 +40,58 @@ def command_tokens(args) -> int:
     return 0
 
 
+def command_infill(args) -> int:
+    """Infill bars of a MIDI file with the model, in this process (no daemon needed)."""
+    from . import offline
+    from .engine import Engine, InfillOptions
+    from .sampling import SamplingOptions
+
+    song = read_midi(args.file)
+    if args.list_tracks:
+        print("\n".join(offline.track_lines(song)))
+        return 0
+    if args.bars is None or args.output is None:
+        raise CMIError("infill needs --bars and -o OUT.mid (or --list-tracks to see the tracks)")
+    first_bar, last_bar, start_qn, end_qn = offline.parse_bars(args.bars, song)
+    targets = offline.parse_tracks(args.tracks, song)
+    try:
+        sampling = SamplingOptions(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                   repetition_penalty=args.repetition_penalty)
+    except ValueError as error:
+        raise CMIError(str(error)) from error
+    options = InfillOptions(n_candidates=args.candidates, seed=args.seed, sampling=sampling)
+    engine = Engine(args.model or offline.default_model_dir())
+    result = engine.infill(song, start_qn, end_qn, targets, options)
+    paths = offline.candidate_paths(Path(args.output), len(result.candidates))
+    for candidate, path in zip(result.candidates, paths):
+        write_midi(offline.song_with_notes(song, start_qn, end_qn, candidate.notes), path)
+
+    out = sys.stderr if args.json else sys.stdout
+    print(f"{args.file}: bars {first_bar}-{last_bar} (QN {start_qn:g}-{end_qn:g}), tracks "
+          + ", ".join(f"{t + 1} {song.tracks[t].name}" for t in targets), file=out)
+    print(f"model {engine.bundle.path}, seed {result.seed}, {result.n_prompt_tokens} prompt tokens, "
+          f"{result.timings_ms['total']:.0f} ms", file=out)
+    for candidate, path in zip(result.candidates, paths):
+        counts = ", ".join(f"track {t + 1}: {len(notes)}" for t, notes in candidate.notes.items())
+        print(f"candidate {candidate.index + 1}: {candidate.n_tokens} tokens, notes {counts} -> {path}", file=out)
+    if args.json:
+        print(json.dumps({
+            "file": str(args.file), "bars": [first_bar, last_bar], "start_qn": start_qn, "end_qn": end_qn,
+            "seed": result.seed, "timings_ms": result.timings_ms,
+            "candidates": [{"index": c.index + 1, "output": str(path), "n_tokens": c.n_tokens,
+                            "tracks": {str(t + 1): offline.notes_json(notes) for t, notes in c.notes.items()}}
+                           for c, path in zip(result.candidates, paths)]}, indent=1))
+    return 0
+
+
+def command_bench(args) -> int:
+    """Speed and memory of the model on this machine: prefill, decode, infill latency, vs the rwkv package."""
+    from . import bench, offline
+
+    bench.run(args.model or offline.default_model_dir(), args.songs, args.repeats)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cmi-daemon",
@@ -53,6 +107,31 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("--limit", type=int, metavar="N", help="print only the first N tokens")
     tokens.add_argument("--summary", action="store_true", help="print only the counts, on stdout")
     tokens.set_defaults(run=command_tokens)
+
+    infill = commands.add_parser("infill", help="infill bars of a MIDI file (offline, no daemon)",
+                                 description=command_infill.__doc__)
+    infill.add_argument("file", help="a .mid file")
+    infill.add_argument("--bars", help="bars to infill, counted from 1: 9-12 or 9")
+    infill.add_argument("--tracks", help="tracks to infill, numbered from 1 as --list-tracks shows (default: all with notes)")
+    infill.add_argument("-o", "--output", help="output .mid; candidate k > 1 goes to OUT-k.mid")
+    infill.add_argument("--candidates", type=int, default=1, help="number of candidates (default 1)")
+    infill.add_argument("--seed", type=int, help="same seed, same notes (default: random, printed)")
+    infill.add_argument("--temperature", type=float, default=1.0)
+    infill.add_argument("--top-p", type=float, default=0.9)
+    infill.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
+    infill.add_argument("--repetition-penalty", type=float, default=0.0)
+    infill.add_argument("--model", help="model bundle folder (default: the one shipped in the package)")
+    infill.add_argument("--json", action="store_true", help="print the new notes as JSON on stdout")
+    infill.add_argument("--list-tracks", action="store_true", help="print the numbered tracks and exit")
+    infill.set_defaults(run=command_infill)
+
+    bench = commands.add_parser("bench", help="measure the model's speed and memory on this machine",
+                                description=command_bench.__doc__)
+    bench.add_argument("--model", help="model bundle folder (default: the one shipped in the package)")
+    bench.add_argument("--songs", type=Path, help="folder searched for .mid files for the latency runs "
+                       "(default: the repository's POP909 test fixtures)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the fastest counts")
+    bench.set_defaults(run=command_bench)
     return parser
 
 

@@ -1,0 +1,188 @@
+"""`cmi-daemon bench`: the loaded model's speed and memory on this machine, with real songs.
+
+Reports prefill tokens/s, decode tokens/s (one graph call per step, batch 1 and 4, over the
+rows one piano track allows and over the whole head), end-to-end latency p50/p95 of 2- and
+4-bar infills with 8 bars of context each side, the peak resident memory, and BlinkDL's `rwkv`
+package decoding the same generator weights when it is installed. Every figure is the fastest
+of several runs (the machine may be shared); the load average is printed with the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import onnxruntime as ort
+
+from .engine import Engine, InfillOptions
+from .sampling import AnswerRows
+from .tokens import Note, Song, read_midi, tokenize
+
+FIXTURE_SONGS_DIR = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "midi" / "pop909"
+CONTEXT_BARS = 8
+BLANK_WIDTHS_BARS = (2, 4)
+BLANKS_PER_SONG = 6
+PREFILL_TOKENS = 1024
+DECODE_STEPS = 64
+LATENCY_SEED = 1
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fastest_s(function: Callable[[], object], repeats: int) -> float:
+    """Fastest seconds per call over `repeats` calls after one warm-up call."""
+    function()
+    fastest = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        fastest = min(fastest, time.perf_counter() - started)
+    return fastest
+
+
+def peak_rss_mb() -> float:
+    """Resident-memory high-water mark of this process (ru_maxrss is KB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def window_song(song: Song, start_qn: float, end_qn: float) -> Song:
+    """The song cut to notes starting in [start_qn, end_qn), each ending by end_qn."""
+    tracks = [track.__class__(track.name, track.program, track.is_drum,
+                              [Note(n.start_qn, min(n.duration_qn, end_qn - n.start_qn), n.pitch, n.velocity)
+                               for n in track.notes if start_qn <= n.start_qn < end_qn], track.channel)
+              for track in song.tracks]
+    return song.__class__(tracks, song.tempo_map, song.meter, song.ticks_per_qn)
+
+
+def latency_requests(song: Song, width_bars: int) -> list[tuple[Song, float, float]]:
+    """(song cut to 8 bars around the blank, start_qn, end_qn) at blanks spread over the song."""
+    n_bars = int(song.meter.bar_at_qn(song.end_qn))
+    first_bars = list(range(CONTEXT_BARS + 1, n_bars - width_bars - CONTEXT_BARS + 1, width_bars + CONTEXT_BARS))
+    requests = []
+    for bar in first_bars[:BLANKS_PER_SONG]:
+        window_start, start_qn = song.meter.bar_start_qn(bar - CONTEXT_BARS), song.meter.bar_start_qn(bar)
+        end_qn = song.meter.bar_start_qn(bar + width_bars)
+        window_end = song.meter.bar_start_qn(bar + width_bars + CONTEXT_BARS)
+        requests.append((window_song(song, window_start, window_end), start_qn, end_qn))
+    return requests
+
+
+def rwkv_package_decode(engine: Engine, token_ids: list[int], repeats: int) -> Optional[tuple[str, float]]:
+    """(version, decode tokens/s at batch 1) of rwkv.model.RWKV on the bundle's generator weights, or None."""
+    try:
+        from importlib.metadata import version
+
+        import torch
+        from safetensors.torch import load_file
+        os.environ.setdefault("RWKV_JIT_ON", "1")
+        os.environ["RWKV_CUDA_ON"] = "0"
+        os.environ["RWKV_RESCALE_LAYER"] = "999"  # the music models run without layer rescaling
+        from rwkv.model import RWKV
+    except ImportError:
+        return None
+    weights = load_file(str(engine.bundle.file("generator.safetensors")))
+    blinkdl = {name: tensor.float() for name, tensor in weights.items() if not name.startswith("cond_")}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "generator.pth"
+        torch.save(blinkdl, path)
+        model = RWKV(str(path), "cpu fp32", verbose=False)
+
+    def decode():
+        state = None
+        for token_id in token_ids:
+            _, state = model.forward([token_id], state)
+
+    return version("rwkv"), len(token_ids) / fastest_s(decode, repeats)
+
+
+def song_files(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.mid"))
+
+
+def run(model_dir, songs_dir: Optional[Path], repeats: int) -> None:
+    started = time.perf_counter()
+    engine = Engine(model_dir)
+    load_s = time.perf_counter() - started
+    generator = engine.config.generator
+    print(f"command: cmi-daemon {' '.join(sys.argv[1:])}")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} logical cores, load average {os.getloadavg()[0]:.1f}, "
+          f"python {platform.python_version()}, onnxruntime {ort.__version__} ({engine.providers[0]}, "
+          f"{engine.intra_op_threads} intra-op threads)")
+    print(f"model: {engine.bundle.path} ({generator.n_layer} x {generator.n_embd} generator, "
+          f"{'conditioned' if engine.bundle.conditioned else 'unconditioned'}), loaded in {load_s:.2f} s")
+    print(f"timings: fastest of {repeats} runs after a warm-up")
+
+    songs_dir = songs_dir or FIXTURE_SONGS_DIR
+    paths = song_files(songs_dir)
+    if not paths:
+        raise SystemExit(f"no .mid files under {songs_dir}: pass --songs DIR")
+    songs = [read_midi(path) for path in paths]
+    real_ids = [t for song in songs for t in tokenize(song).ids]
+    cond = np.zeros((1, generator.cond_in_dim), np.float32) if engine.bundle.conditioned else None
+    rows = AnswerRows([8])
+    piano_rows = np.ascontiguousarray(engine.head[rows.token_ids])
+
+    prompt = real_ids[:PREFILL_TOKENS]
+    prefill_s = fastest_s(lambda: engine.prefill(prompt, piano_rows, cond), repeats)
+    print(f"prefill ({len(prompt)} real tokens, chunks of {engine.chunk_tokens}): {len(prompt) / prefill_s:,.0f} tokens/s")
+
+    decode_ids = real_ids[PREFILL_TOKENS:PREFILL_TOKENS + DECODE_STEPS]
+    decode_tokens_per_s = {}
+    for head_name, head_rows in (("piano rows", piano_rows), ("whole head", engine.head)):
+        for batch_size in (1, 4):
+            batch_cond = None if cond is None else np.repeat(cond, batch_size, axis=0)
+
+            def decode():
+                state = engine.empty_state(batch_size)
+                for token_id in decode_ids:
+                    _, state = engine.step(np.full(batch_size, token_id), state, head_rows, batch_cond)
+
+            tokens_per_s = batch_size * len(decode_ids) / fastest_s(decode, repeats)
+            decode_tokens_per_s[head_name, batch_size] = tokens_per_s
+            print(f"decode step, {head_name} ({len(head_rows):,} rows), batch {batch_size}: {tokens_per_s:,.0f} tokens/s")
+
+    for width in BLANK_WIDTHS_BARS:
+        totals_ms, answer_tokens, decode_ms = [], 0, 0.0
+        for song in songs:
+            for window, start_qn, end_qn in latency_requests(song, width):
+                targets = [i for i, track in enumerate(window.tracks) if track.notes]
+                result = engine.infill(window, start_qn, end_qn, targets, InfillOptions(seed=LATENCY_SEED))
+                totals_ms.append(result.timings_ms["total"])
+                answer_tokens += result.candidates[0].n_tokens
+                decode_ms += result.timings_ms["decode"]
+        if not totals_ms:
+            print(f"{width}-bar infill: no song has {width + 2 * CONTEXT_BARS} bars")
+            continue
+        p50, p95 = np.percentile(totals_ms, [50, 95])
+        print(f"{width}-bar infill, {CONTEXT_BARS} bars of context each side, 1 candidate, {len(totals_ms)} infills "
+              f"on {len(songs)} songs: p50 {p50:,.0f} ms, p95 {p95:,.0f} ms "
+              f"(decoding incl. sampling {answer_tokens / (decode_ms / 1000):,.0f} tokens/s)")
+    print(f"peak memory (RSS high-water mark): {peak_rss_mb():,.0f} MB")
+
+    peer = rwkv_package_decode(engine, decode_ids, repeats)
+    if peer is None:
+        print("rwkv package: not installed (pip install rwkv) — no comparison")
+        return
+    rwkv_version, rwkv_tokens_per_s = peer
+    ours = {head_name: tokens_per_s for (head_name, batch_size), tokens_per_s in decode_tokens_per_s.items()
+            if batch_size == 1}
+    print(f"rwkv package {rwkv_version} ('cpu fp32', JIT {os.environ['RWKV_JIT_ON']}, same generator weights "
+          f"without conditioning), batch 1: {rwkv_tokens_per_s:,.0f} tokens/s; ratio ours/rwkv: "
+          f"{ours['piano rows'] / rwkv_tokens_per_s:.2f} (piano rows), {ours['whole head'] / rwkv_tokens_per_s:.2f} "
+          f"(whole head, same work)")

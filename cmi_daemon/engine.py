@@ -1,0 +1,327 @@
+"""Inference: a model bundle run with ONNX Runtime turns an infill request into candidate answers.
+
+One request: region (regions.build_region) -> context encoder + predictor -> conditioning
+vector (its blank has region.expected_answer_tokens() positions) -> prefill of
+`prefix <mask> suffix <sep>` in fixed-length chunks carrying the state -> N candidates decoded
+as one batch (one graph call per step for all of them) under the constraints of `sampling`.
+
+The Engine is what the server calls: `Engine(bundle_dir).infill(song, start_qn, end_qn, tracks,
+options, cancel=..., progress=...)`. Calls are serialised by a lock, so one worker thread (or
+several) may share an engine.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import onnxruntime as ort
+from safetensors import safe_open
+
+from . import vocab
+from .bundle import (CONTEXT_ENCODER_GRAPH, GENERATOR_WEIGHTS, PREDICTOR_GRAPH, PREFILL_GRAPH, STEP_GRAPH, Bundle,
+                     load_bundle)
+from .errors import CMIError
+from .regions import Region, answer_notes, build_region
+from .sampling import AnswerRows, AnswerState, SamplingOptions, fixed_events, requires_note, sample_row
+from .tokens import Note, Song
+
+MIN_ANSWER_CAP_TOKENS = 64
+ANSWER_CAP_FACTOR = 3
+"""Sampled answer tokens stop at max(MIN_ANSWER_CAP_TOKENS, ANSWER_CAP_FACTOR x the blank's expected length)."""
+EMPTY_LOG_SCALE = -1e30
+ATT_PP = 3
+"""The empty recurrent state, as model.rwkv defines it (repeated here: the engine does not import torch)."""
+MAX_CANDIDATES = 16
+
+
+class InfillCancelled(CMIError):
+    """The caller's cancel callback asked the engine to stop."""
+
+
+@dataclass(frozen=True)
+class InfillOptions:
+    n_candidates: int = 1
+    seed: Optional[int] = None
+    """Same seed, same notes; None draws one (reported in the result)."""
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    max_answer_tokens: Optional[int] = None
+    """Cap on sampled answer tokens (default: from the blank's expected length)."""
+
+    def __post_init__(self):
+        if not 1 <= self.n_candidates <= MAX_CANDIDATES:
+            raise CMIError(f"{self.n_candidates} candidates asked for: choose 1..{MAX_CANDIDATES}")
+        if self.seed is not None and not 0 <= self.seed < 2 ** 63:
+            raise CMIError(f"seed {self.seed} is out of range: use 0 .. 2**63 - 1")
+
+
+@dataclass
+class Candidate:
+    index: int
+    notes: dict[int, list[Note]]
+    """Target track index -> new notes, all inside the range."""
+    answer_ids: list[int]
+    """The answer's tokens, ending with `<ans>`."""
+    n_sampled_tokens: int
+    decode_ms: float
+    """From the start of decoding until this candidate's `<ans>`."""
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.answer_ids)
+
+
+@dataclass
+class InfillResult:
+    start_qn: float
+    end_qn: float
+    target_tracks: tuple[int, ...]
+    seed: int
+    candidates: list[Candidate]
+    n_prompt_tokens: int
+    n_blank_tokens: int
+    """Positions the predictor filled (the blank's expected answer length)."""
+    timings_ms: dict[str, float]
+    """region, conditioning, prefill, decode, total."""
+
+
+ProgressCallback = Callable[[float], None]
+"""Called during decoding with the fraction of the range the candidates have covered (0..1)."""
+CancelCallback = Callable[[], bool]
+"""Polled between graph calls; True stops the request with InfillCancelled."""
+
+
+def default_intra_op_threads() -> int:
+    """Physical cores less one, left to the DAW's audio engine. Measured on a 2-core machine with
+    another process busy: 1 thread decodes and prefills 2-2.5x faster than 2 threads contending."""
+    return max(1, physical_cores() - 1)
+
+
+def physical_cores() -> int:
+    """Physical CPU cores this process may use (hyper-threads do not speed up matrix products)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        cores = set()
+        physical_id = core_id = None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("physical id"):
+                physical_id = line.split(":")[1].strip()
+            elif line.startswith("core id"):
+                core_id = line.split(":")[1].strip()
+            elif not line.strip() and core_id is not None:
+                cores.add((physical_id, core_id))
+                core_id = None
+        if core_id is not None:
+            cores.add((physical_id, core_id))
+    except OSError:
+        cores = set()
+    return max(1, min(usable, len(cores) or usable))
+
+
+def execution_providers() -> list[str]:
+    """CUDA when ONNX Runtime has it and an NVIDIA driver is installed, else CPU."""
+    if "CUDAExecutionProvider" in ort.get_available_providers() and ctypes.util.find_library("cuda"):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session_options(intra_op_threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    # RWKV's decaying state produces denormal floats, which are very slow on CPUs.
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
+    return options
+
+
+def blank_positions(region: Region, n_blank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(context token ids, context positions, target positions) of the JEPA sequence prefix + blank + suffix."""
+    n_prefix, n_suffix = len(region.prefix_ids), len(region.suffix_ids)
+    context_ids = np.array(region.prefix_ids + region.suffix_ids, dtype=np.int64)
+    context_positions = np.concatenate([np.arange(n_prefix), n_prefix + n_blank + np.arange(n_suffix)]).astype(np.int64)
+    target_positions = np.arange(n_prefix, n_prefix + n_blank, dtype=np.int64)
+    return context_ids, context_positions, target_positions
+
+
+class Engine:
+    """A loaded model bundle: ONNX Runtime sessions, the head weights and the infill pipeline."""
+
+    def __init__(self, bundle_dir, intra_op_threads: Optional[int] = None, providers: Optional[Sequence[str]] = None):
+        self.bundle: Bundle = load_bundle(bundle_dir)
+        self.config = self.bundle.model_config
+        self.providers = list(providers or execution_providers())
+        self.intra_op_threads = intra_op_threads or default_intra_op_threads()
+        options = session_options(self.intra_op_threads)
+
+        def session(name: str) -> ort.InferenceSession:
+            return ort.InferenceSession(str(self.bundle.file(name)), options, providers=self.providers)
+
+        self.step_session = session(STEP_GRAPH)
+        self.prefill_session = session(PREFILL_GRAPH)
+        self.encoder_session = session(CONTEXT_ENCODER_GRAPH) if self.bundle.conditioned else None
+        self.predictor_session = session(PREDICTOR_GRAPH) if self.bundle.conditioned else None
+        with safe_open(str(self.bundle.file(GENERATOR_WEIGHTS)), framework="numpy") as weights:
+            self.head = np.ascontiguousarray(weights.get_tensor("head.weight"), dtype=np.float32)
+        self.chunk_tokens = self.bundle.tokenizer.prefill_chunk_tokens
+        self._lock = threading.Lock()
+
+    # -----------------------------------------------------------------------------------------
+    # graph calls
+
+    def empty_state(self, batch_size: int) -> np.ndarray:
+        generator = self.config.generator
+        state = np.zeros((generator.n_layer, 5, batch_size, generator.n_embd), dtype=np.float32)
+        state[:, ATT_PP] = EMPTY_LOG_SCALE
+        return state
+
+    def _generator_inputs(self, token_ids, state, head_rows, cond) -> dict:
+        inputs = {"token_ids": token_ids, "state": state, "head_rows": head_rows}
+        if self.bundle.conditioned:
+            inputs["cond"] = cond
+        return inputs
+
+    def step(self, token_ids: np.ndarray, state: np.ndarray, head_rows: np.ndarray,
+             cond: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """One token per sequence (B,) -> (logits over head_rows (B, R), new state)."""
+        logits, state = self.step_session.run(None, self._generator_inputs(
+            np.ascontiguousarray(token_ids, dtype=np.int64), state, head_rows, cond))
+        return logits, state
+
+    def prefill(self, prompt_ids: Sequence[int], head_rows: np.ndarray, cond: Optional[np.ndarray],
+                cancel: Optional[CancelCallback] = None) -> tuple[np.ndarray, np.ndarray]:
+        """A whole prompt for one sequence -> (logits over head_rows after its last token (1, R), state).
+
+        Whole chunks go through the prefill graph, the remainder through the step graph."""
+        prompt = np.asarray(prompt_ids, dtype=np.int64)
+        if prompt.size == 0:
+            raise ValueError("an empty prompt has no next-token logits")
+        state = self.empty_state(1)
+        n_whole = len(prompt) // self.chunk_tokens * self.chunk_tokens
+        logits = None
+        for start in range(0, n_whole, self.chunk_tokens):
+            _check_cancel(cancel)
+            chunk = prompt[None, start:start + self.chunk_tokens]
+            logits, state = self.prefill_session.run(None, self._generator_inputs(chunk, state, head_rows, cond))
+        for token_id in prompt[n_whole:]:
+            logits, state = self.step(token_id[None], state, head_rows, cond)
+        return logits, state
+
+    def conditioning(self, region: Region, n_blank: int) -> np.ndarray:
+        """The generator's conditioning vector (1, E): the predictor's mean over n_blank blank positions."""
+        context_ids, context_positions, target_positions = blank_positions(region, n_blank)
+        context_valid = np.ones(len(context_ids), dtype=bool)
+        if len(context_ids) == 0:  # nothing around the blank: one invalid slot keeps the shapes non-empty
+            context_ids, context_positions = np.full(1, vocab.PAD_ID, np.int64), np.zeros(1, np.int64)
+            context_valid = np.zeros(1, dtype=bool)
+        (representations,) = self.encoder_session.run(None, {
+            "token_ids": context_ids[None], "positions": context_positions[None], "valid": context_valid[None]})
+        (cond,) = self.predictor_session.run(None, {
+            "context_repr": representations, "context_positions": context_positions[None],
+            "context_valid": context_valid[None], "target_positions": target_positions[None],
+            "target_valid": np.ones((1, len(target_positions)), dtype=bool)})
+        return cond
+
+    # -----------------------------------------------------------------------------------------
+    # the request
+
+    def region(self, song: Song, start_qn: float, end_qn: float, target_tracks: Sequence[int]) -> Region:
+        """The region with context bounded so that prefix + blank + suffix fits the model's window."""
+        window = self.bundle.tokenizer.context_tokens
+        region = build_region(song, start_qn, end_qn, target_tracks, window)
+        n_blank = region.expected_answer_tokens()
+        if len(region.prefix_ids) + len(region.suffix_ids) + n_blank > window:
+            region = build_region(song, start_qn, end_qn, target_tracks, max(window // 4, window - n_blank))
+        return region
+
+    def infill(self, song: Song, start_qn: float, end_qn: float, target_tracks: Sequence[int],
+               options: InfillOptions = InfillOptions(), cancel: Optional[CancelCallback] = None,
+               progress: Optional[ProgressCallback] = None) -> InfillResult:
+        """Candidates for the target tracks' notes in [start_qn, end_qn) of the song."""
+        with self._lock:
+            return self._infill(song, start_qn, end_qn, target_tracks, options, cancel, progress)
+
+    def _infill(self, song, start_qn, end_qn, target_tracks, options, cancel, progress) -> InfillResult:
+        started = time.perf_counter()
+        seed = options.seed if options.seed is not None else secrets.randbits(63)
+        region = self.region(song, start_qn, end_qn, target_tracks)
+        n_blank = max(1, min(region.expected_answer_tokens(), self.bundle.tokenizer.context_tokens
+                             - len(region.prefix_ids) - len(region.suffix_ids)))
+        region_done = time.perf_counter()
+
+        cond = self.conditioning(region, n_blank) if self.bundle.conditioned else None
+        conditioning_done = time.perf_counter()
+
+        rows = AnswerRows(region.target_bins)
+        head_rows = np.ascontiguousarray(self.head[rows.token_ids])
+        prompt = region.ilm_ids()
+        logits, state = self.prefill(prompt, head_rows, cond, cancel)
+        prefill_done = time.perf_counter()
+
+        cap = options.max_answer_tokens or max(MIN_ANSWER_CAP_TOKENS, ANSWER_CAP_FACTOR * n_blank)
+        answers = self._decode(region, rows, head_rows, logits, state, cond, options, seed, cap, cancel, progress)
+        decode_done = time.perf_counter()
+
+        candidates = [Candidate(index, answer_notes(song, region, answer.answer_ids), answer.answer_ids,
+                                answer.n_sampled, round((done_at - prefill_done) * 1000.0, 2))
+                      for index, (answer, done_at) in enumerate(answers)]
+        timings_ms = {name: round(seconds * 1000.0, 2) for name, seconds in (
+            ("region", region_done - started), ("conditioning", conditioning_done - region_done),
+            ("prefill", prefill_done - conditioning_done), ("decode", decode_done - prefill_done),
+            ("total", decode_done - started))}
+        return InfillResult(region.start_qn, region.end_qn, region.target_tracks, seed, candidates,
+                            len(prompt), n_blank, timings_ms)
+
+    def _decode(self, region, rows, head_rows, logits, state, cond, options, seed, cap, cancel, progress):
+        n = options.n_candidates
+        events = fixed_events(region)
+        need_note = requires_note(region)
+        answers = [AnswerState(rows, region.n_steps, events, need_note, cap) for _ in range(n)]
+        rngs = [np.random.default_rng([seed, index]) for index in range(n)]
+        done_at = [0.0] * n
+        active = list(range(n))
+        logits = np.repeat(logits, n, axis=0)
+        state = np.repeat(state, n, axis=2)
+        cond = np.repeat(cond, n, axis=0) if cond is not None else None
+        while active:
+            _check_cancel(cancel)
+            next_tokens = []
+            for slot, index in enumerate(active):
+                answer = answers[index]
+                token_id = answer.forced_token()
+                if token_id is None:
+                    row = sample_row(logits[slot], answer.allowed_rows(), answer.presence, options.sampling,
+                                     rows.note_on_rows, rngs[index])
+                    token_id = answer.sampled_row_token(row)
+                    answer.advance(token_id, row)
+                else:
+                    answer.advance(token_id)
+                next_tokens.append(token_id)
+            keep = [slot for slot, index in enumerate(active) if not answers[index].done]
+            for slot, index in enumerate(active):
+                if answers[index].done:
+                    done_at[index] = time.perf_counter()
+            if progress is not None:
+                progress(float(np.mean([1.0 if a.done else min(1.0, a.clock / max(1, a.n_steps)) for a in answers])))
+            if len(keep) < len(active):
+                state = state[:, :, keep]
+                cond = cond[keep] if cond is not None else None
+                active = [active[slot] for slot in keep]
+                next_tokens = [next_tokens[slot] for slot in keep]
+            if active:
+                logits, state = self.step(np.array(next_tokens), np.ascontiguousarray(state), head_rows, cond)
+        return list(zip(answers, done_at))
+
+
+def _check_cancel(cancel: Optional[CancelCallback]) -> None:
+    if cancel is not None and cancel():
+        raise InfillCancelled("infill cancelled")
