@@ -1,0 +1,109 @@
+"""The daemon's subcommands of `cmi-daemon`: start, stop, status, and `infill --daemon`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import paths
+from .client import DaemonClient, infill_content, load_connection
+from .errors import CMIError
+
+STATUS_TIMEOUT_MS = 3_000
+STOP_TIMEOUT_MS = 10_000
+
+
+def command_start(args) -> int:
+    """Run the daemon: in the foreground (Ctrl-C stops it), or in the background with --detach."""
+    from .service import run_foreground, start_detached
+    from .settings import load_settings
+
+    overrides = {"model": args.model, "port": args.port, "bind_address": args.bind, "queue_size": args.queue_size,
+                 "request_timeout_ms": args.timeout_ms, "device": args.device, "log_level": args.log_level}
+    settings = load_settings(paths.config_file(), overrides)
+    if args.detach:
+        return start_detached(_forwarded_flags(args))
+    from .engine_backend import load_engine_backend
+    return run_foreground(settings, load_engine_backend, console=not args.detached_child)
+
+
+def _forwarded_flags(args) -> list[str]:
+    flags = []
+    for name in ("model", "port", "bind", "queue_size", "timeout_ms", "device", "log_level"):
+        value = getattr(args, name)
+        if value is not None:
+            flags += [f"--{name.replace('_', '-')}", str(Path(value).resolve()) if name == "model" else str(value)]
+    return flags
+
+
+def command_stop(args) -> int:
+    """Ask the running daemon to finish its current request and exit."""
+    from .service import stop
+
+    return stop(args.timeout_ms)
+
+
+def command_status(args) -> int:
+    """Show what the daemon is doing; exit code 2 when no daemon answers."""
+    from .service import format_status
+
+    connection = load_connection()
+    with DaemonClient(connection=connection, timeout_ms=args.timeout_ms) as client:
+        status = client.status()
+    print(format_status(status, connection))
+    return 0
+
+
+def infill_via_daemon(args) -> int:
+    """`cmi-daemon infill --daemon`: the running daemon infills the file instead of this process."""
+    from . import offline
+    from .tokens import Note, read_midi, write_midi
+
+    if args.model:
+        raise CMIError("--model does not apply with --daemon: the daemon uses the model it was started with")
+    song = read_midi(args.file)
+    if args.bars is None or args.output is None:
+        raise CMIError("infill needs --bars and -o OUT.mid (or --list-tracks to see the tracks)")
+    first_bar, last_bar, start_qn, end_qn = offline.parse_bars(args.bars, song)
+    targets = offline.parse_tracks(args.tracks, song)
+    options = {"candidates": args.candidates, "seed": args.seed, "temperature": args.temperature,
+               "top_p": args.top_p, "top_k": args.top_k}
+    content = infill_content(song, start_qn, end_qn, targets, f"{Path(args.file).name}:{start_qn:g}-{end_qn:g}",
+                             {k: v for k, v in options.items() if v is not None})
+    with DaemonClient() as client:
+        reply = client.infill(content)
+    output_paths = offline.candidate_paths(Path(args.output), len(reply["candidates"]))
+    for candidate, path in zip(reply["candidates"], output_paths):
+        notes = {entry["track"]: [Note(*note) for note in entry["notes"]] for entry in candidate["tracks"]}
+        write_midi(offline.song_with_notes(song, start_qn, end_qn, notes), path)
+    print(f"{args.file}: bars {first_bar}-{last_bar} (QN {start_qn:g}-{end_qn:g}) infilled by the daemon "
+          f"({reply['model']}) in {reply['timings_ms']['total']:.0f} ms -> "
+          + ", ".join(str(p) for p in output_paths), file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def add_daemon_commands(commands) -> None:
+    """Register start / stop / status on the `cmi-daemon` subparsers."""
+    start = commands.add_parser("start", help="run the daemon the DAW bridges talk to",
+                                description=command_start.__doc__)
+    start.add_argument("--model", help="model bundle folder (default: the one shipped in the package)")
+    start.add_argument("--port", type=int, help="request port; events use port + 1; 0 picks free ports "
+                       "(default 47110)")
+    start.add_argument("--bind", help="address to listen on (default 127.0.0.1; others need CurveZMQ keys)")
+    start.add_argument("--queue-size", type=int, help="infills that may wait before `busy` (default 8)")
+    start.add_argument("--timeout-ms", type=int, help="default per-infill timeout (default 60000)")
+    start.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="where the model runs")
+    start.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    start.add_argument("--detach", action="store_true", help="run in the background, logging to the log file")
+    start.add_argument("--detached-child", action="store_true", help=argparse.SUPPRESS)
+    start.set_defaults(run=command_start)
+
+    stop = commands.add_parser("stop", help="stop the running daemon", description=command_stop.__doc__)
+    stop.add_argument("--timeout-ms", type=int, default=STOP_TIMEOUT_MS, help="how long to wait for its reply")
+    stop.set_defaults(run=command_stop)
+
+    status = commands.add_parser("status", help="show the running daemon's state (exit code 2 if none)",
+                                 description=command_status.__doc__)
+    status.add_argument("--timeout-ms", type=int, default=STATUS_TIMEOUT_MS, help="how long to wait for its reply")
+    status.set_defaults(run=command_status)

@@ -1,0 +1,122 @@
+"""Where the daemon keeps its files (appdirs, or everything under $CMI_HOME) and the connection file.
+
+Imports appdirs only when a default folder is needed, so a client given an explicit connection
+file needs nothing beyond pyzmq and msgpack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from .errors import CMIError
+from .files import write_bytes_atomic
+
+APP_NAME = "cmi"
+HOME_ENV = "CMI_HOME"
+CONNECTION_FILE_NAME = "connection.json"
+LOCK_FILE_NAME = "daemon.lock"
+CONFIG_FILE_NAME = "config.toml"
+LOG_FILE_NAME = "daemon.log"
+CONNECTION_FILE_MODE = 0o600
+
+
+def _home() -> Optional[Path]:
+    home = os.environ.get(HOME_ENV)
+    return Path(home) if home else None
+
+
+def config_dir() -> Path:
+    home = _home()
+    if home is not None:
+        return home / "config"
+    import appdirs
+    return Path(appdirs.user_config_dir(APP_NAME))
+
+
+def state_dir() -> Path:
+    """Runtime files: the connection file and the lock."""
+    home = _home()
+    if home is not None:
+        return home / "state"
+    import appdirs
+    return Path(appdirs.user_state_dir(APP_NAME))
+
+
+def log_dir() -> Path:
+    home = _home()
+    if home is not None:
+        return home / "logs"
+    import appdirs
+    return Path(appdirs.user_log_dir(APP_NAME))
+
+
+def data_dir() -> Path:
+    """User data the daemon keeps across runs (profiles, DIL state)."""
+    home = _home()
+    if home is not None:
+        return home / "data"
+    import appdirs
+    return Path(appdirs.user_data_dir(APP_NAME))
+
+
+def connection_file() -> Path:
+    return state_dir() / CONNECTION_FILE_NAME
+
+
+def lock_file() -> Path:
+    return state_dir() / LOCK_FILE_NAME
+
+
+def config_file() -> Path:
+    return config_dir() / CONFIG_FILE_NAME
+
+
+def log_file() -> Path:
+    return log_dir() / LOG_FILE_NAME
+
+
+def write_connection_file(path: Path, info: dict) -> None:
+    """Atomically, readable by the owner only: it holds the signing key."""
+    write_bytes_atomic(path, json.dumps(info, indent=2).encode("utf-8"), mode=CONNECTION_FILE_MODE)
+
+
+def read_connection_file(path: Path) -> dict:
+    try:
+        info = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as error:
+        raise CMIError(f"{path}: unreadable connection file ({error}); "
+                       "stop the daemon with `cmi-daemon stop` or delete the file") from None
+    required = ("pid", "request_endpoint", "event_endpoint", "key", "protocol")
+    if not isinstance(info, dict) or any(key not in info for key in required):
+        raise CMIError(f"{path}: connection file lacks one of {', '.join(required)}; delete it and "
+                       "start the daemon again")
+    return info
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id is running (it may belong to another user). Zombies count
+    as dead; on Windows, where signal 0 would end the process, every positive id counts as alive."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":
+        return True
+    status = Path(f"/proc/{pid}/status")
+    if status.exists():
+        try:
+            return "\nState:\tZ" not in status.read_text()
+        except OSError:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
