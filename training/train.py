@@ -95,8 +95,8 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(model="tiny", ctx_len=256, batch_size=8, max_steps=1000, warmup_steps=20, eval_interval=100,
                  dev_examples=32, lr={"jepa": 1e-3, "generator": 2e-3}),
     # The shipped default: trained on a 2-core CPU in about two hours for all three runs.
-    "small": dict(model="small", ctx_len=512, batch_size=8, max_steps=100_000, warmup_steps=30,
-                  eval_interval=100, dev_examples=64, lr={"jepa": 5e-4, "generator": 1e-3}),
+    "small": dict(model="small", ctx_len=1024, batch_size=4, max_steps=100_000, warmup_steps=30,
+                  eval_interval=100, dev_examples=48, lr={"jepa": 5e-4, "generator": 1e-3}),
     # The paper: RWKV-4 560M, 4096-token sequences, batch 4 per GPU on 4 GPUs, lr 1e-6.
     "paper": dict(model="paper", ctx_len=4096, batch_size=4, max_steps=1_000_000, warmup_steps=1000,
                   eval_interval=2000, dev_examples=256, log_interval=50, lr={"jepa": 1e-4, "generator": 1e-6}),
@@ -413,8 +413,9 @@ def main(argv=None) -> None:
             indices = micro_batch_indices(examples_seen, micro_step, rank, world_size, config.batch_size)
             batch = train_data.batch(indices).to(device)
             sync = micro_step == config.grad_accum - 1 or not distributed
-            with (nullcontext() if sync else trained.no_sync()), autocast:
-                loss = batch_loss(stage, trained, batch, frozen_jepa) / config.grad_accum
+            with nullcontext() if sync else trained.no_sync():
+                with autocast:
+                    loss = batch_loss(stage, trained, batch, frozen_jepa) / config.grad_accum
                 loss.backward()
             loss_sum[0] += loss.detach()
             loss_sum[1] += (batch.valid if stage == "jepa" else batch.input_ids != PAD_ID).sum()
