@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from . import __version__, vocab
+from .daemon_commands import add_daemon_commands, infill_via_daemon
 from .errors import CMIError
 from .tokens import read_midi, tokenize, write_midi
 
@@ -42,6 +43,8 @@ def command_tokens(args) -> int:
 
 def command_infill(args) -> int:
     """Infill bars of a MIDI file with the model, in this process (no daemon needed)."""
+    if args.daemon:
+        return infill_via_daemon(args)
     from . import offline
     from .engine import Engine, InfillOptions
     from .sampling import SamplingOptions
@@ -123,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     infill.add_argument("--model", help="model bundle folder (default: the one shipped in the package)")
     infill.add_argument("--json", action="store_true", help="print the new notes as JSON on stdout")
     infill.add_argument("--list-tracks", action="store_true", help="print the numbered tracks and exit")
+    infill.add_argument("--daemon", action="store_true",
+                        help="ask the running daemon (`cmi-daemon start`) instead of loading the model here")
     infill.set_defaults(run=command_infill)
 
     bench = commands.add_parser("bench", help="measure the model's speed and memory on this machine",
@@ -132,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: the repository's POP909 test fixtures)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the fastest counts")
     bench.set_defaults(run=command_bench)
+
+    add_daemon_commands(commands)
     return parser
 
 

@@ -1,0 +1,65 @@
+"""The adapter that plugs the inference engine (cmi_daemon.engine) into the server's InfillBackend."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import engine as engine_module
+from .engine import Engine, InfillOptions
+from .sampling import SamplingOptions
+from .schema import InfillRequest
+from .server import InfillCancelled, InfillResult, ProgressCallback
+
+_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+class EngineBackend:
+    """Runs validated requests through one Engine; engine errors keep their meaning on the wire."""
+
+    def __init__(self, model_dir: Path, device: str = "auto"):
+        providers = _PROVIDERS.get(device) or engine_module.execution_providers()
+        self.engine = Engine(model_dir, providers=providers)
+        self.model_dir = Path(model_dir)
+
+    def describe(self) -> dict:
+        bundle = self.engine.bundle
+        generator = bundle.model_config.generator
+        return {
+            "name": self.model_dir.name,
+            "path": str(self.model_dir),
+            "device": "cuda" if self.engine.providers[0].startswith("CUDA") else "cpu",
+            "conditioned": bool(bundle.conditioned),
+            "context_tokens": int(bundle.tokenizer.context_tokens),
+            "layers": int(generator.n_layer),
+            "width": int(generator.n_embd),
+            "created": str(bundle.manifest.get("created", "")),
+        }
+
+    def infill(self, request: InfillRequest, progress: ProgressCallback,
+               should_stop: Callable[[], bool]) -> InfillResult:
+        options = request.options
+        defaults = SamplingOptions()
+        sampling = SamplingOptions(
+            temperature=defaults.temperature if options.temperature is None else options.temperature,
+            top_p=defaults.top_p if options.top_p is None else options.top_p,
+            top_k=defaults.top_k if options.top_k is None else options.top_k)
+        engine_options = InfillOptions(n_candidates=options.candidates, seed=options.seed, sampling=sampling)
+        started_s = time.perf_counter()
+        try:
+            result = self.engine.infill(request.song, request.start_qn, request.end_qn, request.target_tracks,
+                                        engine_options, cancel=should_stop,
+                                        progress=lambda fraction: progress(fraction, "decode"))
+        except engine_module.InfillCancelled as error:
+            raise InfillCancelled(str(error)) from None
+        timings_ms = dict(result.timings_ms)
+        timings_ms["infill"] = round((time.perf_counter() - started_s) * 1000.0, 3)
+        return InfillResult([candidate.notes for candidate in result.candidates], timings_ms)
+
+
+def load_engine_backend(model_dir: Path, device: str) -> EngineBackend:
+    return EngineBackend(model_dir, device)
