@@ -5,7 +5,8 @@ waits and every note token of the target tracks' bins. Per candidate, `AnswerSta
 answer as it grows and says what is allowed next:
 - waits never pass the blank's end, nor the next note of another track inside the range
   (`Region.fixed_notes`: those are forced in at their steps, with their note-offs);
-- a note-on only for a key that is silent; a note-off only for a key the answer opened;
+- a note-on only for a key that is silent; a note-off only for a key the answer opened at an
+  earlier step (no zero-length notes);
 - `<ans>` never sampled: when the clock reaches the blank's end, the open notes are closed
   and `<ans>` follows, all forced;
 - where the context is dense (the target bins play at least MIN_EXPECTED_NOTES notes per blank
@@ -116,7 +117,8 @@ class AnswerState:
         self.answer_ids: list[int] = []
         self.n_sampled = 0
         self.n_notes = 0
-        self.open_keys: set[tuple[int, int]] = set()
+        self.open_keys: dict[tuple[int, int], int] = {}
+        """Keys the answer holds -> the step each was opened at."""
         self.fixed_keys: set[tuple[int, int]] = set()
         self.forced: deque[tuple[int, bool]] = deque()
         """(token id, is another track's event) still to emit."""
@@ -133,7 +135,8 @@ class AnswerState:
         return min(next_event, self.n_steps)
 
     def _close_open_notes(self) -> None:
-        for instrument_bin, pitch in sorted(self.open_keys):
+        """Queue note-offs for the keys opened before now (a key opened now must wait a step)."""
+        for instrument_bin, pitch in sorted(k for k, step in self.open_keys.items() if step < self.clock):
             self.forced.append((vocab.note_id(instrument_bin, pitch, 0), False))
 
     def forced_token(self) -> Optional[int]:
@@ -150,7 +153,7 @@ class AnswerState:
             self.forced.append((vocab.ANS_ID, False))
         if not self.forced and self.finishing:
             self._close_open_notes()
-            if not self.forced:
+            if not self.forced:  # nothing closable now: move on (through fixed events) to the end
                 gap = self._wait_limit_step() - self.clock
                 self.forced.append((vocab.wait_id(min(gap, vocab.MAX_WAIT_STEPS_PER_TOKEN)), False))
         if not self.forced:
@@ -160,6 +163,9 @@ class AnswerState:
     def allowed_rows(self) -> np.ndarray:
         """Bool mask over the rows of what may be sampled now."""
         allowed = self.note_allowed.copy()
+        for key, open_step in self.open_keys.items():
+            if open_step < self.clock:
+                allowed[self.rows.key_rows(*key)] = True
         limit = self._wait_limit_step()
         if self.need_note and self.n_notes == 0:
             limit = min(limit, self.n_steps - 1)
@@ -171,12 +177,10 @@ class AnswerState:
     def sampled_row_token(self, row: int) -> int:
         return int(self.rows.token_ids[row])
 
-    def _set_key(self, key: tuple[int, int], sounding: bool, by_answer: bool) -> None:
+    def _set_key(self, key: tuple[int, int], sounding: bool) -> None:
         base = self.rows.key_rows(*key)
-        if base is None:
-            return
-        self.note_allowed[base + 1:base + vocab.N_VELOCITY_BINS] = not sounding
-        self.note_allowed[base] = sounding and by_answer
+        if base is not None:
+            self.note_allowed[base + 1:base + vocab.N_VELOCITY_BINS] = not sounding
 
     def advance(self, token_id: int, sampled_row: Optional[int] = None) -> None:
         """Append a token (forced, or sampled from `sampled_row`) and update the constraints."""
@@ -195,13 +199,16 @@ class AnswerState:
         else:
             instrument_bin, pitch, velocity_bin = vocab.note_fields(token_id)
             key = (instrument_bin, pitch)
-            keys = self.fixed_keys if is_fixed else self.open_keys
-            if velocity_bin:
-                keys.add(key)
-                self.n_notes += not is_fixed
+            if is_fixed and velocity_bin:
+                self.fixed_keys.add(key)
+            elif is_fixed:
+                self.fixed_keys.discard(key)
+            elif velocity_bin:
+                self.open_keys[key] = self.clock
+                self.n_notes += 1
             else:
-                keys.discard(key)
-            self._set_key(key, key in self.open_keys or key in self.fixed_keys, key in self.open_keys)
+                self.open_keys.pop(key, None)
+            self._set_key(key, key in self.open_keys or key in self.fixed_keys)
 
 
 def sample_row(logits: np.ndarray, allowed: np.ndarray, presence: np.ndarray, options: SamplingOptions,

@@ -16,6 +16,7 @@ Graph inputs and outputs (B is dynamic everywhere; N, Nc, Nt are dynamic token c
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,6 +70,13 @@ class PredictorGraph(nn.Module):
 
 
 def _export(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_axes) -> None:
+    """Trace to ONNX; the tracer's warnings about shapes are expected (the chunk length is fixed)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trace(module, args, path, input_names, output_names, dynamic_axes)
+
+
+def _trace(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_axes) -> None:
     torch.onnx.export(module.eval(), args, str(path), dynamo=False, input_names=list(input_names),
                       output_names=list(output_names), dynamic_axes=dynamic_axes, opset_version=ONNX_OPSET)
 

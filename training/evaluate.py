@@ -49,18 +49,15 @@ NLL_METRICS = ("bits_per_token", "bits_per_note")
 
 
 def load_model_system(model_path: Path, name: str) -> InfillSystem:
-    """Where a trained model becomes an evaluated system.
+    """Where a trained model (a bundle folder from `python -m export`) becomes an evaluated system;
+    it has a `logprob_fn` (metrics.LogprobFn), so it gets the NLL columns."""
+    from cmi_daemon.errors import CMIError
+    from training.model_system import evaluation_system
 
-    The engine provides `cmi_daemon.engine.evaluation_system(model_path, name) -> InfillSystem`;
-    a system that also has `logprob_fn` (metrics.LogprobFn) gets the NLL columns.
-    """
     try:
-        from cmi_daemon.engine import evaluation_system
-    except ImportError as error:
-        raise SystemExit(f"--model/--ablation {model_path}: this checkout has no model system yet "
-                         "(cmi_daemon.engine.evaluation_system); evaluate without --model for the "
-                         f"ground truth and baselines ({error})") from error
-    return evaluation_system(model_path, name)
+        return evaluation_system(model_path, name)
+    except CMIError as error:
+        raise SystemExit(f"--model/--ablation {model_path}: no model system can be loaded from it ({error})") from error
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,155 @@
+"""Model bundles: ONNX graphs agree with the torch model on real tokens; broken bundles are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from cmi_daemon.bundle import (BUNDLE_FORMAT, MANIFEST_NAME, PREDICTOR_GRAPH, STEP_GRAPH, BundleError, load_bundle,
+                               load_torch_models)
+from cmi_daemon.engine import Engine, blank_positions
+from cmi_daemon.model.config import preset
+from cmi_daemon.model.jepa import JEPA
+from cmi_daemon.model.rwkv import RWKVGenerator
+from cmi_daemon.tokens import read_midi
+from conftest import POP909_FIXTURES
+from export.__main__ import main as export_main
+from tiny_bundle import randomized, tiny_bundle_dir
+
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    return Engine(tiny_bundle_dir(tmp_path_factory))
+
+
+@pytest.fixture(scope="module")
+def region(engine):
+    song = read_midi(POP909_FIXTURES[0])
+    start_qn, end_qn = song.meter.bar_range_qn(9, 12)
+    return engine.region(song, start_qn, end_qn, [0, 1])
+
+
+def test_bundle_manifest_describes_the_model(engine):
+    manifest = engine.bundle.manifest
+    assert manifest["format"] == BUNDLE_FORMAT and manifest["vocab_id"] == "rwkv4-midi-20096+ilm3"
+    assert manifest["model_config"] == preset("tiny").to_dict()
+    assert manifest["tokenizer"]["wait_step_ms"] == 8.0 and manifest["training"]["note"] == "random weights for tests"
+    assert sorted(manifest["files"]) == sorted(p.name for p in engine.bundle.path.iterdir() if p.name != MANIFEST_NAME)
+
+
+def test_step_graph_agrees_with_torch_on_real_tokens(engine, region):
+    generator, _ = load_torch_models(engine.bundle)
+    prompt = region.ilm_ids()[:48]
+    cond = torch.randn(2, generator.config.cond_in_dim, generator=torch.Generator().manual_seed(0))
+    torch_state, onnx_state = generator.empty_state(2), engine.empty_state(2)
+    with torch.no_grad():
+        for token_id in prompt:
+            tokens = torch.tensor([token_id, prompt[0]])
+            torch_logits, torch_state = generator.step(tokens, torch_state, cond)
+            onnx_logits, onnx_state = engine.step(tokens.numpy(), onnx_state, engine.head, cond.numpy())
+            assert np.abs(onnx_logits - torch_logits.numpy()).max() <= TOLERANCE
+    assert np.allclose(onnx_state, torch_state.numpy(), rtol=TOLERANCE, atol=TOLERANCE)
+
+
+def test_prefill_agrees_with_torch_and_with_stepping(engine, region):
+    generator, _ = load_torch_models(engine.bundle)
+    prompt = region.ilm_ids()
+    prompt = prompt[:3 * engine.chunk_tokens + 5]  # whole chunks and a remainder
+    cond = np.random.default_rng(1).standard_normal((1, generator.config.cond_in_dim)).astype(np.float32)
+    logits, state = engine.prefill(prompt, engine.head, cond)
+    with torch.no_grad():
+        torch_logits, torch_state = generator(torch.tensor([prompt]), cond=torch.from_numpy(cond))
+    assert np.abs(logits[0] - torch_logits[0, -1].numpy()).max() <= TOLERANCE
+    assert np.allclose(state, torch_state.numpy(), rtol=TOLERANCE, atol=TOLERANCE)
+    step_state = engine.empty_state(1)
+    for token_id in prompt:
+        step_logits, step_state = engine.step(np.array([token_id]), step_state, engine.head, cond)
+    assert np.abs(step_logits - logits).max() <= TOLERANCE
+    assert np.allclose(step_state, state, rtol=TOLERANCE, atol=TOLERANCE)
+
+
+def test_encoder_and_predictor_graphs_agree_with_torch(engine, region):
+    _, jepa = load_torch_models(engine.bundle)
+    n_blank = region.expected_answer_tokens()
+    context_ids, context_positions, _ = blank_positions(region, n_blank)
+    valid = np.ones((1, len(context_ids)), dtype=bool)
+    (representations,) = engine.encoder_session.run(None, {"token_ids": context_ids[None],
+                                                           "positions": context_positions[None], "valid": valid})
+    with torch.no_grad():
+        torch_representations = jepa.context_encoder(torch.from_numpy(context_ids[None]),
+                                                     torch.from_numpy(context_positions[None]), torch.from_numpy(valid))
+        token_ids = torch.tensor([region.prefix_ids + [300] * n_blank + region.suffix_ids])
+        target_mask = torch.zeros_like(token_ids, dtype=torch.bool)
+        target_mask[0, len(region.prefix_ids):len(region.prefix_ids) + n_blank] = True
+        torch_cond = jepa.conditioning(token_ids, ~target_mask, target_mask)
+    assert np.abs(representations - torch_representations.numpy()).max() <= TOLERANCE
+    assert np.abs(engine.conditioning(region, n_blank) - torch_cond.numpy()).max() <= TOLERANCE
+
+
+@pytest.fixture
+def bundle_copy(tmp_path, tmp_path_factory):
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_dir(tmp_path_factory), copy)
+    return copy
+
+
+def test_a_changed_file_is_refused_by_its_hash(bundle_copy):
+    path = bundle_copy / STEP_GRAPH
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=f"{STEP_GRAPH} does not match its sha256"):
+        load_bundle(bundle_copy)
+
+
+def test_a_missing_file_is_refused(bundle_copy):
+    (bundle_copy / PREDICTOR_GRAPH).unlink()
+    with pytest.raises(BundleError, match=f"missing file {PREDICTOR_GRAPH}"):
+        load_bundle(bundle_copy)
+    shutil.rmtree(bundle_copy)
+    with pytest.raises(BundleError, match="no such folder"):
+        Engine(bundle_copy)
+
+
+def test_an_unknown_format_version_is_refused(bundle_copy):
+    manifest_path = bundle_copy / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    manifest["format"] = "cmi-bundle-99"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=f"{MANIFEST_NAME} has format version 'cmi-bundle-99'"):
+        load_bundle(bundle_copy)
+
+
+def test_training_checkpoints_export_with_their_jepa_and_data_summary(tmp_path, capsys):
+    config = preset("tiny")
+    jepa = randomized(JEPA(config.encoder, config.predictor), 3)
+    torch.save({"format": "cmi-train-1", "stage": "jepa", "model_config": config.to_dict(),
+                "model": jepa.state_dict(), "step": 10}, tmp_path / "best.pt")
+    generator = randomized(RWKVGenerator(config.generator), 4)
+    torch.save({"format": "cmi-train-1", "stage": "generator", "model_config": config.to_dict(),
+                "train_config": {"jepa_dir": str(tmp_path)}, "model": generator.state_dict(), "step": 20,
+                "best_dev": 3.5}, tmp_path / "generator.pt")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text(json.dumps({"vocab_id": "x", "sources": [{"name": "pop909"}], "seed": 1}))
+    assert export_main([str(tmp_path / "generator.pt"), "--out", str(tmp_path / "bundle"), "--shards", str(shards)]) == 0
+    training = load_bundle(tmp_path / "bundle").training
+    assert training["step"] == 20 and training["jepa"]["step"] == 10
+    assert training["data"]["sources"] == [{"name": "pop909"}]
+    assert export_main([str(tmp_path / "best.pt"), "--out", str(tmp_path / "other")]) == 2
+    assert "stage-1" in capsys.readouterr().err
+
+
+def test_an_unconditioned_model_exports_and_infills_without_jepa_files(tmp_path_factory):
+    engine = Engine(tiny_bundle_dir(tmp_path_factory, conditioned=False))
+    assert engine.encoder_session is None and not (engine.bundle.path / PREDICTOR_GRAPH).exists()
+    song = read_midi(POP909_FIXTURES[1])
+    start_qn, end_qn = song.meter.bar_range_qn(5, 6)
+    result = engine.infill(song, start_qn, end_qn, [0])
+    assert result.candidates[0].answer_ids[-1] == 20098

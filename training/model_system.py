@@ -1,0 +1,60 @@
+"""The trained model as an evaluated infilling system: the daemon's engine for the infills, and
+the bundle's torch generator for teacher-forced log-probabilities (the NLL columns).
+
+    python -m training.evaluate --data DIR --out DIR --model BUNDLE_DIR
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from cmi_daemon import vocab
+from cmi_daemon.bundle import load_torch_models
+from cmi_daemon.engine import Engine, InfillOptions
+from cmi_daemon.tokens import Note, Song
+from training.baselines import Blank
+
+
+class ModelSystem:
+    """InfillSystem backed by a model bundle; `logprob_fn` follows metrics.LogprobFn."""
+
+    def __init__(self, bundle_dir: Path, name: str, options: InfillOptions = InfillOptions()):
+        self.name = name
+        self.engine = Engine(bundle_dir)
+        self.options = options
+        self.generator, self.jepa = load_torch_models(self.engine.bundle)
+
+    def infill(self, song: Song, blank: Blank, target_tracks: Sequence[int],
+               rng: np.random.Generator) -> dict[int, list[Note]]:
+        seed = int(rng.integers(0, 2 ** 63 - 1))
+        options = InfillOptions(n_candidates=1, seed=seed, sampling=self.options.sampling,
+                                max_answer_tokens=self.options.max_answer_tokens)
+        result = self.engine.infill(song, blank.start_qn, blank.end_qn, target_tracks, options)
+        return result.candidates[0].notes
+
+    def conditioning(self, ilm_ids: Sequence[int]):
+        """The JEPA conditioning vector (1, E) of an ILM sequence: its answer is the blank."""
+        mask_at, sep_at = ilm_ids.index(vocab.MASK_ID), ilm_ids.index(vocab.SEP_ID)
+        prefix, suffix = ilm_ids[:mask_at], ilm_ids[mask_at + 1:sep_at]
+        blank = [t for t in ilm_ids[sep_at + 1:] if t != vocab.ANS_ID] or [vocab.PAD_ID]
+        token_ids = torch.tensor([prefix + blank + suffix])
+        target_mask = torch.zeros_like(token_ids, dtype=torch.bool)
+        target_mask[0, len(prefix):len(prefix) + len(blank)] = True
+        return self.jepa.conditioning(token_ids, ~target_mask, target_mask)
+
+    @torch.no_grad()
+    def logprob_fn(self, ilm_ids: Sequence[int], answer_start: int) -> list[float]:
+        ilm_ids = [int(t) for t in ilm_ids]
+        cond = self.conditioning(ilm_ids) if self.jepa is not None else None
+        logits, _ = self.generator(torch.tensor([ilm_ids[:-1]]), cond=cond)
+        log_probabilities = torch.log_softmax(logits[0].double(), dim=-1)
+        targets = torch.tensor(ilm_ids[answer_start:])
+        return log_probabilities[torch.arange(answer_start - 1, len(ilm_ids) - 1), targets].tolist()
+
+
+def evaluation_system(bundle_dir: Path, name: str) -> ModelSystem:
+    return ModelSystem(bundle_dir, name)
