@@ -19,6 +19,8 @@ from .errors import CMIError
 
 DEFAULT_TIMEOUT_MS = 10_000
 INFILL_TIMEOUT_MARGIN_MS = 5_000
+LIVENESS_CHECK_MS = 250
+"""While waiting for a reply, check this often that the daemon's process still exists."""
 START_HINT = "start it with `cmi-daemon start` (or `cmi-daemon start --detach` to run it in the background)"
 
 
@@ -99,10 +101,13 @@ class DaemonClient:
         deadline_s = time.monotonic() + timeout_ms / 1000.0
         while True:
             remaining_ms = int(1000 * (deadline_s - time.monotonic()))
-            if remaining_ms <= 0 or not self._socket.poll(remaining_ms):
+            if remaining_ms <= 0:
                 self._check_alive()
                 raise DaemonTimeout(f"no reply from the CMI daemon within {timeout_ms} ms "
                                     f"(request {request_id}); `cmi-daemon status` shows what it is doing")
+            if not self._socket.poll(min(remaining_ms, LIVENESS_CHECK_MS)):
+                self._check_alive()
+                continue
             reply = self._read_reply()
             if reply is None:
                 continue

@@ -487,6 +487,7 @@ class Daemon:
         job = Job(identity, envelope.request_id, request, tuple(warnings), now_s, now_s + timeout_ms / 1000.0)
         self.waiting.append(job)
         self._progress(job, 0.0, "queued")
+        self._dispatch()
         return None
 
     def _in_flight(self, identity: list[bytes], request_id: str) -> bool:

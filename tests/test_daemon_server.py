@@ -1,0 +1,242 @@
+"""The daemon's socket loop on loopback: replies, queue, busy, timeouts, cancel, signals, events, bad frames.
+
+Mechanics use a deterministic stand-in backend (StandInBackend) so timings are controlled; the
+real engine runs end to end in test_daemon_engine_infill_end_to_end and in the fuzz, load and
+fault tests.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from cmi_daemon import protocol
+from cmi_daemon.client import DaemonClient, DaemonError, read_event, subscribe
+from cmi_daemon.engine_backend import EngineBackend
+from cmi_daemon.errors import CMIError
+from cmi_daemon.server import Daemon
+from cmi_daemon.settings import Settings
+from daemon_support import StandInBackend, check_infill_reply, infill_request, threaded_daemon, tiny_bundle_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    return tiny_bundle_dir(tmp_path_factory)
+
+
+def _client(daemon, timeout_ms=10_000) -> DaemonClient:
+    return DaemonClient(connection=daemon.connection_info(), timeout_ms=timeout_ms)
+
+
+def test_daemon_engine_infill_end_to_end(tiny_bundle):
+    with threaded_daemon(EngineBackend(tiny_bundle, "cpu")) as daemon, _client(daemon) as client:
+        hello = client.hello()
+        assert hello["protocol"] == protocol.PROTOCOL_VERSION and "infill" in hello["capabilities"]
+        assert hello["model"]["name"] == "tiny" and hello["limits"]["max_candidates"] == 8
+        request = infill_request(candidates=3)
+        reply = client.infill(request)
+        check_infill_reply(reply, request)
+        assert set(reply["timings_ms"]) >= {"queue", "infill", "total"}
+        assert client.infill(request)["candidates"] == reply["candidates"], "same seed, same notes"
+        status = client.status()
+        assert status["requests_served"] == 2 and status["state"] == "idle"
+        assert status["profiles"][0]["repeated"] == 1, "the second infill of a session is a repeat"
+
+
+def test_status_answers_at_once_while_an_infill_runs():
+    backend = StandInBackend(delay_s=2.0)
+    with threaded_daemon(backend) as daemon, _client(daemon) as client:
+        request_id = client.send("infill", infill_request())
+        assert backend.started.wait(5)
+        started_s = time.monotonic()
+        status = client.status()
+        assert time.monotonic() - started_s < 0.5
+        assert status["state"] == "busy" and status["running"] == request_id
+        reply = client.receive(request_id)
+        assert reply["ok"] and reply["type"] == "infill_reply"
+
+
+def test_full_queue_answers_busy_and_queued_infills_are_served_in_order():
+    backend = StandInBackend(delay_s=0.3)
+    with threaded_daemon(backend, queue_size=2) as daemon, _client(daemon) as client:
+        ids = [client.send("infill", infill_request(session=f"s{i}")) for i in range(5)]
+        replies = [client.receive(i) for i in ids]
+        codes = [r["error"]["code"] if not r["ok"] else "ok" for r in replies]
+        assert codes == ["ok", "ok", "ok", "busy", "busy"]
+        assert [r["content"]["session"] for r in replies[:3]] == ["s0", "s1", "s2"]
+
+
+def test_timeout_and_cancel():
+    backend = StandInBackend(delay_s=5.0)
+    with threaded_daemon(backend, queue_size=4) as daemon, _client(daemon) as client:
+        with pytest.raises(DaemonError) as caught:
+            client.infill(dict(infill_request(), timeout_ms=300))
+        assert caught.value.code == "timeout"
+        running = client.send("infill", infill_request(session="a"))
+        queued = client.send("infill", infill_request(session="b"))
+        time.sleep(0.3)
+        assert client.cancel(queued) == {"request": queued, "state": "queued"}
+        assert client.cancel(running) == {"request": running, "state": "running"}
+        for request_id in (running, queued):
+            assert client.receive(request_id)["error"]["code"] == "cancelled"
+        with pytest.raises(DaemonError) as caught:
+            client.cancel("no-such-request")
+        assert caught.value.code == "not_found" and caught.value.field == "content.request"
+        assert client.status()["requests_failed"] == 3
+
+
+def test_engine_fault_is_internal_and_the_daemon_keeps_serving():
+    backend = StandInBackend(fail=True)
+    with threaded_daemon(backend) as daemon, _client(daemon) as client:
+        with pytest.raises(DaemonError) as caught:
+            client.infill(infill_request())
+        assert caught.value.code == "internal"
+        backend.fail = False
+        check_infill_reply(client.infill(infill_request()), infill_request())
+
+
+class RecordingSink:
+    def __init__(self):
+        self.signals = []
+        self.resets = []
+
+    def on_signal(self, signal):
+        self.signals.append(signal)
+
+    def reset_profile(self, profile):
+        self.resets.append(profile)
+
+
+def test_feedback_and_repeats_reach_the_signal_hook_and_the_profiles(tmp_path):
+    sink = RecordingSink()
+    daemon = Daemon(StandInBackend(), Settings(port=0), sink=sink, profiles_path=tmp_path / "profiles.json")
+    thread = threading.Thread(target=daemon.serve)
+    thread.start()
+    try:
+        with _client(daemon) as client:
+            events = subscribe(daemon.connection_info(), ["dil."])
+            time.sleep(0.3)
+            with pytest.raises(DaemonError) as caught:
+                client.feedback("never-infilled", "accept")
+            assert caught.value.code == "not_found"
+            client.infill(infill_request(session="take:8-12", profile="ana"))
+            client.infill(infill_request(session="take:8-12", profile="ana"))
+            assert client.feedback("take:8-12", "accept") == {"session": "take:8-12", "verdict": "accept",
+                                                              "profile": "ana"}
+            assert [(s.kind, s.profile, s.session) for s in sink.signals] == [
+                ("repeat", "ana", "take:8-12"), ("accept", "ana", "take:8-12")]
+            assert sink.signals[1].candidate[0][0].pitch == 60
+            assert events.poll(2000)
+            topic, event = read_event(events, daemon.key)
+            assert topic == "dil.ana" and event["content"]["signal"] == "repeat"
+            events.close()
+            profiles = client.profiles()["profiles"]
+            assert profiles == [{"name": "ana", "accepted": 1, "rejected": 0, "repeated": 1,
+                                 "last_signal_at": profiles[0]["last_signal_at"]}]
+            assert client.profiles(reset="ana") == {"profiles": [], "reset": "ana"}
+            assert sink.resets == ["ana"]
+            with pytest.raises(DaemonError) as caught:
+                client.profiles(reset="ana")
+            assert caught.value.code == "not_found"
+    finally:
+        daemon.request_stop()
+        thread.join(10)
+
+
+def test_progress_events_are_published_and_signed():
+    with threaded_daemon(StandInBackend(delay_s=0.2)) as daemon, _client(daemon) as client:
+        events = subscribe(daemon.connection_info(), ["progress."])
+        time.sleep(0.3)
+        request_id = client.send("infill", infill_request())
+        client.receive(request_id)
+        stages = []
+        while events.poll(500):
+            topic, event = read_event(events, daemon.key)
+            assert topic == f"progress.{request_id}" and event["type"] == "progress"
+            stages.append(event["content"]["stage"])
+        events.close()
+        assert stages[0] == "queued" and "decode" in stages and stages[-1] == "done"
+
+
+def _raw_socket(daemon):
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(daemon.request_endpoint)
+    return socket
+
+
+def _raw_reply(socket, key, timeout_ms=3000):
+    assert socket.poll(timeout_ms), "no reply"
+    signature, body = socket.recv_multipart()
+    assert protocol.signature_matches(key, body, signature)
+    return msgpack.unpackb(body)
+
+
+def test_untrusted_messages_get_error_replies_without_id():
+    with threaded_daemon(StandInBackend(), limits=protocol.Limits(max_message_bytes=10_000)) as daemon:
+        socket = _raw_socket(daemon)
+        body = protocol.pack(protocol.request_envelope("r1", "status", {}))
+        cases = [
+            ([b"only one frame"], "bad_message"),
+            ([b"a", b"b", b"c"], "bad_message"),
+            ([b"0" * 64, body], "bad_signature"),
+            ([protocol.sign("f" * 64, body), body], "bad_signature"),
+            ([protocol.sign(daemon.key, body[:-2]), body[:-2]], "bad_message"),
+            ([b"x" * 64, b"y" * 20_000], "too_large"),
+        ]
+        for frames, code in cases:
+            socket.send_multipart(frames)
+            reply = _raw_reply(socket, daemon.key)
+            assert (reply["ok"], reply["id"], reply["error"]["code"]) == (False, None, code)
+        wrong_version = protocol.pack({"protocol": "2.0", "id": "r2", "type": "status", "content": {}})
+        socket.send_multipart([protocol.sign(daemon.key, wrong_version), wrong_version])
+        reply = _raw_reply(socket, daemon.key)
+        assert (reply["id"], reply["error"]["code"]) == ("r2", "unsupported_version")
+        assert "1.0" in reply["error"]["message"]
+        socket.close()
+
+
+def test_req_sockets_work_too():
+    with threaded_daemon(StandInBackend()) as daemon:
+        socket = zmq.Context.instance().socket(zmq.REQ)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(daemon.request_endpoint)
+        socket.send_multipart(protocol.signed_frames(daemon.key, protocol.request_envelope("q", "status", {})))
+        reply = _raw_reply(socket, daemon.key)
+        assert reply["id"] == "q" and reply["ok"] and reply["content"]["state"] == "idle"
+        socket.close()
+
+
+def test_shutdown_cancels_queued_infills_and_refuses_new_ones():
+    backend = StandInBackend(delay_s=1.0)
+    with threaded_daemon(backend, shutdown_grace_ms=3000) as daemon, _client(daemon) as client:
+        running = client.send("infill", infill_request(session="a"))
+        queued = client.send("infill", infill_request(session="b"))
+        assert backend.started.wait(5)
+        assert client.shutdown() == {"stopping": True}
+        assert client.receive(queued)["error"]["code"] == "cancelled"
+        assert client.receive(running)["ok"], "the running infill finishes within the grace period"
+
+
+def test_binding_off_loopback_needs_curve():
+    with pytest.raises(CMIError, match="only loopback"):
+        Daemon(StandInBackend(), Settings(port=0, bind_address="0.0.0.0"))
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CurveZMQ")
+def test_curve_daemon_serves_curve_clients():
+    public_key, secret_key = zmq.curve_keypair()
+    daemon = Daemon(StandInBackend(), Settings(port=0), curve_secret_key=secret_key)
+    assert daemon.connection_info()["curve_server_key"] == public_key.decode()
+    thread = threading.Thread(target=daemon.serve)
+    thread.start()
+    try:
+        with _client(daemon) as client:
+            assert client.status()["state"] == "idle"
+    finally:
+        daemon.request_stop()
+        thread.join(10)
