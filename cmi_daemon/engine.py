@@ -30,7 +30,7 @@ from .bundle import (CONTEXT_ENCODER_GRAPH, GENERATOR_WEIGHTS, PREDICTOR_GRAPH, 
                      load_bundle)
 from .errors import CMIError
 from .regions import Region, answer_notes, build_region
-from .sampling import AnswerRows, AnswerState, SamplingOptions, fixed_events, requires_note, sample_row
+from .sampling import AnswerRows, AnswerState, SamplingOptions, fixed_events, held_keys, requires_note, sample_row
 from .tokens import Note, Song
 
 MIN_ANSWER_CAP_TOKENS = 64
@@ -268,7 +268,9 @@ class Engine:
         prefill_done = time.perf_counter()
 
         cap = options.max_answer_tokens or max(MIN_ANSWER_CAP_TOKENS, ANSWER_CAP_FACTOR * n_blank)
-        answers = self._decode(region, rows, head_rows, logits, state, cond, options, seed, cap, cancel, progress)
+        held = held_keys(song, region)
+        answers = self._decode(region, rows, head_rows, logits, state, cond, options, seed, cap, held, cancel,
+                               progress)
         decode_done = time.perf_counter()
 
         candidates = [Candidate(index, answer_notes(song, region, answer.answer_ids), answer.answer_ids,
@@ -281,11 +283,11 @@ class Engine:
         return InfillResult(region.start_qn, region.end_qn, region.target_tracks, seed, candidates,
                             len(prompt), n_blank, timings_ms)
 
-    def _decode(self, region, rows, head_rows, logits, state, cond, options, seed, cap, cancel, progress):
+    def _decode(self, region, rows, head_rows, logits, state, cond, options, seed, cap, held, cancel, progress):
         n = options.n_candidates
         events = fixed_events(region)
         need_note = requires_note(region)
-        answers = [AnswerState(rows, region.n_steps, events, need_note, cap) for _ in range(n)]
+        answers = [AnswerState(rows, region.n_steps, events, need_note, cap, held) for _ in range(n)]
         rngs = [np.random.default_rng([seed, index]) for index in range(n)]
         done_at = [0.0] * n
         active = list(range(n))

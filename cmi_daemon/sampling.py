@@ -5,7 +5,8 @@ waits and every note token of the target tracks' bins. Per candidate, `AnswerSta
 answer as it grows and says what is allowed next:
 - waits never pass the blank's end, nor the next note of another track inside the range
   (`Region.fixed_notes`: those are forced in at their steps, with their note-offs);
-- a note-on only for a key that is silent; a note-off only for a key the answer opened at an
+- a note-on only for a key that is silent, counting the target tracks' notes that start before
+  the range and sound into it (a new note would cut them short in a MIDI channel); a note-off only for a key the answer opened at an
   earlier step (no zero-length notes);
 - `<ans>` never sampled: when the clock reaches the blank's end, the open notes are closed
   and `<ans>` follows, all forced;
@@ -24,7 +25,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import vocab
-from .regions import Region
+from .regions import Region, track_bin
+from .tokens import Song, ms_to_step
 
 MIN_EXPECTED_NOTES = 1.0
 """A context whose target-bin note rate predicts at least this many notes in the blank forbids an empty answer."""
@@ -92,6 +94,21 @@ def fixed_events(region: Region) -> list[tuple[int, int]]:
     return events
 
 
+def held_keys(song: Song, region: Region) -> dict[tuple[int, int], int]:
+    """(bin, pitch) of the target tracks' notes that start before the range and sound into it ->
+    the step (relative to the range start) they end at, at most the range's length."""
+    held: dict[tuple[int, int], int] = {}
+    for track_index in region.target_tracks:
+        instrument_bin = track_bin(song, track_index)
+        for note in song.tracks[track_index].notes:
+            end_qn = note.start_qn + note.duration_qn
+            if note.start_qn < region.start_qn < end_qn:
+                end_step = int(ms_to_step(song.tempo_map.ms_at(end_qn))) - region.start_step
+                key = (instrument_bin, note.pitch)
+                held[key] = max(held.get(key, 0), min(end_step, region.n_steps))
+    return held
+
+
 def requires_note(region: Region) -> bool:
     """Whether the context's target-bin note rate predicts at least MIN_EXPECTED_NOTES in the blank."""
     context = region.prefix_ids + region.suffix_ids
@@ -107,7 +124,7 @@ class AnswerState:
     """One candidate's answer so far, and what may follow it."""
 
     def __init__(self, rows: AnswerRows, n_steps: int, events: Sequence[tuple[int, int]], need_note: bool,
-                 max_sampled_tokens: int):
+                 max_sampled_tokens: int, held: Optional[dict[tuple[int, int], int]] = None):
         self.rows = rows
         self.n_steps = n_steps
         self.events = deque(events)
@@ -124,6 +141,8 @@ class AnswerState:
         """(token id, is another track's event) still to emit."""
         self.note_allowed = rows.note_on_rows.copy()
         self.presence = np.zeros(len(rows), dtype=np.float64)
+        self.held = {key: step for key, step in (held or {}).items() if rows.key_rows(*key) is not None}
+        """Keys still sounding from before the range -> the step they stop at."""
         self.done = False
 
     @property
@@ -163,6 +182,10 @@ class AnswerState:
     def allowed_rows(self) -> np.ndarray:
         """Bool mask over the rows of what may be sampled now."""
         allowed = self.note_allowed.copy()
+        for key, until_step in self.held.items():
+            if self.clock < until_step:
+                base = self.rows.key_rows(*key)
+                allowed[base + 1:base + vocab.N_VELOCITY_BINS] = False
         for key, open_step in self.open_keys.items():
             if open_step < self.clock:
                 allowed[self.rows.key_rows(*key)] = True
