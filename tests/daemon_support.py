@@ -62,7 +62,7 @@ def infill_request(session: str = "take-1:8-12", start_qn: float = 8.0, end_qn: 
 def check_infill_reply(reply: dict, request: dict) -> None:
     start_qn, end_qn = request["range"]
     assert reply["session"] == request["session"]
-    assert len(reply["candidates"]) == request["options"].get("candidates", 1)
+    assert len(reply["candidates"]) == ((request.get("options") or {}).get("candidates") or 1)
     for candidate in reply["candidates"]:
         assert [entry["track"] for entry in candidate["tracks"]] == request["targets"]
         for entry in candidate["tracks"]:
