@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -56,7 +55,12 @@ def fastest_s(function: Callable[[], object], repeats: int) -> float:
 
 
 def peak_rss_mb() -> float:
-    """Resident-memory high-water mark of this process (ru_maxrss is KB on Linux, bytes on macOS)."""
+    """Resident-memory high-water mark of this process (ru_maxrss is KB on Linux, bytes on macOS);
+    NaN on Windows, which has no `resource` module."""
+    try:
+        import resource
+    except ImportError:
+        return float("nan")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 

@@ -23,7 +23,7 @@ from cmi_daemon.device import choose_device
 from cmi_daemon.model.config import preset
 from cmi_daemon.model.rwkv import RWKVGenerator
 from cmi_daemon.vocab import FIRST_NOTE_ID, PUBLIC_VOCAB_SIZE
-from training.benchutil import cpu_model, timed
+from cmi_daemon.bench import cpu_model, fastest_s
 
 
 def perturb_(model, seed: int = 0):
@@ -46,13 +46,13 @@ def bench_training(config, batch_size: int, ctx_len: int, repeats: int, device) 
         model.zero_grad(set_to_none=True)
         loss.backward()
 
-    return batch_size * ctx_len / timed(forward_backward, repeats)
+    return batch_size * ctx_len / fastest_s(forward_backward, repeats)
 
 
 def bench_prefill(model, n_tokens: int, device) -> float:
     token_ids = torch.randint(FIRST_NOTE_ID, PUBLIC_VOCAB_SIZE, (1, n_tokens), device=device)
     with torch.inference_mode():
-        return n_tokens / timed(lambda: model(token_ids), 3)
+        return n_tokens / fastest_s(lambda: model(token_ids), 3)
 
 
 def bench_decode(model, batch_size: int, n_tokens: int, device) -> float:
@@ -64,7 +64,7 @@ def bench_decode(model, batch_size: int, n_tokens: int, device) -> float:
             _, state = model.step(token_ids[t], state)
 
     with torch.inference_mode():
-        return batch_size * n_tokens / timed(decode, 3)
+        return batch_size * n_tokens / fastest_s(decode, 3)
 
 
 def bench_rwkv_package(model, n_tokens: int) -> tuple[float, float]:
@@ -86,7 +86,7 @@ def bench_rwkv_package(model, n_tokens: int) -> tuple[float, float]:
             logits, state = peer.forward([token], state)
         return logits
 
-    seconds = timed(decode, 3)
+    seconds = fastest_s(decode, 3)
     with torch.inference_mode():
         state = model.empty_state(1, torch.device("cpu"))
         for token in token_ids:

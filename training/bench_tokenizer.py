@@ -16,7 +16,7 @@ from pathlib import Path
 import mido
 
 from cmi_daemon.tokens import decode_ids, read_midi, tokenize
-from training.benchutil import cpu_model, timed
+from cmi_daemon.bench import cpu_model, fastest_s
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pop909" / "dev"
 
@@ -31,12 +31,12 @@ def main(argv=None) -> None:
         raise SystemExit(f"no .mid files under {args.data}")
     contents = [f.read_bytes() for f in files]
 
-    mido_s = timed(lambda: [mido.MidiFile(file=io.BytesIO(c)) for c in contents], args.repeats)
-    read_s = timed(lambda: [read_midi(c) for c in contents], args.repeats)
+    mido_s = fastest_s(lambda: [mido.MidiFile(file=io.BytesIO(c)) for c in contents], args.repeats)
+    read_s = fastest_s(lambda: [read_midi(c) for c in contents], args.repeats)
     songs = [read_midi(c) for c in contents]
-    encode_s = timed(lambda: [tokenize(s) for s in songs], args.repeats)
+    encode_s = fastest_s(lambda: [tokenize(s) for s in songs], args.repeats)
     encodings = [tokenize(s) for s in songs]
-    decode_s = timed(lambda: [decode_ids(e.ids) for e in encodings], args.repeats)
+    decode_s = fastest_s(lambda: [decode_ids(e.ids) for e in encodings], args.repeats)
     n_notes = sum(len(e.notes) for e in encodings)
     n_tokens = sum(len(e.ids) for e in encodings)
 
