@@ -126,7 +126,8 @@ class DaemonClient:
     def _check_alive(self) -> None:
         pid = int(self.connection.get("pid", 0))
         if pid and not paths.pid_alive(pid):
-            raise DaemonNotRunning(f"the CMI daemon (process {pid}) has stopped; {START_HINT}")
+            raise DaemonNotRunning(f"the CMI daemon is not running: its process {pid} ended before it replied; "
+                                   f"{START_HINT}")
 
     def request(self, message_type: str, content: Optional[dict] = None,
                 timeout_ms: Optional[int] = None) -> dict:
