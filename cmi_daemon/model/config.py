@@ -77,11 +77,12 @@ PRESETS: dict[str, ModelConfig] = {
         generator=GeneratorConfig(n_layer=64, n_embd=800, ctx_len=4096, cond_in_dim=512, cond_dim=32),
         encoder=EncoderConfig(n_layer=6, n_embd=512, n_head=8, max_len=8192),
         predictor=PredictorConfig(n_layer=3, n_embd=256, n_head=4)),
-    # Fast CPU decoding and a CPU training run of a couple of hours.
+    # The shipped default: fast CPU decoding, a CPU training run of a couple of hours, and
+    # weights (generator, context and target encoders, predictor) under 40 MB stored as fp16.
     "small": ModelConfig(
-        generator=GeneratorConfig(n_layer=6, n_embd=256, ctx_len=1024, cond_in_dim=256, cond_dim=32),
-        encoder=EncoderConfig(n_layer=4, n_embd=256, n_head=4, max_len=4096),
-        predictor=PredictorConfig(n_layer=2, n_embd=128, n_head=4)),
+        generator=GeneratorConfig(n_layer=6, n_embd=192, ctx_len=1024, cond_in_dim=128, cond_dim=32),
+        encoder=EncoderConfig(n_layer=3, n_embd=128, n_head=4, max_len=4096),
+        predictor=PredictorConfig(n_layer=2, n_embd=96, n_head=4)),
     # Tests only.
     "tiny": ModelConfig(
         generator=GeneratorConfig(n_layer=2, n_embd=64, ctx_len=256, cond_in_dim=64, cond_dim=8),
