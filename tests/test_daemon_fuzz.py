@@ -65,7 +65,9 @@ def _signed(info, body: bytes) -> list[bytes]:
     return [protocol.sign(info["key"], body), body]
 
 
-scalars = (st.none() | st.booleans() | st.integers(-2 ** 63, 2 ** 64 - 1) | st.floats(allow_nan=True)
+# No subnormal floats: the engine's CPU path flushes denormals process-wide.
+scalars = (st.none() | st.booleans() | st.integers(-2 ** 63, 2 ** 64 - 1)
+           | st.floats(allow_nan=True, allow_subnormal=False)
            | st.text(max_size=20) | st.binary(max_size=20))
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=5)
                       | st.dictionaries(st.text(max_size=8) | st.integers(-2 ** 63, 2 ** 63), inner, max_size=5),

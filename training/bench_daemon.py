@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from cmi_daemon.client import DaemonClient, DaemonError, load_connection
-from training.benchutil import cpu_model
+from cmi_daemon.bench import cpu_model
 
 BUSY_RETRY_PAUSE_S = 0.02
 INFILL_TIMEOUT_MS = 120_000
