@@ -38,6 +38,8 @@ SESSION_MEMORY = 256
 OVERSIZE_DROP_FACTOR = 4
 CLOSE_LINGER_MS = 500
 WORKER_EXIT_WAIT_S = 2.0
+PROGRESS_INTERVAL_S = 0.1
+"""At most one progress event per request in this interval: engines may report every decode step."""
 
 ProgressCallback = Callable[[float, str], None]
 """progress(fraction 0..1, stage name), called by a backend from the worker thread."""
@@ -164,7 +166,6 @@ class Worker(threading.Thread):
         self.wake_endpoint = wake_endpoint
         self.inbox: queue.Queue = queue.Queue(maxsize=1)
         self.outbox: queue.Queue = queue.Queue()
-        self._wake_lock = threading.Lock()
         self._wake: Optional[zmq.Socket] = None
 
     def run(self) -> None:
@@ -181,8 +182,13 @@ class Worker(threading.Thread):
             self._wake.close()
 
     def _run_job(self, job: Job) -> Any:
+        last_posted_s = [0.0]
+
         def progress(fraction: float, stage: str) -> None:
-            self._post(("progress", job, (float(fraction), str(stage))))
+            now_s = time.monotonic()
+            if now_s - last_posted_s[0] >= PROGRESS_INTERVAL_S:
+                last_posted_s[0] = now_s
+                self._post(("progress", job, (float(fraction), str(stage))))
         try:
             return self.backend.infill(job.request, progress, job.stop.is_set)
         except InfillCancelled as error:
@@ -193,8 +199,10 @@ class Worker(threading.Thread):
 
     def _post(self, item: tuple) -> None:
         self.outbox.put(item)
-        with self._wake_lock:
+        try:
             self._wake.send(b"", zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the loop has wake-ups pending already and drains the whole outbox on each
 
 
 class Daemon:

@@ -84,6 +84,14 @@ def test_one_daemon_per_user_and_the_commands(tmp_path, tiny_bundle):
                       "requests served: 0", "profiles: none"):
             assert words in status.stdout
 
+        song = REPO / "tests" / "fixtures" / "midi" / "pop909" / "235" / "235.mid"
+        output = tmp_path / "out.mid"
+        infill = _cli(tmp_path, "infill", str(song), "--daemon", "--bars", "9-10", "--candidates", "2",
+                      "-o", str(output))
+        assert infill.returncode == 0, infill.stderr
+        assert "infilled by the daemon (tiny)" in infill.stdout
+        assert output.stat().st_size > 0 and (tmp_path / "out-2.mid").stat().st_size > 0
+
         stop = _cli(tmp_path, "stop")
         assert stop.returncode == 0 and f"(PID {process.pid}) stopped" in stop.stdout
         assert process.wait(10) == 0
