@@ -28,6 +28,7 @@ from .errors import CMIError
 from .files import write_bytes_atomic
 from .protocol import Limits, ProtocolError
 from .schema import InfillRequest
+from .settings import Settings
 from .tokens import Note
 
 log = logging.getLogger("cmi_daemon.server")
@@ -208,7 +209,7 @@ class Worker(threading.Thread):
 class Daemon:
     """The server: binds the sockets, runs the socket loop until shutdown, answers every message."""
 
-    def __init__(self, backend: InfillBackend, settings, key: Optional[str] = None,
+    def __init__(self, backend: InfillBackend, settings: Settings, key: Optional[str] = None,
                  sink: Optional[SignalSink] = None, profiles_path: Optional[Path] = None,
                  curve_secret_key: Optional[bytes] = None):
         self.settings = settings
@@ -221,7 +222,11 @@ class Daemon:
         self.started_s = time.time()
         self.context = zmq.Context()
         self.curve_public_key: Optional[str] = None
-        self.router, self.publisher = self._bind_sockets(curve_secret_key)
+        try:
+            self.router, self.publisher = self._bind_sockets(curve_secret_key)
+        except CMIError:
+            self.context.term()
+            raise
         self.wake = self.context.socket(zmq.PULL)
         wake_endpoint = f"inproc://cmi-worker-wake-{id(self)}"
         self.wake.bind(wake_endpoint)

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cmi_daemon import protocol
+from cmi_daemon.client import load_connection
 from daemon_support import (check_infill_reply, client_for, connection_path, infill_request, start_daemon_process,
                             tiny_bundle_dir)
 
@@ -31,7 +32,7 @@ def fuzz_settings(max_examples: int) -> settings:
 def live_daemon(tmp_path_factory):
     home = tmp_path_factory.mktemp("fuzz-home")
     process = start_daemon_process(home, tiny_bundle_dir(tmp_path_factory), "--queue-size", "4")
-    info = msgpack.unpackb(msgpack.packb(__import__("json").loads(connection_path(home).read_text())))
+    info = load_connection(connection_path(home))
     socket = zmq.Context.instance().socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.connect(info["request_endpoint"])
