@@ -1,10 +1,9 @@
 // The Node client against a live daemon: `python -m cmi_daemon.cli start` with a temporary CMI_HOME
-// and a tiny random model bundle (the real engine). Python is $CMI_PYTHON, else `python`.
+// and a tiny random model bundle (the real engine), started by test-support/daemon.js.
 "use strict";
 
 const { describe, it, before, after } = require("node:test");
 const assert = require("node:assert/strict");
-const { spawn, spawnSync } = require("node:child_process");
 const fs = require("node:fs");
 const os = require("node:os");
 const path = require("node:path");
@@ -13,41 +12,7 @@ const { encode, decode } = require("@msgpack/msgpack");
 const {
   CmiClient, CmiEvents, DaemonError, DaemonNotRunning, DaemonTimeout, defaultConnectionFile, loadConnection, sign,
 } = require("../cmi-client.js");
-
-const REPO = path.resolve(__dirname, "..", "..", "..");
-const PYTHON = process.env.CMI_PYTHON || "python";
-const START_TIMEOUT_MS = 60000;
-
-function pythonEnv(home) {
-  const env = { ...process.env, CMI_HOME: home, PYTHONPATH: REPO };
-  delete env.XDG_STATE_HOME;
-  return env;
-}
-
-function makeTinyBundle(dir) {
-  const script = "import sys; from pathlib import Path; sys.path.insert(0, 'tests'); "
-    + "from daemon_support import write_tiny_bundle; write_tiny_bundle(Path(sys.argv[1]))";
-  const result = spawnSync(PYTHON, ["-c", script, dir], { cwd: REPO, encoding: "utf8", env: pythonEnv(dir) });
-  assert.equal(result.status, 0, result.stderr);
-}
-
-async function startDaemon(home, modelDir) {
-  const daemon = spawn(PYTHON, ["-m", "cmi_daemon.cli", "start", "--model", modelDir, "--port", "0"],
-    { cwd: REPO, env: pythonEnv(home), stdio: ["ignore", "ignore", "pipe"] });
-  let output = "";
-  daemon.stderr.on("data", (chunk) => { output += chunk; });
-  const connectionFile = path.join(home, "state", "connection.json");
-  const deadline = Date.now() + START_TIMEOUT_MS;
-  while (Date.now() < deadline) {
-    if (daemon.exitCode !== null) throw new Error(`the daemon exited: ${output}`);
-    if (fs.existsSync(connectionFile) && JSON.parse(fs.readFileSync(connectionFile, "utf8")).pid === daemon.pid) {
-      return { daemon, connectionFile };
-    }
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
-  daemon.kill("SIGKILL");
-  throw new Error(`the daemon did not start: ${output}`);
-}
+const { makeTinyBundle, startDaemon } = require("../test-support/daemon.js");
 
 function infillContent(session = "live-set:clip-1:8-12", options = {}) {
   const melody = Array.from({ length: 16 }, (_, qn) => [qn, 0.5, 60 + ((qn * 5) % 12), 90]);
