@@ -95,6 +95,43 @@ def command_bench(args) -> int:
     return 0
 
 
+def command_install_ableton(args) -> int:
+    """Copy the CMI Max for Live device into Live's User Library (or remove it with --uninstall)."""
+    from . import install_ableton
+
+    user_library = Path(args.path).expanduser() if args.path else install_ableton.default_user_library()
+    if args.uninstall:
+        target = install_ableton.uninstall(user_library)
+        print(f"removed the CMI device from {target}" if target else
+              f"the CMI device is not installed in {user_library}")
+        return 0
+    source = Path(args.source) if args.source else install_ableton.default_source()
+    target = install_ableton.install(user_library, source, run_npm=not args.no_npm)
+    print(install_ableton.usage(target))
+    if args.no_npm:
+        print(f"Before first use, run `npm ci --omit=dev` in {target} (the device's Node modules).")
+    return 0
+
+
+def add_install_commands(commands) -> None:
+    """`cmi-daemon install TARGET`: put a DAW bridge where its DAW finds it, one subcommand per DAW."""
+    install = commands.add_parser("install", help="install a DAW bridge (ableton, ...)",
+                                  description=add_install_commands.__doc__)
+    targets = install.add_subparsers(dest="target", metavar="TARGET")
+    targets.required = True
+
+    ableton = targets.add_parser("ableton", help="the Max for Live device, into Live's User Library",
+                                 description=command_install_ableton.__doc__)
+    ableton.add_argument("--path", metavar="USER_LIBRARY",
+                         help="Live's User Library (default: ~/Music/Ableton/User Library on macOS, "
+                              "%%USERPROFILE%%\\Documents\\Ableton\\User Library on Windows; required elsewhere)")
+    ableton.add_argument("--uninstall", action="store_true", help="remove the device instead")
+    ableton.add_argument("--source", metavar="DIR", help="the device's files (default: bridges/ableton of this checkout)")
+    ableton.add_argument("--no-npm", action="store_true",
+                         help="copy the files only, without running `npm ci --omit=dev` in the device folder")
+    ableton.set_defaults(run=command_install_ableton)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cmi-daemon",
@@ -139,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=command_bench)
 
     add_daemon_commands(commands)
+    add_install_commands(commands)
     return parser
 
 
