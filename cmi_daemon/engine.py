@@ -1,6 +1,7 @@
 """Inference: a model bundle run with ONNX Runtime turns an infill request into candidate answers.
 
-One request: region (regions.build_region) -> context encoder + predictor -> conditioning
+One request: region (regions.build_region) -> context encoder + predictor (the base model's, or
+a DIL profile's adapted weights, see install_profile_weights) -> conditioning
 vector (its blank has region.expected_answer_tokens() positions) -> prefill of
 `prefix <mask> suffix <sep>` in fixed-length chunks carrying the state -> N candidates decoded
 as one batch (one graph call per step for all of them) under the constraints of `sampling`.
@@ -28,6 +29,7 @@ from safetensors import safe_open
 from . import vocab
 from .bundle import (CONTEXT_ENCODER_GRAPH, GENERATOR_WEIGHTS, PREDICTOR_GRAPH, PREFILL_GRAPH, STEP_GRAPH, Bundle,
                      load_bundle)
+from .dil.graph_weights import float_initializers
 from .errors import CMIError
 from .regions import Region, answer_notes, build_region
 from .sampling import AnswerRows, AnswerState, SamplingOptions, fixed_events, held_keys, requires_note, sample_row
@@ -164,6 +166,8 @@ class Engine:
         options = session_options(self.intra_op_threads)
 
         def session(name: str) -> ort.InferenceSession:
+            # From the path, not bytes: the graphs' weights are external data in the bundle's safetensors,
+            # found relative to the graph file; the fp16 -> fp32 Casts are folded at session creation.
             return ort.InferenceSession(str(self.bundle.file(name)), options, providers=self.providers)
 
         self.step_session = session(STEP_GRAPH)
@@ -171,9 +175,48 @@ class Engine:
         self.encoder_session = session(CONTEXT_ENCODER_GRAPH) if self.bundle.conditioned else None
         self.predictor_session = session(PREDICTOR_GRAPH) if self.bundle.conditioned else None
         with safe_open(str(self.bundle.file(GENERATOR_WEIGHTS)), framework="numpy") as weights:
-            self.head = np.ascontiguousarray(weights.get_tensor("head.weight"), dtype=np.float32)
+            self.head = np.ascontiguousarray(weights.get_tensor("head.weight"), dtype=np.float32)  # stored fp16
         self.chunk_tokens = self.bundle.tokenizer.prefill_chunk_tokens
         self._lock = threading.Lock()
+        self.idle = threading.Event()
+        """Set while no infill runs: background work (DIL) waits for it between steps."""
+        self.idle.set()
+        self._profile_sessions: dict[str, tuple] = {}
+        """Profile -> (encoder session, predictor session, the OrtValues they read) of adapted weights."""
+
+    # -----------------------------------------------------------------------------------------
+    # DIL profiles: the same graphs with some initializers replaced
+
+    def jepa_initializers(self) -> dict[str, dict[str, np.dtype]]:
+        """Graph file -> overridable initializer name -> its numpy dtype, for the encoder and predictor."""
+        if not self.bundle.conditioned:
+            return {}
+        return {graph: float_initializers(self.bundle.file(graph)) for graph in (CONTEXT_ENCODER_GRAPH, PREDICTOR_GRAPH)}
+
+    def install_profile_weights(self, profile: str, weights: Optional[dict[str, dict[str, np.ndarray]]]) -> None:
+        """Serve the profile's next infills with these initializer values (graph file -> name -> array),
+        or with the base model's when weights is None. Sessions are built here, on the caller's thread,
+        and swapped in whole: an infill uses either the old pair or the new one. They run without
+        graph optimisations: with them, ONNX Runtime 1.31 folds the Cast of an fp16 weight stored as
+        external data before applying add_initializer, and the replacement is silently lost."""
+        if weights is None:
+            self._profile_sessions.pop(profile, None)
+            return
+        built = []
+        values = []
+        for graph in (CONTEXT_ENCODER_GRAPH, PREDICTOR_GRAPH):
+            options = session_options(self.intra_op_threads)
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            for name, array in weights.get(graph, {}).items():
+                value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+                options.add_initializer(name, value)
+                values.append(value)
+            built.append(ort.InferenceSession(str(self.bundle.file(graph)), options, providers=self.providers))
+        self._profile_sessions[profile] = (built[0], built[1], values)
+
+    def _jepa_sessions(self, profile: Optional[str]) -> tuple:
+        adapted = self._profile_sessions.get(profile) if profile is not None else None
+        return adapted[:2] if adapted is not None else (self.encoder_session, self.predictor_session)
 
     # -----------------------------------------------------------------------------------------
     # graph calls
@@ -216,16 +259,18 @@ class Engine:
             logits, state = self.step(token_id[None], state, head_rows, cond)
         return logits, state
 
-    def conditioning(self, region: Region, n_blank: int) -> np.ndarray:
-        """The generator's conditioning vector (1, E): the predictor's mean over n_blank blank positions."""
+    def conditioning(self, region: Region, n_blank: int, profile: Optional[str] = None) -> np.ndarray:
+        """The generator's conditioning vector (1, E): the predictor's mean over n_blank blank positions,
+        with the profile's adapted encoder and predictor when it has any."""
+        encoder_session, predictor_session = self._jepa_sessions(profile)
         context_ids, context_positions, target_positions = blank_positions(region, n_blank)
         context_valid = np.ones(len(context_ids), dtype=bool)
         if len(context_ids) == 0:  # nothing around the blank: one invalid slot keeps the shapes non-empty
             context_ids, context_positions = np.full(1, vocab.PAD_ID, np.int64), np.zeros(1, np.int64)
             context_valid = np.zeros(1, dtype=bool)
-        (representations,) = self.encoder_session.run(None, {
+        (representations,) = encoder_session.run(None, {
             "token_ids": context_ids[None], "positions": context_positions[None], "valid": context_valid[None]})
-        (cond,) = self.predictor_session.run(None, {
+        (cond,) = predictor_session.run(None, {
             "context_repr": representations, "context_positions": context_positions[None],
             "context_valid": context_valid[None], "target_positions": target_positions[None],
             "target_valid": np.ones((1, len(target_positions)), dtype=bool)})
@@ -245,12 +290,17 @@ class Engine:
 
     def infill(self, song: Song, start_qn: float, end_qn: float, target_tracks: Sequence[int],
                options: InfillOptions = InfillOptions(), cancel: Optional[CancelCallback] = None,
-               progress: Optional[ProgressCallback] = None) -> InfillResult:
-        """Candidates for the target tracks' notes in [start_qn, end_qn) of the song."""
+               progress: Optional[ProgressCallback] = None, profile: Optional[str] = None) -> InfillResult:
+        """Candidates for the target tracks' notes in [start_qn, end_qn) of the song (conditioned by the
+        DIL profile's adapted weights when given and installed)."""
         with self._lock:
-            return self._infill(song, start_qn, end_qn, target_tracks, options, cancel, progress)
+            self.idle.clear()
+            try:
+                return self._infill(song, start_qn, end_qn, target_tracks, options, cancel, progress, profile)
+            finally:
+                self.idle.set()
 
-    def _infill(self, song, start_qn, end_qn, target_tracks, options, cancel, progress) -> InfillResult:
+    def _infill(self, song, start_qn, end_qn, target_tracks, options, cancel, progress, profile) -> InfillResult:
         started = time.perf_counter()
         seed = options.seed if options.seed is not None else secrets.randbits(63)
         region = self.region(song, start_qn, end_qn, target_tracks)
@@ -258,7 +308,7 @@ class Engine:
                              - len(region.prefix_ids) - len(region.suffix_ids)))
         region_done = time.perf_counter()
 
-        cond = self.conditioning(region, n_blank) if self.bundle.conditioned else None
+        cond = self.conditioning(region, n_blank, profile) if self.bundle.conditioned else None
         conditioning_done = time.perf_counter()
 
         rows = AnswerRows(region.target_bins)

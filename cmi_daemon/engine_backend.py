@@ -1,12 +1,14 @@
-"""The adapter that plugs the inference engine (cmi_daemon.engine) into the server's InfillBackend."""
+"""The adapter that plugs the inference engine (cmi_daemon.engine) into the server's InfillBackend,
+and the DIL learner (cmi_daemon.dil) into its SignalSink when given a folder for the profiles."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from . import engine as engine_module
+from . import paths
 from .engine import Engine, InfillOptions
 from .sampling import SamplingOptions
 from .schema import InfillRequest
@@ -21,10 +23,15 @@ _PROVIDERS = {
 class EngineBackend:
     """Runs validated requests through one Engine; engine errors keep their meaning on the wire."""
 
-    def __init__(self, model_dir: Path, device: str = "auto"):
+    def __init__(self, model_dir: Path, device: str = "auto", dil_dir: Optional[Path] = None):
         providers = _PROVIDERS.get(device) or engine_module.execution_providers()
         self.engine = Engine(model_dir, providers=providers)
         self.model_dir = Path(model_dir)
+        self.signal_sink = None
+        """The DIL learner (the server's SignalSink) when dil_dir is given and the model is conditioned."""
+        if dil_dir is not None and self.engine.bundle.conditioned:
+            from .dil.learner import Learner
+            self.signal_sink = Learner(self.engine, Path(dil_dir))
 
     def describe(self) -> dict:
         bundle = self.engine.bundle
@@ -53,7 +60,8 @@ class EngineBackend:
         try:
             result = self.engine.infill(request.song, request.start_qn, request.end_qn, request.target_tracks,
                                         engine_options, cancel=should_stop,
-                                        progress=lambda fraction: progress(fraction, "decode"))
+                                        progress=lambda fraction: progress(fraction, "decode"),
+                                        profile=options.profile)
         except engine_module.InfillCancelled as error:
             raise InfillCancelled(str(error)) from None
         timings_ms = dict(result.timings_ms)
@@ -62,4 +70,5 @@ class EngineBackend:
 
 
 def load_engine_backend(model_dir: Path, device: str) -> EngineBackend:
-    return EngineBackend(model_dir, device)
+    """The daemon's backend: the engine, learning per profile under the user data folder."""
+    return EngineBackend(model_dir, device, dil_dir=paths.data_dir() / "dil")

@@ -216,7 +216,7 @@ class Daemon:
         self.limits: Limits = settings.limits
         self.backend = backend
         self.model_info = dict(backend.describe())
-        self.sink: SignalSink = sink if sink is not None else NoLearning()
+        self.sink: SignalSink = sink or getattr(backend, "signal_sink", None) or NoLearning()
         self.profiles = ProfileBook(profiles_path)
         self.key = key or protocol.new_key()
         self.started_s = time.time()
@@ -343,6 +343,9 @@ class Daemon:
     def _close(self) -> None:
         self.worker.inbox.put(None)
         self.worker.join(timeout=WORKER_EXIT_WAIT_S)
+        close_sink = getattr(self.sink, "close", None)
+        if close_sink is not None:
+            close_sink()
         self.router.close(CLOSE_LINGER_MS)
         self.publisher.close(0)
         self.wake.close(0)

@@ -1,0 +1,236 @@
+"""The daemon's DIL: a SignalSink whose work runs on one low-priority background thread.
+
+Signals -> steps:
+- `repeat` (the same session infilled again) and `reject`: the content the daemon returned last
+  time was not wanted: iteration-wise steps with that content in the range (the unsatisfied
+  span) and a random neutral span of the same length in the context;
+- `accept`: the current candidate is wanted: sample-wise steps with the accepted version as the
+  positive and the session's first version (what the daemon returned first) as the negative;
+  an accept of the first version itself has nothing to contrast and makes no step.
+After the steps of one signal the profile is saved (store.ProfileStore) and its adapted
+encoder and predictor weights are installed in the engine, which uses them from the profile's
+next infill on. The thread waits while an infill runs (engine.idle), runs torch with one
+thread at the lowest CPU priority the platform gives a thread, and never touches the sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from ..bundle import JEPA_WEIGHTS
+from ..device import choose_device
+from ..model.jepa import JEPA
+from .adapter import TRAINED_MODULES, DILSettings, ProfileModel, graph_weight_key
+from .examples import Piece, neutral_span, piece, song_with_content
+from .store import ProfileStore
+
+log = logging.getLogger("cmi_daemon.dil")
+
+QUEUE_SIZE = 64
+"""Signals waiting for the learner; when full, the newest signal is dropped (and logged)."""
+SESSION_MEMORY = 256
+"""Sessions whose first version the learner remembers, for a later accept."""
+LOWEST_NICE = 19
+
+
+def base_jepa(engine) -> JEPA:
+    """The bundle's JEPA in fp32 (weights stored as fp16 are upcast), frozen, on the CPU."""
+    bundle = engine.bundle
+    jepa = JEPA(bundle.model_config.encoder, bundle.model_config.predictor)
+    weights = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(bundle.file(JEPA_WEIGHTS)).items()}
+    jepa.load_state_dict(weights)
+    return jepa.eval().requires_grad_(False)
+
+
+def lower_thread_priority() -> None:
+    """Lowest scheduling priority for the calling thread (Linux: per-thread nice 19)."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOWEST_NICE)
+        except OSError as error:
+            log.info("could not lower the DIL thread's priority (%s)", error)
+
+
+def signal_content(signal) -> dict:
+    """A signal's candidate as plain notes per target track."""
+    return {int(track): [tuple(note) for note in notes] for track, notes in signal.candidate.items()}
+
+
+class Learner:
+    """SignalSink of the daemon: queues signals, learns from them on its thread, serves the engine."""
+
+    def __init__(self, engine, root: Path, settings: DILSettings = DILSettings(),
+                 device: Optional[torch.device] = None, seed: Optional[int] = None):
+        self.engine = engine
+        self.settings = settings
+        self.device = device
+        self.store = ProfileStore(root, engine.bundle.manifest["files"][JEPA_WEIGHTS])
+        self.window_tokens = engine.bundle.tokenizer.context_tokens
+        self.initializers = engine.jepa_initializers()
+        self.rng = np.random.default_rng(seed)
+        self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
+        self.ready = threading.Event()
+        """Set once the saved profiles are installed in the engine."""
+        self.models: dict[str, ProfileModel] = {}
+        self.first_versions: OrderedDict[str, tuple[str, dict]] = OrderedDict()
+        self._base: Optional[JEPA] = None
+        self._thread = threading.Thread(target=self._run, name="cmi-dil", daemon=True)
+        self._thread.start()
+
+    # ----- SignalSink (socket loop) -----
+
+    def on_signal(self, signal) -> None:
+        self._enqueue(("signal", signal))
+
+    def reset_profile(self, profile: str) -> None:
+        self._enqueue(("reset", profile))
+
+    def _enqueue(self, item) -> None:
+        try:
+            self.queue.put_nowait(item)
+        except queue.Full:
+            log.warning("DIL queue full: dropping a %s", item[0])
+
+    def wait_idle(self, timeout_s: float = 60.0) -> bool:
+        """True once every queued item has been handled (tests and benchmarks)."""
+        deadline_s = time.monotonic() + timeout_s
+        while time.monotonic() < deadline_s:
+            if self.ready.is_set() and self.queue.unfinished_tasks == 0:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Finish the item in hand and stop (queued signals are dropped: they are in no log yet)."""
+        while True:
+            try:
+                self.queue.get_nowait()
+                self.queue.task_done()
+            except queue.Empty:
+                break
+        self.queue.put(None)
+        self._thread.join(timeout=timeout_s)
+
+    # ----- the thread -----
+
+    def _run(self) -> None:
+        lower_thread_priority()
+        torch.set_num_threads(1)
+        self.device = self.device or choose_device()
+        try:
+            for profile in self.store.profiles():
+                model = self._model(profile)
+                if model.signals:
+                    self._install(profile, model)
+        except Exception:
+            log.exception("DIL: loading the saved profiles failed")
+        self.ready.set()
+        while True:
+            item = self.queue.get()
+            try:
+                if item is None:
+                    return
+                kind, value = item
+                if kind == "reset":
+                    self._reset(value)
+                else:
+                    self._learn(value)
+            except Exception:  # a learner fault must never reach the daemon
+                log.exception("DIL: handling a %s failed", item[0] if item else "stop")
+            finally:
+                self.queue.task_done()
+
+    def _base_jepa(self) -> JEPA:
+        if self._base is None:
+            self._base = base_jepa(self.engine)
+        return self._base
+
+    def _model(self, profile: str) -> ProfileModel:
+        model = self.models.get(profile)
+        if model is None:
+            model = ProfileModel(self._base_jepa(), self.settings, self.device, self._trainable_keys())
+            saved = self.store.load(profile)
+            if saved is not None:
+                model.load_tensors({k: v for k, v in saved.tensors.items()}, saved.steps, saved.signals)
+            self.models[profile] = model
+        return model
+
+    def _trainable_keys(self) -> set[str]:
+        """Weights with an initializer of their own in the graphs. The exporter merges weights of equal
+        value into one initializer (fresh LayerNorms); those stay frozen, so torch and ONNX agree."""
+        state = self._base_jepa().state_dict()
+        own = {graph_weight_key(graph, name) for graph, names in self.initializers.items() for name in names}
+        merged = [key for key in state if key.startswith(TRAINED_MODULES) and key not in own]
+        shared = {key for key in own for other in merged
+                  if state[key].shape == state[other].shape and torch.equal(state[key], state[other])}
+        return own - shared
+
+    def _install(self, profile: str, model: ProfileModel) -> None:
+        self.engine.install_profile_weights(profile, model.graph_weights(self.initializers))
+
+    def _reset(self, profile: str) -> None:
+        self.models.pop(profile, None)
+        self.store.reset(profile)
+        self.engine.install_profile_weights(profile, None)
+        for session in [s for s, (p, _) in self.first_versions.items() if p == profile]:
+            del self.first_versions[session]
+        log.info("DIL: profile %s reset to the base model", profile)
+
+    def _piece(self, request, content: dict) -> Piece:
+        song = song_with_content(request.song, request.start_qn, request.end_qn, content)
+        return piece(song, request.start_qn, request.end_qn, request.target_tracks, self.window_tokens)
+
+    def _remember_first(self, signal, content: dict) -> None:
+        if signal.session not in self.first_versions:
+            self.first_versions[signal.session] = (signal.profile, content)
+            while len(self.first_versions) > SESSION_MEMORY:
+                self.first_versions.popitem(last=False)
+
+    def _learn(self, signal) -> None:
+        started_s = time.perf_counter()
+        profile = signal.profile
+        content = signal_content(signal)
+        model = self._model(profile)
+        terms: list[dict] = []
+        if signal.kind in ("repeat", "reject"):
+            self._remember_first(signal, content)
+            rejected = self._piece(signal.request, content)
+            span = neutral_span(rejected, self.rng)
+            if span is not None and rejected.blank_end > rejected.blank_start:
+                for _ in range(self.settings.steps_per_signal):
+                    self.engine.idle.wait()
+                    terms.append(model.iteration_step(rejected, span))
+            strategy = "iteration"
+        else:
+            first = self.first_versions.pop(signal.session, (profile, None))[1]
+            if first is not None and first != content:
+                accepted = self._piece(signal.request, content)
+                first_piece = self._piece(signal.request, first)
+                for _ in range(self.settings.steps_per_signal):
+                    self.engine.idle.wait()
+                    terms.append(model.sample_step(accepted, first_piece))
+            strategy = "sample"
+        model.signals += 1
+        stepped = sum(1 for t in terms if t["stepped"])
+        self.engine.idle.wait()
+        self.store.save(profile, model.tensors(), model.steps, model.signals, self.settings.to_json())
+        if stepped:
+            self._install(profile, model)
+        self.store.append_log(profile, {
+            "time_s": signal.time_s, "signal": signal.kind, "session": signal.session, "strategy": strategy,
+            "steps": stepped, "losses": [round(t["loss"], 6) for t in terms],
+            "pos": [round(t["pos"], 6) for t in terms], "neg": [round(t["neg"], 6) for t in terms],
+            "learn_ms": round(1000 * (time.perf_counter() - started_s), 1)})
+        log.info("DIL: %s on profile %s: %d %s-wise steps", signal.kind, profile, stepped, strategy)

@@ -1,0 +1,199 @@
+"""DIL tests: the two margin losses on hand-made vectors, the engine serving adapted weights, a
+live daemon learning from repeat / accept signals per profile (persisting across a restart,
+reset), and profiles surviving kill -9 during saves."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cmi_daemon import schema
+from cmi_daemon.client import DaemonClient
+from cmi_daemon.dil import losses
+from cmi_daemon.dil.examples import piece, song_with_content
+from cmi_daemon.dil.learner import Learner
+from cmi_daemon.dil.store import STATE_FILE, ProfileStore
+from cmi_daemon.engine import Engine
+from cmi_daemon.engine_backend import EngineBackend
+from cmi_daemon.protocol import Limits
+from cmi_daemon.server import Daemon
+from cmi_daemon.settings import Settings
+from daemon_support import REPO, infill_request, tiny_bundle_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    return tiny_bundle_dir(tmp_path_factory)
+
+
+# ----- losses -----
+
+def _vectors(seed: int, n: int = 4, width: int = 16) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(width, generator=generator) for _ in range(n)]
+
+
+@pytest.mark.parametrize("variant", sorted(losses.LOSSES))
+def test_a_step_on_either_loss_lowers_neg_minus_pos(variant):
+    predicted_pos, target_pos, noise, target_neg = _vectors(0)
+    predicted_neg = target_neg + 0.1 * noise  # the rejected content predicted all too well
+    predicted_pos.requires_grad_(True)
+    predicted_neg.requires_grad_(True)
+    loss, before = losses.LOSSES[variant](predicted_pos, target_pos, predicted_neg, target_neg)
+    assert loss > 0
+    loss.backward()
+    with torch.no_grad():
+        predicted_pos -= 0.1 * predicted_pos.grad
+        predicted_neg -= 0.1 * predicted_neg.grad
+    _, after = losses.LOSSES[variant](predicted_pos, target_pos, predicted_neg, target_neg)
+    gap_before = before["neg"] - before["pos"] if variant == "cosine" else before["pos"] - before["neg"]
+    gap_after = after["neg"] - after["pos"] if variant == "cosine" else after["pos"] - after["neg"]
+    assert gap_after < gap_before
+
+
+def test_cosine_margin_is_zero_once_pos_beats_neg_by_the_margin():
+    target = torch.tensor([1.0, 0.0])
+    aligned, opposite = torch.tensor([2.0, 0.0]), torch.tensor([-1.0, 0.0])
+    loss, terms = losses.cosine_margin_loss(aligned, target, opposite, target)
+    assert loss == 0 and terms["pos"] == pytest.approx(1) and terms["neg"] == pytest.approx(-1)
+    loss, _ = losses.cosine_margin_loss(opposite, target, aligned, target)
+    assert float(loss) == pytest.approx(1 - (-1) + losses.MARGIN)
+    near = torch.tensor([1.0, 0.05])
+    loss, terms = losses.cosine_margin_loss(aligned, target, near, target)
+    assert float(loss) == pytest.approx(terms["neg"] - terms["pos"] + losses.MARGIN), "inside the margin: linear"
+
+
+def test_iteration_and_sample_losses_compare_span_means():
+    predicted = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    targets = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, -1.0]])
+    neutral = torch.tensor([True, True, False, False])
+    loss, terms = losses.iteration_loss(predicted, targets, ~neutral, neutral)
+    assert terms["pos"] == pytest.approx(1) and terms["neg"] == pytest.approx(-1) and loss == 0
+    loss, terms = losses.sample_loss(predicted[:2], targets[2:], targets[:3])
+    assert terms["neg"] > terms["pos"] and float(loss) > losses.MARGIN
+
+
+# ----- the engine with a profile's weights -----
+
+def _request(**options):
+    return schema.parse_infill(infill_request(**options), Limits(), [])
+
+
+def test_engine_serves_a_profile_weights_and_forgets_them(tiny_bundle, tmp_path):
+    engine = Engine(tiny_bundle, intra_op_threads=1)
+    request = _request()
+    region = engine.region(request.song, request.start_qn, request.end_qn, request.target_tracks)
+    base = engine.conditioning(region, 12)
+    learner = Learner(engine, tmp_path / "dil", seed=0)
+    assert learner.wait_idle()
+    model = learner._model("alice")
+    engine.install_profile_weights("alice", model.graph_weights(learner.initializers))
+    assert np.allclose(engine.conditioning(region, 12, "alice"), base, atol=1e-5), "base weights, base vector"
+    rejected = piece(request.song, request.start_qn, request.end_qn, request.target_tracks, 256)
+    model.iteration_step(rejected, (0, rejected.blank_end - rejected.blank_start))
+    engine.install_profile_weights("alice", model.graph_weights(learner.initializers))
+    assert np.abs(engine.conditioning(region, 12, "alice") - base).max() > 1e-3, "a step changes the vector"
+    assert np.array_equal(engine.conditioning(region, 12, "bob"), base), "other profiles keep the base model"
+    engine.install_profile_weights("alice", None)
+    assert np.array_equal(engine.conditioning(region, 12, "alice"), base)
+    learner.close()
+
+
+# ----- a live daemon -----
+
+@contextmanager
+def daemon_with_profiles(backend, profiles_path):
+    """A daemon serving from a thread, with its profile counters in a file (as the service keeps them)."""
+    daemon = Daemon(backend, Settings(port=0), profiles_path=profiles_path)
+    thread = threading.Thread(target=daemon.serve, name="dil-daemon-under-test")
+    thread.start()
+    try:
+        yield daemon
+    finally:
+        daemon.request_stop()
+        thread.join(timeout=30)
+
+
+def _state(dil_dir, profile="default"):
+    return load_file(ProfileStore(dil_dir, "").folder(profile) / STATE_FILE)
+
+
+def test_daemon_learns_from_repeat_and_accept_keeps_it_across_restart_and_resets(tiny_bundle, tmp_path):
+    dil_dir = tmp_path / "dil"
+    backend = EngineBackend(tiny_bundle, "cpu", dil_dir=dil_dir)
+    request = infill_request(profile="alice")
+    with daemon_with_profiles(backend, tmp_path / "profiles.json") as daemon:
+        with DaemonClient(connection=daemon.connection_info(), timeout_ms=20_000) as client:
+            first = client.infill(request)
+            client.infill({**request, "options": {**request["options"], "seed": 2}})
+            assert backend.signal_sink.wait_idle()
+            after_repeat = _state(dil_dir, "alice")
+            client.feedback(request["session"], "accept")
+            assert backend.signal_sink.wait_idle()
+            after_accept = _state(dil_dir, "alice")
+            log = backend.signal_sink.store.read_log("alice")
+    assert [entry["signal"] for entry in log] == ["repeat", "accept"]
+    assert first["candidates"], "a reply"
+    base = load_file(tiny_bundle / "jepa.safetensors")
+    key = "predictor.out_proj.weight"
+    assert not torch.allclose(after_repeat[f"jepa.{key}"], base[key].float()), "the repeat moved the weights"
+    if log[1]["steps"]:
+        assert not torch.equal(after_accept[f"jepa.{key}"], after_repeat[f"jepa.{key}"])
+    assert any(k.startswith("adam.exp_avg.") for k in after_accept), "optimizer state is saved"
+
+    engine_request = _request()
+    restarted = EngineBackend(tiny_bundle, "cpu", dil_dir=dil_dir)
+    engine = restarted.engine
+    region = engine.region(engine_request.song, engine_request.start_qn, engine_request.end_qn,
+                           engine_request.target_tracks)
+    with daemon_with_profiles(restarted, tmp_path / "profiles.json") as daemon:
+        assert restarted.signal_sink.wait_idle()
+        adapted = engine.conditioning(region, 12, "alice")
+        assert np.abs(adapted - engine.conditioning(region, 12)).max() > 1e-4, "the profile survived the restart"
+        assert restarted.signal_sink.models["alice"].steps == log[0]["steps"] + log[1]["steps"]
+        with DaemonClient(connection=daemon.connection_info(), timeout_ms=20_000) as client:
+            assert client.profiles(reset="alice")["reset"] == "alice"
+            assert restarted.signal_sink.wait_idle()
+        assert np.array_equal(engine.conditioning(region, 12, "alice"), engine.conditioning(region, 12))
+        assert not ProfileStore(dil_dir, "").folder("alice").exists()
+
+
+# ----- kill -9 during saves -----
+
+SAVER = """
+import sys, torch
+from cmi_daemon.dil.store import ProfileStore
+store = ProfileStore(sys.argv[1], "base")
+round_ = 0
+while True:
+    round_ += 1
+    tensors = {f"jepa.w{i}": torch.full((256, 256), float(round_)) for i in range(16)}
+    store.save("default", tensors, steps=round_, signals=round_, settings_json="{}")
+    store.append_log("default", {"round": round_, "padding": "x" * 2000})
+    print(round_, flush=True)
+"""
+
+
+def test_a_profile_killed_during_saves_always_loads(tmp_path):
+    rng = np.random.default_rng(0)
+    store = ProfileStore(tmp_path, "base")
+    for attempt in range(8):
+        process = subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path)], cwd=REPO,
+                                   stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().strip(), "the first save finished"
+        time.sleep(float(rng.uniform(0.0, 0.3)))
+        process.kill()
+        process.wait()
+        saved = store.load("default")
+        assert saved is not None, f"attempt {attempt}: the profile does not load"
+        values = {float(t.flatten()[0]) for t in saved.tensors.values()}
+        assert values == {float(saved.steps)}, "weights and counters come from one save"
+        assert store.read_log("default"), "the log is readable"
