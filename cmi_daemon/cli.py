@@ -113,6 +113,19 @@ def command_install_ableton(args) -> int:
     return 0
 
 
+def command_install_reaper(args) -> int:
+    """Install the CMI actions in REAPER (scripts, action list, its Python settings), or --uninstall them."""
+    from . import install_reaper
+
+    resource_dir = Path(args.path).expanduser() if args.path else None
+    lines = (install_reaper.uninstall if args.uninstall else install_reaper.install)(resource_dir)
+    print("\n".join(lines))
+    if not args.uninstall:
+        print("Start the daemon (`cmi-daemon start --detach`) and REAPER; the actions are in Actions > "
+              "Show action list (search \"CMI:\").")
+    return 0
+
+
 def add_install_commands(commands) -> None:
     """`cmi-daemon install TARGET`: put a DAW bridge where its DAW finds it, one subcommand per DAW."""
     install = commands.add_parser("install", help="install a DAW bridge (ableton, ...)",
@@ -130,6 +143,15 @@ def add_install_commands(commands) -> None:
     ableton.add_argument("--no-npm", action="store_true",
                          help="copy the files only, without running `npm ci --omit=dev` in the device folder")
     ableton.set_defaults(run=command_install_ableton)
+
+    reaper = targets.add_parser("reaper", help="the actions \"CMI: Infill selection\" and \"CMI: Accept infill\"",
+                                description=command_install_reaper.__doc__)
+    reaper.add_argument("--path", metavar="RESOURCE_DIR",
+                        help="REAPER's resource folder (default: ~/.config/REAPER on Linux, ~/Library/Application "
+                             "Support/REAPER on macOS, %%APPDATA%%\\REAPER on Windows)")
+    reaper.add_argument("--uninstall", action="store_true",
+                        help="remove the actions and restore reaper.ini's Python settings from its backup")
+    reaper.set_defaults(run=command_install_reaper)
 
 
 def build_parser() -> argparse.ArgumentParser:

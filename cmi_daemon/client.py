@@ -116,8 +116,29 @@ class DaemonClient:
             if reply.get("id") is not None:
                 self._early[reply["id"]] = reply
 
+    def poll_reply(self, request_id: str) -> Optional[dict]:
+        """The reply envelope for request_id if it has arrived, else None; never waits (for a DAW's
+        UI loop, which calls it once per tick). DaemonNotRunning once the daemon's process is gone."""
+        if request_id in self._early:
+            return self._early.pop(request_id)
+        while True:
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                self._check_alive()
+                return None
+            reply = self._verified_reply(frames)
+            if reply is None:
+                continue
+            if reply.get("id") == request_id:
+                return reply
+            if reply.get("id") is not None:
+                self._early[reply["id"]] = reply
+
     def _read_reply(self) -> Optional[dict]:
-        frames = self._socket.recv_multipart()
+        return self._verified_reply(self._socket.recv_multipart())
+
+    def _verified_reply(self, frames: list) -> Optional[dict]:
         if len(frames) != 2 or not protocol.signature_matches(self.key, frames[1], frames[0]):
             return None
         reply = protocol.unpack(frames[1])
