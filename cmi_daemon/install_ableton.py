@@ -3,7 +3,7 @@
 The device (CMI.amxd) and the scripts it loads (cmi-live.js, cmi-node.js, cmi-client.js) go into
 one folder of the User Library, with package.json and package-lock.json; `npm ci --omit=dev` run in
 that folder then puts the node_modules the node.script part needs (zeromq, @msgpack/msgpack) next
-to them. The files come from bridges/ableton of the repository this package runs from.
+to them. The files come from bridges/ableton of a clone of the repository.
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ NPM_ARGS = ("ci", "--omit=dev", "--no-audit", "--no-fund")
 
 
 def default_source() -> Path:
-    """bridges/ableton of the repository this package was installed from (an editable install or a clone)."""
-    return Path(__file__).resolve().parent.parent / "bridges" / "ableton"
+    """bridges/ableton of the repository this package runs from (a clone or an editable install), else of
+    the current folder (a clone after a plain `pip install .`)."""
+    beside_package = Path(__file__).resolve().parent.parent / "bridges" / "ableton"
+    in_current_folder = Path.cwd() / "bridges" / "ableton"
+    return beside_package if (beside_package / DEVICE_FILES[0]).is_file() else in_current_folder
 
 
 def default_user_library(platform: str = sys.platform, home: Optional[Path] = None) -> Path:
@@ -53,7 +56,7 @@ def install(user_library: Path, source: Path, run_npm: bool = True) -> Path:
     missing = [name for name in DEVICE_FILES if not (source / name).is_file()]
     if missing:
         raise CMIError(f"{source}: the Ableton device's files are missing ({', '.join(missing)}); run this "
-                       "from a clone of the CMI repository (pip install -e .) or pass --source bridges/ableton")
+                       "in a clone of the CMI repository or pass --source CLONE/bridges/ableton")
     for name in DEVICE_FILES:
         write_bytes_atomic(target / name, (source / name).read_bytes())
     if run_npm:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import stat
 import sys
+from pathlib import Path
 
 import pytest
 
 from cmi_daemon import cli, install_ableton
 from cmi_daemon.errors import CMIError
 
-SOURCE = install_ableton.default_source()
+SOURCE = Path(__file__).resolve().parent.parent / "bridges" / "ableton"
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def fake_npm(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(os.name == "nt", reason="the fake npm is a shell script")
 def test_install_copies_the_device_runs_npm_and_uninstall_removes_it(user_library, fake_npm, capsys):
-    assert cli.main(["install", "ableton", "--path", str(user_library)]) == 0
+    assert cli.main(["install", "ableton", "--path", str(user_library), "--source", str(SOURCE)]) == 0
     target = user_library / "Presets" / "MIDI Effects" / "Max MIDI Effect" / "CMI"
     for name in install_ableton.DEVICE_FILES:
         assert (target / name).read_bytes() == (SOURCE / name).read_bytes(), name
@@ -51,7 +52,7 @@ def test_install_copies_the_device_runs_npm_and_uninstall_removes_it(user_librar
 
 
 def test_uninstall_keeps_files_it_did_not_install(user_library, capsys):
-    assert cli.main(["install", "ableton", "--path", str(user_library), "--no-npm"]) == 0
+    assert cli.main(["install", "ableton", "--path", str(user_library), "--source", str(SOURCE), "--no-npm"]) == 0
     assert "npm ci --omit=dev" in capsys.readouterr().out
     target = install_ableton.device_folder(user_library)
     (target / "my notes.txt").write_text("mine")
@@ -68,6 +69,11 @@ def test_refusals(tmp_path, user_library, capsys):
     if sys.platform not in ("darwin", "win32"):
         assert cli.main(["install", "ableton"]) == 2
         assert "pass --path" in capsys.readouterr().err
+
+
+def test_default_source_is_the_clone_run_in(monkeypatch):
+    monkeypatch.chdir(SOURCE.parent.parent)
+    assert install_ableton.default_source().resolve() == SOURCE
 
 
 def test_default_user_libraries(tmp_path, monkeypatch):
