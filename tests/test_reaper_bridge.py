@@ -1,0 +1,379 @@
+"""The REAPER actions without REAPER: the real scripts of bridges/reaper run against tests/fake_reaper.py
+(injected as `reaper_python`) and a live daemon with a tiny model; and the installer on a fake
+REAPER resource folder."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from cmi_daemon import cli, install_reaper
+from cmi_daemon.errors import CMIError
+from cmi_daemon.tokens import read_midi
+
+from conftest import FIXTURES
+from daemon_support import REPO, client_for, start_daemon_process, tiny_bundle_dir
+from fake_reaper import FakeReaper
+
+BRIDGE = REPO / "bridges" / "reaper"
+INFILL_SCRIPT = BRIDGE / "cmi_infill_selection.py"
+ACCEPT_SCRIPT = BRIDGE / "cmi_accept_infill.py"
+SONG = FIXTURES / "pop909" / "235" / "235.mid"
+REPLY_WAIT_S = 60.0
+TICK_PAUSE_S = 0.01
+
+ITEM_START_QN, ITEM_END_QN = 4.0, 240.0
+WALTZ_START_QN, WALTZ_END_QN = 48.0, 72.0
+"""Bars 13-20 are in 3/4 at 90 bpm; the rest of the song is 4/4 with its own tempo changes."""
+RANGE_START_QN, RANGE_END_QN = 54.0, 63.0
+RANGE_LABEL = "bars 15-17"
+
+
+@pytest.fixture(scope="module")
+def daemon_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("cmi-home")
+    process = start_daemon_process(home, tiny_bundle_dir(tmp_path_factory))
+    yield home
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(30)
+    except Exception:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
+def reaper(monkeypatch):
+    """A fresh fake REAPER as `reaper_python`; __main__, sys.path and the bridge module restored afterwards."""
+    fake = FakeReaper(bpm=66.0)
+    monkeypatch.setitem(sys.modules, "reaper_python", fake.module())
+    monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "cmi_reaper", raising=False)
+    yield fake
+    sys.modules.pop("cmi_reaper", None)
+
+
+@pytest.fixture
+def song_project(reaper):
+    """POP909 song 235 in the fake project: one take per track from bar 2, its tempo changes, a 3/4 section
+    with a tempo change, the piano at 480 ticks per QN; the melody and piano items are selected."""
+    song = read_midi(SONG)
+    for qn, bpm in zip(song.tempo_map.start_qn[1:], song.tempo_map.bpm[1:]):
+        reaper.add_marker(qn, bpm)
+    reaper.add_marker(WALTZ_START_QN, 90.0, 3, 4)
+    reaper.add_marker(WALTZ_END_QN, 90.0, 4, 4)
+    takes = {}
+    for track in song.tracks:
+        fake_track = reaper.add_track(track.name)
+        ticks_per_qn = 480 if track.name == "PIANO" else 960
+        takes[track.name] = reaper.add_midi_item(fake_track, ITEM_START_QN, ITEM_END_QN, track.notes,
+                                                 ticks_per_qn=ticks_per_qn, channel=track.channel or 0,
+                                                 program=track.program)
+    for name in ("MELODY", "PIANO"):
+        takes[name].item.selected = True
+    reaper.set_time_selection_qn(RANGE_START_QN, RANGE_END_QN)
+    return takes
+
+
+@pytest.fixture
+def socket_calls(monkeypatch):
+    """Every poll timeout and recv flag the bridge's sockets use."""
+    calls = []
+    original_poll, original_recv = zmq.Socket.poll, zmq.Socket.recv_multipart
+
+    def poll(self, timeout=None, flags=zmq.POLLIN):
+        calls.append(("poll", timeout))
+        return original_poll(self, timeout, flags)
+
+    def recv_multipart(self, flags=0, **kwargs):
+        calls.append(("recv", flags))
+        return original_recv(self, flags, **kwargs)
+
+    monkeypatch.setattr(zmq.Socket, "poll", poll)
+    monkeypatch.setattr(zmq.Socket, "recv_multipart", recv_multipart)
+    return calls
+
+
+def drive(reaper: FakeReaper) -> int:
+    """Run deferred code tick by tick, as REAPER's UI timer would, until the script ends; returns the ticks."""
+    ticks = 0
+    deadline_s = time.monotonic() + REPLY_WAIT_S
+    while reaper.tick():
+        ticks += 1
+        assert time.monotonic() < deadline_s, "the defer loop did not end"
+        time.sleep(TICK_PAUSE_S)
+    return ticks
+
+
+def split_by_range(reaper: FakeReaper, take) -> tuple[list, list]:
+    """(notes starting outside the range, notes starting inside), as sorted tuples."""
+    inside, outside = [], []
+    for note in reaper.take_notes(take):
+        qn = reaper.take_qn(take, note[2])
+        (inside if RANGE_START_QN - 1e-9 <= qn < RANGE_END_QN - 1e-9 else outside).append(note)
+    return sorted(outside), sorted(inside)
+
+
+def snapshot(reaper: FakeReaper, takes: dict) -> dict:
+    return {name: reaper.take_notes(take) for name, take in takes.items()}
+
+
+def assert_nothing_changed(reaper: FakeReaper, takes: dict, before: dict) -> None:
+    assert snapshot(reaper, takes) == before
+    assert reaper.undo_log == [] and reaper.edits_outside_undo == 0
+    assert reaper.ui_refresh_depth == 0 and not reaper.deferred
+
+
+def daemon_profile(daemon_home) -> dict:
+    with client_for(daemon_home) as client:
+        profiles = client.profiles()["profiles"]
+    return next((p for p in profiles if p["name"] == "default"), {"repeated": 0, "accepted": 0})
+
+
+def test_infill_replaces_only_the_range_in_one_undo_block(reaper, song_project, daemon_home, monkeypatch,
+                                                          socket_calls):
+    monkeypatch.setenv("CMI_HOME", str(daemon_home))
+    takes = song_project
+    before = {name: split_by_range(reaper, take) for name, take in takes.items()}
+    assert before["MELODY"][1] and before["PIANO"][1], "the range should hold notes to replace"
+
+    reaper.run_script(INFILL_SCRIPT)
+    assert reaper.message_boxes == [] and reaper.undo_log == [], reaper.message_boxes
+    ticks = drive(reaper)
+
+    assert reaper.message_boxes == [], reaper.message_boxes
+    assert ticks >= 1
+    assert reaper.undo_log == [("begin",), ("end", f"CMI: Infill selection ({RANGE_LABEL})", 4)]
+    assert reaper.edits_outside_undo == 0
+    assert reaper.ui_refresh_depth == 0 and reaper.ui_refresh_lowest == 0
+    assert any(f"{RANGE_LABEL} infilled" in line for line in reaper.console), reaper.console
+
+    new_notes = 0
+    for name, take in takes.items():
+        outside, inside = split_by_range(reaper, take)
+        assert outside == before[name][0], f"{name}: notes outside the range changed"
+        if name == "BRIDGE":
+            assert inside == before[name][1], "an unselected take was edited"
+            continue
+        for note in inside:
+            start_qn, end_qn = reaper.take_qn(take, note[2]), reaper.take_qn(take, note[3])
+            assert RANGE_START_QN <= start_qn < RANGE_END_QN and end_qn <= RANGE_END_QN + 1e-9
+        new_notes += len(inside)
+    assert new_notes > 0, "the tiny model answered no notes at all"
+
+    polls = [timeout for kind, timeout in socket_calls if kind == "poll"]
+    receives = [flags for kind, flags in socket_calls if kind == "recv"]
+    assert polls == [], "a defer tick polled the socket with a timeout"
+    assert receives and all(flags & zmq.NOBLOCK for flags in receives), "a defer tick waited on the socket"
+
+
+def test_repeat_is_the_same_session_and_accept_sends_feedback(reaper, song_project, daemon_home, monkeypatch):
+    monkeypatch.setenv("CMI_HOME", str(daemon_home))
+    repeated_before = daemon_profile(daemon_home)["repeated"]
+    accepted_before = daemon_profile(daemon_home)["accepted"]
+
+    sessions = []
+    for _ in range(2):
+        reaper.run_script(INFILL_SCRIPT)
+        drive(reaper)
+        assert reaper.message_boxes == [], reaper.message_boxes
+        sessions.append(reaper.ext_state[("CMI", "last_session")])
+    guids = sorted(song_project[name].guid for name in ("MELODY", "PIANO"))
+    assert sessions[0] == sessions[1] == f"{','.join(guids)}:{RANGE_START_QN:g}-{RANGE_END_QN:g}"
+    assert len(reaper.undo_log) == 4
+    assert daemon_profile(daemon_home)["repeated"] == repeated_before + 1
+
+    reaper.run_script(ACCEPT_SCRIPT)
+    drive(reaper)
+    assert reaper.message_boxes == [], reaper.message_boxes
+    assert any(f"kept {RANGE_LABEL}" in line for line in reaper.console), reaper.console
+    assert daemon_profile(daemon_home)["accepted"] == accepted_before + 1
+    assert len(reaper.undo_log) == 4, "accepting edits nothing"
+
+
+def test_a_take_edited_in_flight_is_left_alone(reaper, song_project, daemon_home, monkeypatch):
+    monkeypatch.setenv("CMI_HOME", str(daemon_home))
+    melody = song_project["MELODY"]
+    reaper.run_script(INFILL_SCRIPT)
+    api = sys.modules["reaper_python"]
+    start_ppq = api.RPR_MIDI_GetPPQPosFromProjQN(reaper.handle(melody), RANGE_START_QN + 1.0)
+    api.RPR_MIDI_InsertNote(reaper.handle(melody), 0, 0, start_ppq, start_ppq + 480, 0, 72, 100, 0)
+    edited = snapshot(reaper, song_project)
+    reaper.edits_outside_undo = 0
+
+    drive(reaper)
+
+    assert len(reaper.message_boxes) == 1
+    message = reaper.message_boxes[0][0]
+    assert "MELODY" in message and "nothing was changed" in message
+    assert_nothing_changed(reaper, song_project, edited)
+    assert ("CMI", "last_session") not in reaper.ext_state
+
+
+def test_daemon_not_running_says_how_to_start_it(reaper, song_project, tmp_path, monkeypatch):
+    monkeypatch.setenv("CMI_HOME", str(tmp_path / "no-daemon"))
+    before = snapshot(reaper, song_project)
+    reaper.run_script(INFILL_SCRIPT)
+    assert len(reaper.message_boxes) == 1
+    assert "not running" in reaper.message_boxes[0][0]
+    assert "cmi-daemon start --detach" in reaper.message_boxes[0][0]
+    assert_nothing_changed(reaper, song_project, before)
+
+
+def test_missing_pyzmq_gives_the_pip_command(reaper, song_project, monkeypatch):
+    monkeypatch.setitem(sys.modules, "zmq", None)
+    before = snapshot(reaper, song_project)
+    reaper.run_script(INFILL_SCRIPT)
+    assert len(reaper.message_boxes) == 1
+    message = reaper.message_boxes[0][0]
+    assert f'"{sys.executable}" -m pip install pyzmq msgpack' in message
+    assert "cmi-daemon install reaper" in message
+    assert_nothing_changed(reaper, song_project, before)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("no time selection", "Nothing to infill: make a time selection"),
+    ("nothing selected", "Nothing to infill: select the MIDI items"),
+    ("selection outside the items", "is outside the selected MIDI items"),
+    ("selection past an item edge", "runs past an edge of the MIDI item"),
+    ("looped item", "loops its source"),
+])
+def test_selections_it_cannot_infill_are_refused(reaper, song_project, case, expected):
+    if case == "no time selection":
+        reaper.time_selection_s = (3.0, 3.0)
+    elif case == "nothing selected":
+        for take in song_project.values():
+            take.item.selected = False
+    elif case == "selection outside the items":
+        reaper.set_time_selection_qn(0.0, 3.0)
+    elif case == "selection past an item edge":
+        reaper.set_time_selection_qn(236.0, 244.0)
+    else:
+        melody = song_project["MELODY"]
+        melody.item.loop_source = 1
+        melody.source.length_qn = 32.0
+    before = snapshot(reaper, song_project)
+    reaper.run_script(INFILL_SCRIPT)
+    assert len(reaper.message_boxes) == 1 and expected in reaper.message_boxes[0][0], reaper.message_boxes
+    assert_nothing_changed(reaper, song_project, before)
+
+
+def test_accept_before_any_infill_says_so(reaper):
+    reaper.run_script(ACCEPT_SCRIPT)
+    assert len(reaper.message_boxes) == 1 and "Nothing to accept yet" in reaper.message_boxes[0][0]
+
+
+def test_the_request_follows_reapers_time_map(reaper, song_project):
+    """Tempo and meter come from the markers in project QN, context is 8 bars each side, notes in project QN."""
+    sys.path.insert(0, str(BRIDGE))
+    import cmi_reaper
+
+    selection = cmi_reaper.read_selection()
+    content = cmi_reaper.infill_content(selection)
+    assert content["range"] == [RANGE_START_QN, RANGE_END_QN]
+    assert [t["name"] for t in content["tracks"]] == ["MELODY", "PIANO"] and content["targets"] == [0, 1]
+    assert [0.0, 4, 4] == content["time_signatures"][0]
+    assert [WALTZ_START_QN, 3, 4] in content["time_signatures"] and [WALTZ_END_QN, 4, 4] in content["time_signatures"]
+    assert [WALTZ_START_QN, 90.0] in content["tempo"] and content["tempo"][0] == [0.0, 66.0]
+    song = read_midi(SONG)
+    expected_start_qn = RANGE_START_QN - 2 * 3 - 6 * 4   # 2 bars of 3/4 and 6 of 4/4 before bar 15
+    expected_end_qn = RANGE_END_QN + 3 * 3 + 5 * 4       # 3 bars of 3/4 and 5 of 4/4 after bar 17
+    melody = next(t for t in song.tracks if t.name == "MELODY")
+    expected = [n for n in melody.notes if n.start_qn < expected_end_qn and n.start_qn + n.duration_qn > expected_start_qn]
+    sent = content["tracks"][0]["notes"]
+    assert len(sent) == len(expected)
+    for (start_qn, duration_qn, pitch, velocity), note in zip(sent, expected):
+        assert abs(start_qn - note.start_qn) < 1e-3 and pitch == note.pitch and velocity == note.velocity
+
+
+def test_install_and_uninstall_restore_reaper_byte_for_byte(tmp_path, capsys):
+    resource = tmp_path / "REAPER"
+    resource.mkdir()
+    ini = b"[REAPER]\r\nafxcfg=0\r\nreascript=0\r\nlastproject=x.rpp\r\n\r\n[audioconfig]\r\nallow_sr_override=1\r\n"
+    kb = b"KEY 1 65 40044 0\r\nSCR 4 0 RS0123 \"Custom: mine.lua\" mine.lua"
+    (resource / "reaper.ini").write_bytes(ini)
+    (resource / "reaper-kb.ini").write_bytes(kb)
+
+    assert cli.main(["install", "reaper", "--path", str(resource)]) == 0
+    assert cli.main(["install", "reaper", "--path", str(resource)]) == 0, "installing twice is harmless"
+    scripts = resource / "Scripts" / "CMI"
+    for name in ("cmi_reaper.py", "cmi_infill_selection.py", "cmi_accept_infill.py"):
+        assert (scripts / name).read_bytes() == (BRIDGE / name).read_bytes()
+    recorded = json.loads((scripts / "cmi_python.json").read_text())
+    assert recorded["python"] == sys.executable and str(REPO) in recorded["sys_path"]
+    assert (resource / "reaper.ini.cmi-backup").read_bytes() == ini
+
+    text = (resource / "reaper.ini").read_bytes().decode()
+    library = install_reaper.python_library()
+    section = text.split("[audioconfig]")[0]
+    assert "reascript=1\r\n" in section and "reascript=0" not in text
+    assert f"pythonlibpath64={library.parent}\r\n" in section
+    assert f"pythonlibdll64={library.name}\r\n" in section
+    assert text.endswith("[audioconfig]\r\nallow_sr_override=1\r\n")
+
+    kb_lines = (resource / "reaper-kb.ini").read_bytes().decode().split("\r\n")[:-1]
+    assert kb_lines[:2] == ["KEY 1 65 40044 0", 'SCR 4 0 RS0123 "Custom: mine.lua" mine.lua']
+    assert kb_lines[2:] == [
+        f'SCR 4 0 {install_reaper.action_id("cmi_infill_selection.py")} "Custom: CMI: Infill selection" '
+        f'"{scripts / "cmi_infill_selection.py"}"',
+        f'SCR 4 0 {install_reaper.action_id("cmi_accept_infill.py")} "Custom: CMI: Accept infill" '
+        f'"{scripts / "cmi_accept_infill.py"}"']
+    assert all(line.split()[3].startswith("RS") and len(line.split()[3]) == 42 for line in kb_lines[2:])
+
+    (scripts / "__pycache__").mkdir()
+    assert cli.main(["install", "reaper", "--path", str(resource), "--uninstall"]) == 0
+    assert (resource / "reaper.ini").read_bytes() == ini
+    assert (resource / "reaper-kb.ini").read_bytes() == kb
+    assert sorted(p.name for p in resource.iterdir()) == ["reaper-kb.ini", "reaper.ini"]
+
+
+def test_installer_refuses_while_reaper_runs_and_without_a_resource_folder(tmp_path):
+    resource = tmp_path / "REAPER"
+    resource.mkdir()
+    (resource / "reaper.ini").write_text("[REAPER]\n")
+    with pytest.raises(CMIError, match="REAPER is running"):
+        install_reaper.install(resource, running=lambda: True)
+    with pytest.raises(CMIError, match="REAPER is running"):
+        install_reaper.uninstall(resource, running=lambda: True)
+    assert sorted(p.name for p in resource.iterdir()) == ["reaper.ini"]
+    with pytest.raises(CMIError, match="no reaper.ini"):
+        install_reaper.install(tmp_path / "elsewhere", running=lambda: False)
+    assert install_reaper.is_reaper_running() is False
+
+
+def test_ini_edits_keep_every_other_byte():
+    text = "[REAPER]\nreascript=0\n[other]\nreascript=5"
+    changed = install_reaper.ini_with(text, "REAPER", "reascript", "1")
+    assert changed == "[REAPER]\nreascript=1\n[other]\nreascript=5"
+    added = install_reaper.ini_with("[REAPER]\na=1", "REAPER", "pythonlibdll64", "lib.so")
+    assert added == "[REAPER]\na=1\npythonlibdll64=lib.so"
+    assert install_reaper.ini_with(added, "REAPER", "pythonlibdll64", None) == "[REAPER]\na=1"
+    assert install_reaper.ini_value(text, "other", "reascript") == "5"
+
+
+def test_a_daemon_error_reply_is_shown_with_its_code(reaper, song_project, daemon_home, monkeypatch):
+    monkeypatch.setenv("CMI_HOME", str(daemon_home))
+    reaper.markers[0].bpm = 2000.0
+    before = snapshot(reaper, song_project)
+    reaper.run_script(INFILL_SCRIPT)
+    drive(reaper)
+    assert len(reaper.message_boxes) == 1
+    message = reaper.message_boxes[0][0]
+    assert "invalid_field" in message and "content.tempo[1][1]" in message and "nothing was changed" in message
+    assert_nothing_changed(reaper, song_project, before)
+
+
+def test_the_pip_command_names_the_interpreter_reaper_loaded(reaper, monkeypatch):
+    sys.path.insert(0, str(BRIDGE))
+    import cmi_reaper
+
+    monkeypatch.setattr(sys, "executable", "/opt/REAPER/reaper")
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    assert cmi_reaper.reaper_python_path() == str(Path(sys.base_prefix) / "bin" / f"python{version}")
