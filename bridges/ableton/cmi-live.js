@@ -3,7 +3,7 @@
 // the answer back into the clip. Written for Max's classic js object (ES5), so it runs in Max 8 and 9.
 //
 // Messages in (from the device's UI and the node part): init, infill, again, keep, candidate N,
-// temperature T, response ID INDEX COUNT CHUNK.
+// temperature T, ready, response ID INDEX COUNT CHUNK.
 // Outlets: 0 to node.script (request ID INDEX COUNT CHUNK), 1 to the status comment (set TEXT),
 // 2 to the candidate menu (clear, append ITEM, set N).
 
@@ -253,14 +253,23 @@ function sendInfill(request) {
 
 // ---- Messages from the patcher ----------------------------------------------------------------
 
-// Sent by live.thisdevice once the device is loaded: only then may LiveAPI objects be made.
-function init() {
-	var thisDevice = new LiveAPI("this_device");
-	device = { id: String(thisDevice.id), trackId: String(trackOf(thisDevice).id) };
+function sayHello() {
 	sendRequest("hello", {}, SHORT_REPLY_TIMEOUT_MS, function (reply) {
 		link.model = reply.model.name;
 		showStatus();
 	});
+}
+
+// Sent by live.thisdevice once the device is loaded: only then may LiveAPI objects be made.
+function init() {
+	var thisDevice = new LiveAPI("this_device");
+	device = { id: String(thisDevice.id), trackId: String(trackOf(thisDevice).id) };
+	sayHello();
+}
+
+// Sent by the node part once Node runs: a hello sent before then was lost.
+function ready() {
+	if (device) sayHello();
 }
 
 function infill() {

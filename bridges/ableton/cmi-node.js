@@ -83,3 +83,5 @@ function onClose() {
 
 maxApi.addHandler("request", onRequestChunk);
 maxApi.addHandler("close", onClose);
+// Messages sent before Node has started are lost: the js part says hello again on this.
+maxApi.outlet("ready");

@@ -100,28 +100,31 @@ function loadNodeScript(maxApi) {
   }
 }
 
-class FakeTask {
-  constructor(callback, owner) {
-    this.callback = callback.bind(owner);
-    this.timer = null;
-  }
+// Max's Task; delays are multiplied by timeScale so tests need not wait for real timeouts.
+function taskClass(timeScale) {
+  return class FakeTask {
+    constructor(callback, owner) {
+      this.callback = callback.bind(owner);
+      this.timer = null;
+    }
 
-  schedule(delayMs) {
-    this.cancel();
-    this.timer = setTimeout(this.callback, delayMs || 0);
-  }
+    schedule(delayMs) {
+      this.cancel();
+      this.timer = setTimeout(this.callback, (delayMs || 0) * timeScale);
+    }
 
-  cancel() {
-    if (this.timer) clearTimeout(this.timer);
-    this.timer = null;
-  }
+    cancel() {
+      if (this.timer) clearTimeout(this.timer);
+      this.timer = null;
+    }
+  };
 }
 
 // cmi-live.js in a context with the globals of Max's [js] object.
-function loadJsScript(LiveAPI, sendOut, posts) {
+function loadJsScript(LiveAPI, sendOut, posts, timeScale) {
   const context = vm.createContext({
     LiveAPI,
-    Task: FakeTask,
+    Task: taskClass(timeScale),
     post: (...items) => posts.push(items.join(" ")),
     outlet: (index, ...atoms) => {
       checkSize(atoms);
@@ -143,8 +146,10 @@ function loadJsScript(LiveAPI, sendOut, posts) {
 }
 
 // One device on a track: the layout's objects with their Max behaviour, wired by its patch cords.
+// With nodeRunning false, node.script drops what it gets, as when its Node process is not running.
 class FakeDevice {
-  constructor(LiveAPI) {
+  constructor(LiveAPI, { nodeRunning = true, taskTimeScale = 1 } = {}) {
+    this.nodeRunning = nodeRunning;
     this.posts = [];
     this.statusText = "";
     this.menuItems = [];
@@ -152,8 +157,8 @@ class FakeDevice {
     this.traffic = [];
     this.boxes = new Map(layout.boxes.map((box) => [box.id, box]));
     this.maxApi = createMaxApi((atoms) => this.send("node", 0, atoms));
-    loadNodeScript(this.maxApi);
-    this.js = loadJsScript(LiveAPI, (index, atoms) => this.send("live", index, atoms), this.posts);
+    if (nodeRunning) loadNodeScript(this.maxApi);
+    this.js = loadJsScript(LiveAPI, (index, atoms) => this.send("live", index, atoms), this.posts, taskTimeScale);
   }
 
   send(fromId, outletIndex, atoms) {
@@ -171,7 +176,7 @@ class FakeDevice {
       prepend: () => this.send(id, 0, [box.text.split(" ")[1], ...atoms]),
       js: () => this.js.message(atoms),
       "node.script": () => {
-        this.maxApi.deliver(atoms[0], atoms.slice(1));
+        if (this.nodeRunning) this.maxApi.deliver(atoms[0], atoms.slice(1));
       },
       comment: () => {
         if (atoms[0] === "set") this.statusText = atoms.slice(1).join(" ");
