@@ -119,10 +119,17 @@ function response(id, index, count, chunk) {
 	}
 }
 
+// The status line gets a short text; the Max console gets the whole message.
+var LINK_PROBLEMS = {
+	not_running: "the CMI daemon is not running: start it with cmi-daemon start",
+	timeout: "the CMI daemon did not answer in time",
+};
+
 function noteFailure(error) {
-	if (error.code === "not_running" || error.code === "timeout") {
+	post("CMI: " + error.code + ": " + error.message + "\n");
+	if (LINK_PROBLEMS[error.code]) {
 		link.connected = false;
-		link.problem = error.message;
+		link.problem = LINK_PROBLEMS[error.code];
 		showStatus();
 	} else {
 		showStatus("daemon error " + error.code + ": " + error.message);

@@ -204,7 +204,8 @@ describe("the CMI device in a fake Live, against a live daemon", () => {
       const device = loadDevice(live, lonely);
       devices.push(device);
       await waitFor(() => device.statusText.startsWith("not connected"), "the status line");
-      assert.match(device.statusText, /the CMI daemon is not running .*cmi-daemon start/);
+      assert.equal(device.statusText, "not connected: the CMI daemon is not running: start it with cmi-daemon start");
+      assert.match(device.posts.at(-1), /^CMI: not_running: .*no connection file at/);
       live.showClip(clip);
       const notes = snapshot(clip);
       const replies = device.messages("response").length;
