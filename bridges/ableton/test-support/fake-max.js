@@ -237,4 +237,4 @@ class FakeDevice {
   }
 }
 
-module.exports = { FakeDevice, MAX_MESSAGE_CHARS };
+module.exports = { FakeDevice };
