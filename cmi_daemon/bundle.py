@@ -1,13 +1,17 @@
 """Model bundles: the folder the daemon loads a model from (ONNX graphs, safetensors, manifest.json).
 
 A bundle holds everything inference and DIL need and nothing of training:
-- `manifest.json`: format version, vocabulary id, model configs, tokenizer settings, the
-  training-data summary, and the sha256 of every other file;
-- ONNX graphs: `context_encoder.onnx`, `predictor.onnx`, `generator_prefill.onnx`,
-  `generator_step.onnx` (the last two take the head rows to compute as an input: the engine
-  passes only the rows it may sample, read from the generator's safetensors);
-- torch weights: `generator.safetensors` (RWKVGenerator state dict) and `jepa.safetensors`
-  (JEPA state dict: context_encoder.*, predictor.*, target_encoder.*).
+- `manifest.json`: format version, vocabulary id, the weights' storage dtype, model configs,
+  tokenizer settings, the training-data summary, and the sha256 of every other file;
+- weights, stored once as fp16: `generator.safetensors` (RWKVGenerator state dict) and
+  `jepa.safetensors` (JEPA state dict: context_encoder.*, predictor.*, target_encoder.*);
+  torch loaders upcast them to fp32;
+- ONNX graphs without weights of their own: `context_encoder.onnx`, `predictor.onnx`,
+  `generator_prefill.onnx`, `generator_step.onnx`. Their weight initializers are ONNX
+  external data pointing into the safetensors files (offset and length of each tensor's
+  bytes), each read through a Cast to float32, so a session must be created from the graph's
+  path inside the bundle folder. The generator graphs take the head rows to compute as an
+  input: the engine passes only the rows it may sample, read from the generator's safetensors.
 An unconditioned generator (the "w/o JEP-AGA" ablation) has no JEPA files.
 
 Loading checks the format version, the vocabulary and every file's hash before anything is
@@ -26,7 +30,9 @@ from . import vocab
 from .errors import CMIError
 from .model.config import ModelConfig
 
-BUNDLE_FORMAT = "cmi-bundle-1"
+BUNDLE_FORMAT = "cmi-bundle-2"
+WEIGHTS_DTYPE = "float16"
+"""Storage dtype of every floating-point tensor in the safetensors files (manifest `weights_dtype`)."""
 MANIFEST_NAME = "manifest.json"
 CONTEXT_ENCODER_GRAPH = "context_encoder.onnx"
 PREDICTOR_GRAPH = "predictor.onnx"
@@ -99,6 +105,9 @@ def load_bundle(path, verify_hashes: bool = True) -> Bundle:
     if manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"model bundle {path}: {MANIFEST_NAME} has format version {manifest.get('format')!r}, "
                           f"this cmi-daemon reads {BUNDLE_FORMAT!r} (export the model again, or update cmi-daemon)")
+    if manifest.get("weights_dtype") != WEIGHTS_DTYPE:
+        raise BundleError(f"model bundle {path}: {MANIFEST_NAME} gives weights dtype {manifest.get('weights_dtype')!r}, "
+                          f"expected {WEIGHTS_DTYPE!r}")
     if manifest.get("vocab_id") != vocab.VOCAB_ID:
         raise BundleError(f"model bundle {path}: vocabulary {manifest.get('vocab_id')!r} is not {vocab.VOCAB_ID!r}")
     try:
@@ -124,17 +133,23 @@ def load_bundle(path, verify_hashes: bool = True) -> Bundle:
 
 
 def load_torch_models(bundle: Bundle):
-    """(RWKVGenerator, JEPA or None) in eval mode, from the bundle's safetensors (for DIL and NLL)."""
+    """(RWKVGenerator, JEPA or None) in eval mode, from the bundle's safetensors (for DIL and NLL).
+
+    The fp16 weights are upcast to fp32: the models compute in fp32, as the ONNX graphs do."""
     from safetensors.torch import load_file
 
     from .model.jepa import JEPA
     from .model.rwkv import RWKVGenerator
 
+    def fp32_weights(name: str) -> dict:
+        return {key: tensor.float() if tensor.is_floating_point() else tensor
+                for key, tensor in load_file(bundle.file(name)).items()}
+
     generator = RWKVGenerator(bundle.model_config.generator)
-    generator.load_state_dict(load_file(bundle.file(GENERATOR_WEIGHTS)))
+    generator.load_state_dict(fp32_weights(GENERATOR_WEIGHTS))
     jepa = None
     if bundle.conditioned:
         jepa = JEPA(bundle.model_config.encoder, bundle.model_config.predictor)
-        jepa.load_state_dict(load_file(bundle.file(JEPA_WEIGHTS)))
+        jepa.load_state_dict(fp32_weights(JEPA_WEIGHTS))
         jepa.eval().requires_grad_(False)
     return generator.eval().requires_grad_(False), jepa

@@ -1,5 +1,9 @@
 """Write a model bundle folder (format: cmi_daemon.bundle) from a checkpoint.
 
+The weights are written once, as fp16 safetensors (export.weights); the ONNX graphs are traced
+from the models holding those fp16-rounded weights in fp32, then their initializers are pointed
+into the safetensors files, so torch and ONNX Runtime compute with the same numbers.
+
 The folder is built under a temporary name next to the target and renamed into place when
 complete, so a bundle folder is never half written; the manifest, with every file's sha256,
 is written last.
@@ -14,18 +18,27 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import save_file
 
 from cmi_daemon import vocab
 from cmi_daemon.bundle import (BUNDLE_FORMAT, CONTEXT_ENCODER_GRAPH, GENERATOR_WEIGHTS, JEPA_WEIGHTS,
                                MANIFEST_NAME, PREDICTOR_GRAPH, PREFILL_CHUNK_TOKENS, PREFILL_GRAPH, STEP_GRAPH,
-                               bundle_files, sha256_of)
+                               WEIGHTS_DTYPE, bundle_files, sha256_of)
 from cmi_daemon.model.config import ModelConfig
 from cmi_daemon.model.jepa import JEPA
 from cmi_daemon.model.rwkv import RWKVGenerator
 from export.checkpoint import Checkpoint
 from export.graphs import export_generator_graphs, export_jepa_graphs
+from export.weights import STORAGE_DTYPE, link_graph_to_weights, save_weights
 from training.batches import ilm_window_tokens
+
+
+GRAPH_WEIGHT_LINKS = {
+    PREFILL_GRAPH: (GENERATOR_WEIGHTS, "generator.", ""),
+    STEP_GRAPH: (GENERATOR_WEIGHTS, "generator.", ""),
+    CONTEXT_ENCODER_GRAPH: (JEPA_WEIGHTS, "", "context_encoder."),
+    PREDICTOR_GRAPH: (JEPA_WEIGHTS, "predictor.", "predictor."),
+}
+"""Graph -> (safetensors file holding its weights, weight name prefix in the graph, in the file)."""
 
 
 def default_context_tokens(model_config: ModelConfig) -> int:
@@ -36,19 +49,22 @@ def default_context_tokens(model_config: ModelConfig) -> int:
     return tokens
 
 
+def stored_precision(state_dict: dict) -> dict:
+    """The state dict as the bundle stores it: floating-point tensors rounded to fp16, held in fp32."""
+    return {name: tensor.detach().to(STORAGE_DTYPE).float() if tensor.is_floating_point() else tensor.detach()
+            for name, tensor in state_dict.items()}
+
+
 def build_models(checkpoint: Checkpoint) -> tuple[RWKVGenerator, Optional[JEPA]]:
+    """The checkpoint's networks in eval mode, with their weights rounded to the bundle's fp16."""
     config = checkpoint.model_config
     generator = RWKVGenerator(config.generator)
-    generator.load_state_dict(checkpoint.generator)
+    generator.load_state_dict(stored_precision(checkpoint.generator))
     jepa = None
     if config.generator.conditioned:
         jepa = JEPA(config.encoder, config.predictor)
-        jepa.load_state_dict(checkpoint.jepa)
+        jepa.load_state_dict(stored_precision(checkpoint.jepa))
     return generator.eval(), (jepa.eval() if jepa is not None else None)
-
-
-def _contiguous(state_dict: dict) -> dict:
-    return {name: tensor.detach().float().contiguous() for name, tensor in state_dict.items()}
 
 
 def write_bundle(checkpoint: Checkpoint, out_dir, context_tokens: Optional[int] = None,
@@ -59,19 +75,24 @@ def write_bundle(checkpoint: Checkpoint, out_dir, context_tokens: Optional[int] 
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     generator, jepa = build_models(checkpoint)
-    save_file(_contiguous(generator.state_dict()), str(staging / GENERATOR_WEIGHTS))
+    save_weights(generator.state_dict(), staging / GENERATOR_WEIGHTS)
     export_generator_graphs(generator, staging / PREFILL_GRAPH, staging / STEP_GRAPH)
     if jepa is not None:
-        save_file(_contiguous(jepa.state_dict()), str(staging / JEPA_WEIGHTS))
+        save_weights(jepa.state_dict(), staging / JEPA_WEIGHTS)
         export_jepa_graphs(jepa.context_encoder, jepa.predictor, staging / CONTEXT_ENCODER_GRAPH,
                            staging / PREDICTOR_GRAPH)
     conditioned = checkpoint.model_config.generator.conditioned
+    for graph in bundle_files(conditioned):
+        if graph in GRAPH_WEIGHT_LINKS:
+            weights, graph_prefix, weights_prefix = GRAPH_WEIGHT_LINKS[graph]
+            link_graph_to_weights(staging / graph, staging / weights, graph_prefix, weights_prefix)
     training = dict(checkpoint.training)
     if data_summary:
         training["data"] = data_summary
     manifest = {
         "format": BUNDLE_FORMAT,
         "vocab_id": vocab.VOCAB_ID,
+        "weights_dtype": WEIGHTS_DTYPE,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source_checkpoint": source,
         "torch_version": torch.__version__,

@@ -12,21 +12,36 @@ Graph inputs and outputs (B is dynamic everywhere; N, Nc, Nt are dynamic token c
 - generator_prefill: token_ids (B, PREFILL_CHUNK_TOKENS) int64, state (n_layer, 5, B, C), head_rows (R, C),
   [cond (B, E)] -> logits (B, R) after the chunk's last token, new_state
 - generator_step: token_ids (B,) int64, state, head_rows, [cond] -> logits (B, R), new_state
+
+The graphs are traced without constant folding, so every weight stays an initializer named
+after its parameter (export.weights then points it into the safetensors files) and nothing
+derived from a weight (a transpose, -exp(time_decay)) is baked into a graph; ONNX Runtime
+folds those at session creation. The encoder's and predictor's sinusoidal position tables are
+computed in the graph too (Range, Mul, Sin, Cos), instead of being stored as a constant of
+max_len x width floats.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
 import torch.nn as nn
+from onnx import TensorProto, helper, numpy_helper
 
 from cmi_daemon.bundle import PREFILL_CHUNK_TOKENS
-from cmi_daemon.model.jepa import ContextEncoder, Predictor, conditioning_vector
+from cmi_daemon.model.jepa import ContextEncoder, Predictor, conditioning_vector, sinusoid_table
 from cmi_daemon.model.rwkv import WKV_CHUNK_LEN, RWKVGenerator
 
 ONNX_OPSET = 17
+ONNX_IR_VERSION = 8
+"""Of the position-table graph run at export (onnx's default IR version is newer than ONNX Runtime reads)."""
+POSITION_TABLE_TOLERANCE = 1e-6
 
 
 def generator_hidden(generator: RWKVGenerator, token_ids, state, cond):
@@ -78,7 +93,74 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names, output_name
 
 def _trace(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_axes) -> None:
     torch.onnx.export(module.eval(), args, str(path), dynamo=False, input_names=list(input_names),
-                      output_names=list(output_names), dynamic_axes=dynamic_axes, opset_version=ONNX_OPSET)
+                      output_names=list(output_names), dynamic_axes=dynamic_axes, opset_version=ONNX_OPSET,
+                      do_constant_folding=False)
+
+
+def _position_table_nodes(table_name: str, max_len: int, width: int) -> list[onnx.NodeProto]:
+    """Nodes computing model.jepa.sinusoid_table(max_len, width) into table_name.
+
+    The width / 2 frequencies are a constant taken from that table's torch computation (exp of
+    ONNX Runtime and of torch may differ by an ulp, which position 4,000 turns into 2e-4), the
+    angles are the same fp32 products as in torch, and Sin and Cos run in fp64 so the table
+    matches torch's to an ulp."""
+    prefix = table_name + "/"
+    frequency = torch.exp(torch.arange(0, width, 2, dtype=torch.float32) * (-math.log(10000.0) / width))
+
+    def constant(name: str, value) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [prefix + name],
+                                value=numpy_helper.from_array(np.asarray(value), prefix + name))
+
+    def node(op: str, inputs, output: str, **attributes) -> onnx.NodeProto:
+        return helper.make_node(op, [prefix + name for name in inputs], [prefix + output], **attributes)
+
+    return [
+        constant("zero", np.float32(0)), constant("one", np.float32(1)), constant("max_len", np.float32(max_len)),
+        constant("frequency", frequency.numpy()),
+        constant("column_axis", np.array([1], dtype=np.int64)), constant("pair_axis", np.array([2], dtype=np.int64)),
+        constant("shape", np.array([max_len, width], dtype=np.int64)),
+        node("Range", ["zero", "max_len", "one"], "positions"),
+        node("Unsqueeze", ["positions", "column_axis"], "position_column"),
+        node("Mul", ["position_column", "frequency"], "angle"),
+        node("Cast", ["angle"], "angle_fp64", to=TensorProto.DOUBLE),
+        node("Sin", ["angle_fp64"], "sin_fp64"), node("Cos", ["angle_fp64"], "cos_fp64"),
+        node("Unsqueeze", ["sin_fp64", "pair_axis"], "sin_pairs"),
+        node("Unsqueeze", ["cos_fp64", "pair_axis"], "cos_pairs"),
+        node("Concat", ["sin_pairs", "cos_pairs"], "pairs", axis=2),
+        node("Cast", ["pairs"], "pairs_fp32", to=TensorProto.FLOAT),
+        helper.make_node("Reshape", [prefix + "pairs_fp32", prefix + "shape"], [table_name]),
+    ]
+
+
+def _run_nodes(nodes: list[onnx.NodeProto], output: str, shape: tuple[int, ...]) -> np.ndarray:
+    graph = helper.make_graph(nodes, "check", [], [helper.make_tensor_value_info(output, TensorProto.FLOAT, shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], ir_version=ONNX_IR_VERSION)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {})[0]
+
+
+def compute_position_tables(path: Path, max_len: int, width: int) -> None:
+    """Replace the traced constant sinusoid_table(max_len, width) of the graph at path by nodes computing it."""
+    model = onnx.load(str(path))
+    table = sinusoid_table(max_len, width).numpy()
+    nodes, replaced = [], 0
+    for node in model.graph.node:
+        value = node.attribute[0].t if node.op_type == "Constant" and node.attribute[0].name == "value" else None
+        if value is not None and tuple(value.dims) == table.shape and value.data_type == TensorProto.FLOAT \
+                and np.array_equal(numpy_helper.to_array(value), table):
+            nodes.extend(_position_table_nodes(node.output[0], max_len, width))
+            replaced += 1
+        else:
+            nodes.append(node)
+    if replaced != 1:
+        raise ValueError(f"{path.name}: expected one position table of {max_len} x {width}, found {replaced}")
+    computed = _run_nodes(_position_table_nodes("table", max_len, width), "table", table.shape)
+    error = float(np.abs(computed - table).max())
+    if error > POSITION_TABLE_TOLERANCE:
+        raise ValueError(f"{path.name}: the computed position table differs from torch's by {error:.2e}")
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(path))
 
 
 def export_generator_graphs(generator: RWKVGenerator, prefill_path: Path, step_path: Path) -> None:
@@ -109,6 +191,7 @@ def export_jepa_graphs(encoder: ContextEncoder, predictor: Predictor, encoder_pa
                 ("token_ids", "positions", "valid"), ("representations",),
                 {"token_ids": {0: "batch", 1: "n_context"}, "positions": {0: "batch", 1: "n_context"},
                  "valid": {0: "batch", 1: "n_context"}, "representations": {0: "batch", 1: "n_context"}})
+        compute_position_tables(encoder_path, *encoder.pos_table.shape)
         target_positions = torch.arange(n_context, n_context + n_target)[None]
         target_valid = torch.ones(1, n_target, dtype=torch.bool)
         context_axes = {0: "batch", 1: "n_context"}
@@ -119,3 +202,4 @@ def export_jepa_graphs(encoder: ContextEncoder, predictor: Predictor, encoder_pa
                 ("cond",),
                 {"context_repr": context_axes, "context_positions": context_axes, "context_valid": context_axes,
                  "target_positions": target_axes, "target_valid": target_axes, "cond": {0: "batch"}})
+        compute_position_tables(predictor_path, *predictor.pos_table.shape)

@@ -1,4 +1,5 @@
-"""Model bundles: ONNX graphs agree with the torch model on real tokens; broken bundles are refused."""
+"""Model bundles: every weight is stored once as fp16 and the ONNX graphs read it from the safetensors
+files; the graphs agree with the torch model on real tokens; broken bundles are refused."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import TensorProto, numpy_helper
+from safetensors import safe_open
 
-from cmi_daemon.bundle import (BUNDLE_FORMAT, MANIFEST_NAME, PREDICTOR_GRAPH, STEP_GRAPH, BundleError, load_bundle,
-                               load_torch_models)
+from cmi_daemon.bundle import (BUNDLE_FORMAT, GENERATOR_WEIGHTS, JEPA_WEIGHTS, MANIFEST_NAME, PREDICTOR_GRAPH,
+                               STEP_GRAPH, BundleError, load_bundle, load_torch_models)
 from cmi_daemon.engine import Engine, blank_positions
 from cmi_daemon.model.config import preset
 from cmi_daemon.model.jepa import JEPA
@@ -18,9 +22,13 @@ from cmi_daemon.model.rwkv import RWKVGenerator
 from cmi_daemon.tokens import read_midi
 from conftest import POP909_FIXTURES
 from export.__main__ import main as export_main
+from export.bundle import GRAPH_WEIGHT_LINKS
+from export.weights import FP16_INITIALIZER_SUFFIX
 from tiny_bundle import randomized, tiny_bundle_dir
 
 TOLERANCE = 1e-4
+MAX_INLINE_TENSOR_BYTES = 4096
+"""The largest constant a graph may hold itself (the traced code's small masks, shapes and indices)."""
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +49,45 @@ def test_bundle_manifest_describes_the_model(engine):
     assert manifest["model_config"] == preset("tiny").to_dict()
     assert manifest["tokenizer"]["wait_step_ms"] == 8.0 and manifest["training"]["note"] == "random weights for tests"
     assert sorted(manifest["files"]) == sorted(p.name for p in engine.bundle.path.iterdir() if p.name != MANIFEST_NAME)
+    assert manifest["weights_dtype"] == "float16"
+
+
+def test_weights_are_stored_once_as_fp16_and_the_graphs_read_them(engine):
+    folder = engine.bundle.path
+    for weights_name in (GENERATOR_WEIGHTS, JEPA_WEIGHTS):
+        with safe_open(str(folder / weights_name), framework="numpy") as weights:
+            assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"F16"}
+    for graph_name, (weights_name, _, _) in GRAPH_WEIGHT_LINKS.items():
+        graph = onnx.load(str(folder / graph_name), load_external_data=False).graph
+        external = [tensor for tensor in graph.initializer if tensor.data_location == TensorProto.EXTERNAL]
+        assert external and all(tensor.data_type == TensorProto.FLOAT16 for tensor in external)
+        assert all({entry.key: entry.value for entry in tensor.external_data}["location"] == weights_name
+                   for tensor in external)
+        cast_inputs = {node.input[0] for node in graph.node if node.op_type == "Cast"}
+        assert {tensor.name for tensor in external} <= cast_inputs
+        inline = [tensor for tensor in graph.initializer if tensor.data_location != TensorProto.EXTERNAL]
+        inline += [attribute.t for node in graph.node if node.op_type == "Constant" for attribute in node.attribute]
+        assert max(len(numpy_helper.to_array(tensor).tobytes()) for tensor in inline) <= MAX_INLINE_TENSOR_BYTES
+        assert (folder / graph_name).stat().st_size < (folder / weights_name).stat().st_size / 10
+
+
+def test_the_graphs_external_data_is_the_stored_tensor(engine):
+    folder = engine.bundle.path
+    for graph_name, (weights_name, graph_prefix, weights_prefix) in GRAPH_WEIGHT_LINKS.items():
+        graph = onnx.load(str(folder / graph_name)).graph
+        with safe_open(str(folder / weights_name), framework="numpy") as weights:
+            for tensor in graph.initializer:
+                if tensor.data_type == TensorProto.FLOAT16:
+                    name = weights_prefix + tensor.name.removesuffix(FP16_INITIALIZER_SUFFIX)[len(graph_prefix):]
+                    assert np.array_equal(numpy_helper.to_array(tensor), weights.get_tensor(name))
+
+
+def test_torch_models_load_the_fp16_weights_as_fp32(engine):
+    generator, jepa = load_torch_models(engine.bundle)
+    parameters = list(generator.parameters()) + list(jepa.parameters())
+    assert {parameter.dtype for parameter in parameters} == {torch.float32}
+    emb = generator.emb.weight
+    assert torch.equal(emb, emb.half().float())
 
 
 def test_step_graph_agrees_with_torch_on_real_tokens(engine, region):
@@ -99,12 +146,13 @@ def bundle_copy(tmp_path, tmp_path_factory):
     return copy
 
 
-def test_a_changed_file_is_refused_by_its_hash(bundle_copy):
-    path = bundle_copy / STEP_GRAPH
+@pytest.mark.parametrize("name", [STEP_GRAPH, GENERATOR_WEIGHTS, JEPA_WEIGHTS])
+def test_a_changed_file_is_refused_by_its_hash(bundle_copy, name):
+    path = bundle_copy / name
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match=f"{STEP_GRAPH} does not match its sha256"):
+    with pytest.raises(BundleError, match=f"{name} does not match its sha256"):
         load_bundle(bundle_copy)
 
 
@@ -117,12 +165,23 @@ def test_a_missing_file_is_refused(bundle_copy):
         Engine(bundle_copy)
 
 
-def test_an_unknown_format_version_is_refused(bundle_copy):
+@pytest.mark.parametrize("version", ["cmi-bundle-1", "cmi-bundle-99"])
+def test_an_older_or_unknown_format_version_is_refused(bundle_copy, version):
     manifest_path = bundle_copy / MANIFEST_NAME
     manifest = json.loads(manifest_path.read_text())
-    manifest["format"] = "cmi-bundle-99"
+    manifest["format"] = version
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match=f"{MANIFEST_NAME} has format version 'cmi-bundle-99'"):
+    with pytest.raises(BundleError, match=f"{MANIFEST_NAME} has format version '{version}', this cmi-daemon reads "
+                                          f"'{BUNDLE_FORMAT}' \\(export the model again"):
+        load_bundle(bundle_copy)
+
+
+def test_another_weights_dtype_is_refused(bundle_copy):
+    manifest_path = bundle_copy / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    manifest["weights_dtype"] = "float32"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="weights dtype 'float32', expected 'float16'"):
         load_bundle(bundle_copy)
 
 
