@@ -54,6 +54,25 @@ def base_jepa(engine) -> JEPA:
     return jepa.eval().requires_grad_(False)
 
 
+def trainable_keys(base: JEPA, initializers: dict[str, dict]) -> set[str]:
+    """Weights with an initializer of their own in the graphs. The exporter merges weights of equal
+    value into one initializer (fresh LayerNorms); those stay frozen, so torch and ONNX agree.
+    Initializers that hold no JEPA weight (constants) are not weights to learn."""
+    state = base.state_dict()
+    own = {graph_weight_key(graph, name) for graph, names in initializers.items() for name in names} & set(state)
+    merged = [key for key in state if key.startswith(TRAINED_MODULES) and key not in own]
+    shared = {key for key in own for other in merged
+              if state[key].shape == state[other].shape and torch.equal(state[key], state[other])}
+    return own - shared
+
+
+def served_initializers(base: JEPA, initializers: dict[str, dict]) -> dict[str, dict]:
+    """The initializers that hold a JEPA weight (those a profile replaces)."""
+    state = base.state_dict()
+    return {graph: {name: dtype for name, dtype in names.items() if graph_weight_key(graph, name) in state}
+            for graph, names in initializers.items()}
+
+
 def lower_thread_priority() -> None:
     """Lowest scheduling priority for the calling thread (Linux: per-thread nice 19)."""
     if sys.platform.startswith("linux"):
@@ -155,27 +174,18 @@ class Learner:
     def _base_jepa(self) -> JEPA:
         if self._base is None:
             self._base = base_jepa(self.engine)
+            self.initializers = served_initializers(self._base, self.initializers)
         return self._base
 
     def _model(self, profile: str) -> ProfileModel:
         model = self.models.get(profile)
         if model is None:
-            model = ProfileModel(self._base_jepa(), self.settings, self.device, self._trainable_keys())
+            model = ProfileModel(self._base_jepa(), self.settings, self.device, trainable_keys(self._base_jepa(), self.initializers))
             saved = self.store.load(profile)
             if saved is not None:
                 model.load_tensors({k: v for k, v in saved.tensors.items()}, saved.steps, saved.signals)
             self.models[profile] = model
         return model
-
-    def _trainable_keys(self) -> set[str]:
-        """Weights with an initializer of their own in the graphs. The exporter merges weights of equal
-        value into one initializer (fresh LayerNorms); those stay frozen, so torch and ONNX agree."""
-        state = self._base_jepa().state_dict()
-        own = {graph_weight_key(graph, name) for graph, names in self.initializers.items() for name in names}
-        merged = [key for key in state if key.startswith(TRAINED_MODULES) and key not in own]
-        shared = {key for key in own for other in merged
-                  if state[key].shape == state[other].shape and torch.equal(state[key], state[other])}
-        return own - shared
 
     def _install(self, profile: str, model: ProfileModel) -> None:
         self.engine.install_profile_weights(profile, model.graph_weights(self.initializers))
