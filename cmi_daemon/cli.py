@@ -126,6 +126,38 @@ def command_install_reaper(args) -> int:
     return 0
 
 
+def command_profiles(args) -> int:
+    """List the DIL profiles, or reset one to the base model: through the running daemon when one
+    answers, else directly in the user data folder."""
+    from . import paths
+    from .client import DaemonClient, DaemonNotRunning, load_connection
+    from .dil.store import ProfileStore
+    from .server import ProfileBook
+
+    try:
+        connection = load_connection()
+    except DaemonNotRunning:
+        connection = None
+    if connection is not None:
+        with DaemonClient(connection=connection, timeout_ms=args.timeout_ms) as client:
+            listing = client.profiles(reset=args.reset)["profiles"]
+        names = [entry["name"] for entry in listing]
+    else:
+        store = ProfileStore(paths.data_dir() / "dil", base_id="")
+        book = ProfileBook(paths.data_dir() / "profiles.json")
+        if args.reset is not None:
+            known = args.reset in store.profiles() or args.reset in book.profiles
+            if not known:
+                raise CMIError(f"no profile named {args.reset!r}")
+            store.reset(args.reset)
+            book.reset(args.reset)
+        names = sorted(set(store.profiles()) | set(book.profiles))
+    if args.reset is not None:
+        print(f"profile {args.reset} reset to the base model")
+    print("\n".join(names) if names else "no profiles")
+    return 0
+
+
 def add_install_commands(commands) -> None:
     """`cmi-daemon install TARGET`: put a DAW bridge where its DAW finds it, one subcommand per DAW."""
     install = commands.add_parser("install", help="install a DAW bridge (ableton, ...)",
@@ -196,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: the repository's POP909 test fixtures)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the fastest counts")
     bench.set_defaults(run=command_bench)
+
+    profiles = commands.add_parser("profiles", help="list the DIL profiles or reset one to the base model",
+                                   description=command_profiles.__doc__)
+    profiles.add_argument("--reset", metavar="NAME", help="forget what DIL learned for this profile")
+    profiles.add_argument("--timeout-ms", type=int, default=10_000, help="how long to wait for the daemon's reply")
+    profiles.set_defaults(run=command_profiles)
 
     add_daemon_commands(commands)
     add_install_commands(commands)

@@ -197,3 +197,15 @@ def test_a_profile_killed_during_saves_always_loads(tmp_path):
         values = {float(t.flatten()[0]) for t in saved.tensors.values()}
         assert values == {float(saved.steps)}, "weights and counters come from one save"
         assert store.read_log("default"), "the log is readable"
+
+
+def test_profiles_command_resets_on_disk_when_no_daemon_runs(tmp_path, monkeypatch, capsys):
+    from cmi_daemon import cli
+
+    monkeypatch.setenv("CMI_HOME", str(tmp_path))
+    store = ProfileStore(tmp_path / "data" / "dil", "base")
+    store.save("carol", {"jepa.w": torch.zeros(2)}, steps=1, signals=1, settings_json="{}")
+    assert cli.main(["profiles"]) == 0 and "carol" in capsys.readouterr().out
+    assert cli.main(["profiles", "--reset", "carol"]) == 0
+    assert store.profiles() == [] and not store.folder("carol").exists()
+    assert cli.main(["profiles", "--reset", "carol"]) == 2
