@@ -104,6 +104,8 @@ class Learner:
         """Set once the saved profiles are installed in the engine."""
         self.models: dict[str, ProfileModel] = {}
         self.first_versions: OrderedDict[str, tuple[str, dict]] = OrderedDict()
+        self.last_rejected: OrderedDict[str, dict] = OrderedDict()
+        """Session -> the content rejected last: a `reject` then a repeat of the same notes count once."""
         self._base: Optional[JEPA] = None
         self._thread = threading.Thread(target=self._run, name="cmi-dil", daemon=True)
         self._thread.start()
@@ -149,6 +151,7 @@ class Learner:
         torch.set_num_threads(1)
         self.device = self.device or choose_device()
         try:
+            self.store.remove_temporaries()
             for profile in self.store.profiles():
                 model = self._model(profile)
                 if model.signals:
@@ -183,7 +186,7 @@ class Learner:
             model = ProfileModel(self._base_jepa(), self.settings, self.device, trainable_keys(self._base_jepa(), self.initializers))
             saved = self.store.load(profile)
             if saved is not None:
-                model.load_tensors({k: v for k, v in saved.tensors.items()}, saved.steps, saved.signals)
+                model.load_tensors(saved.tensors, saved.steps, saved.signals)
             self.models[profile] = model
         return model
 
@@ -196,11 +199,45 @@ class Learner:
         self.engine.install_profile_weights(profile, None)
         for session in [s for s, (p, _) in self.first_versions.items() if p == profile]:
             del self.first_versions[session]
+            self.last_rejected.pop(session, None)
         log.info("DIL: profile %s reset to the base model", profile)
 
     def _piece(self, request, content: dict) -> Piece:
         song = song_with_content(request.song, request.start_qn, request.end_qn, content)
         return piece(song, request.start_qn, request.end_qn, request.target_tracks, self.window_tokens)
+
+    def _iteration_steps(self, signal, content: dict, model: ProfileModel) -> tuple[str, list[dict]]:
+        """Eq. 2 steps for rejected content (once per content and session: a `reject` then a repeat
+        of the same notes is one signal)."""
+        if self.last_rejected.get(signal.session) == content:
+            return "none (rejected already)", []
+        self._remember_first(signal, content)
+        self.last_rejected[signal.session] = content
+        while len(self.last_rejected) > SESSION_MEMORY:
+            self.last_rejected.popitem(last=False)
+        rejected = self._piece(signal.request, content)
+        span = neutral_span(rejected, self.rng)
+        if span is None or rejected.blank_end == rejected.blank_start:
+            return "none (no context or empty range)", []
+        terms = []
+        for _ in range(self.settings.steps_per_signal):
+            self.engine.idle.wait()
+            terms.append(model.iteration_step(rejected, span))
+        return "iteration", terms
+
+    def _sample_steps(self, signal, content: dict, model: ProfileModel) -> tuple[str, list[dict]]:
+        """Eq. 3 steps for accepted content against the session's first version."""
+        first = self.first_versions.pop(signal.session, (signal.profile, None))[1]
+        self.last_rejected.pop(signal.session, None)
+        if first is None or first == content:
+            return "none (the first version was accepted)", []
+        accepted = self._piece(signal.request, content)
+        first_piece = self._piece(signal.request, first)
+        terms = []
+        for _ in range(self.settings.steps_per_signal):
+            self.engine.idle.wait()
+            terms.append(model.sample_step(accepted, first_piece))
+        return "sample", terms
 
     def _remember_first(self, signal, content: dict) -> None:
         if signal.session not in self.first_versions:
@@ -213,25 +250,10 @@ class Learner:
         profile = signal.profile
         content = signal_content(signal)
         model = self._model(profile)
-        terms: list[dict] = []
         if signal.kind in ("repeat", "reject"):
-            self._remember_first(signal, content)
-            rejected = self._piece(signal.request, content)
-            span = neutral_span(rejected, self.rng)
-            if span is not None and rejected.blank_end > rejected.blank_start:
-                for _ in range(self.settings.steps_per_signal):
-                    self.engine.idle.wait()
-                    terms.append(model.iteration_step(rejected, span))
-            strategy = "iteration"
+            strategy, terms = self._iteration_steps(signal, content, model)
         else:
-            first = self.first_versions.pop(signal.session, (profile, None))[1]
-            if first is not None and first != content:
-                accepted = self._piece(signal.request, content)
-                first_piece = self._piece(signal.request, first)
-                for _ in range(self.settings.steps_per_signal):
-                    self.engine.idle.wait()
-                    terms.append(model.sample_step(accepted, first_piece))
-            strategy = "sample"
+            strategy, terms = self._sample_steps(signal, content, model)
         model.signals += 1
         stepped = sum(1 for t in terms if t["stepped"])
         self.engine.idle.wait()

@@ -55,6 +55,14 @@ class ProfileStore:
         return sorted(p.name[:-len(PROFILE_SUFFIX)] for p in self.root.iterdir()
                       if p.name.endswith(PROFILE_SUFFIX) and (p / STATE_FILE).is_file())
 
+    def remove_temporaries(self) -> int:
+        """Delete the temporary files of writes a kill cut short (call while no one writes); returns how many."""
+        removed = 0
+        for temporary in self.root.glob(f"*{PROFILE_SUFFIX}/.*.tmp") if self.root.is_dir() else ():
+            temporary.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
     def save(self, profile: str, tensors: dict[str, torch.Tensor], steps: int, signals: int, settings_json: str) -> None:
         metadata = {"format": STATE_FORMAT, "base": self.base_id, "steps": str(steps), "signals": str(signals),
                     "settings": settings_json}
