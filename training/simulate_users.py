@@ -26,8 +26,9 @@ baseline), `iteration`, `sample`, `both` (which steps the learner takes).
   and without DIL, to see whether learning from noise makes infills worse.
 
 Results of each (user, system, test) are written to DIR/runs/ as they finish, and a run with the
-same arguments skips those already there (resume after a stop). DIR gets results.json,
-results.md and PNG plots.
+same arguments skips those already there (resume after a stop; a run with another --loss into
+the same DIR reuses the `off` baseline). DIR gets results.json, results.md and PNG plots
+(results-distance.* for --loss distance).
 """
 
 from __future__ import annotations
@@ -351,7 +352,7 @@ def results_markdown(summary: dict, protocol: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, out_dir: Path) -> None:
+def plot(summary: dict, out_dir: Path, suffix: str = "") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -368,7 +369,7 @@ def plot(summary: dict, out_dir: Path) -> None:
         axis.set_title("DIL (both strategies) per test")
         axis.legend()
         figure.tight_layout()
-        figure.savefig(out_dir / "ius_ric_per_test.png", dpi=120)
+        figure.savefig(out_dir / f"ius_ric_per_test{suffix}.png", dpi=120)
         plt.close(figure)
     grounded = summary.get("grounded/both")
     if grounded and grounded["tests"]:
@@ -381,7 +382,7 @@ def plot(summary: dict, out_dir: Path) -> None:
         axis.set_title("Grounded user: lower register")
         axis.legend()
         figure.tight_layout()
-        figure.savefig(out_dir / "grounded_rounds.png", dpi=120)
+        figure.savefig(out_dir / f"grounded_rounds{suffix}.png", dpi=120)
         plt.close(figure)
 
 
@@ -394,6 +395,8 @@ def main(argv=None) -> None:
     parser.add_argument("--pieces", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--users", default="paper,grounded,random")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES[1:]),
+                        help="DIL systems to run besides `off` (iteration,sample,both)")
     parser.add_argument("--loss", default="cosine", choices=("cosine", "distance"))
     parser.add_argument("--steps", type=int, default=DILSettings.steps_per_signal)
     parser.add_argument("--lr", type=float, default=DILSettings.lr)
@@ -411,13 +414,16 @@ def main(argv=None) -> None:
     runs_dir = args.out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     users = [u for u in args.users.split(",") if u]
+    chosen = {"off", *(x for x in args.strategies.split(",") if x)}
     runs: dict = {}
-    systems = {strategy: SimulatedSystem(engine, base, strategy, settings) for strategy in STRATEGIES}
+    systems = {strategy: SimulatedSystem(engine, base, strategy, settings) for strategy in STRATEGIES
+               if strategy in chosen}
     for test in range(args.tests):
         cases = load_cases(args.data, test, args.pieces, args.seed)
         for user in users:
-            for strategy in USER_STRATEGIES[user]:
-                path = runs_dir / f"{user}-{strategy}-{args.loss}-{test:03d}.json"
+            for strategy in (x for x in USER_STRATEGIES[user] if x in chosen):
+                system_name = strategy if strategy == "off" else f"{strategy}-{args.loss}"
+                path = runs_dir / f"{user}-{system_name}-{test:03d}.json"
                 if path.exists():
                     result = json.loads(path.read_text())
                 else:
@@ -437,9 +443,10 @@ def main(argv=None) -> None:
                 "rounds": args.rounds, "loss": args.loss, "steps_per_signal": args.steps, "lr": args.lr,
                 "gamma": GAMMA, "register_drop": args.register_drop, "seed": args.seed,
                 "elapsed_s": time.perf_counter() - started_s}
-    (args.out / "results.json").write_text(json.dumps({"protocol": protocol, "summary": summary}, indent=1))
-    (args.out / "results.md").write_text(results_markdown(summary, protocol))
-    plot(summary, args.out)
+    suffix = "" if args.loss == "cosine" else f"-{args.loss}"
+    (args.out / f"results{suffix}.json").write_text(json.dumps({"protocol": protocol, "summary": summary}, indent=1))
+    (args.out / f"results{suffix}.md").write_text(results_markdown(summary, protocol))
+    plot(summary, args.out, suffix)
     print(results_markdown(summary, protocol))
 
 

@@ -43,6 +43,9 @@ QUEUE_SIZE = 64
 SESSION_MEMORY = 256
 """Sessions whose first version the learner remembers, for a later accept."""
 LOWEST_NICE = 19
+PROFILES_IN_MEMORY = 4
+"""Profiles whose torch model and optimizer stay loaded; others are read back from disk when needed
+(each is saved after every signal, so dropping one loses nothing)."""
 
 
 def base_jepa(engine) -> JEPA:
@@ -102,11 +105,12 @@ class Learner:
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
         self.ready = threading.Event()
         """Set once the saved profiles are installed in the engine."""
-        self.models: dict[str, ProfileModel] = {}
+        self.models: OrderedDict[str, ProfileModel] = OrderedDict()
         self.first_versions: OrderedDict[str, tuple[str, dict]] = OrderedDict()
         self.last_rejected: OrderedDict[str, dict] = OrderedDict()
         """Session -> the content rejected last: a `reject` then a repeat of the same notes count once."""
         self._base: Optional[JEPA] = None
+        self._trainable: set[str] = set()
         self._thread = threading.Thread(target=self._run, name="cmi-dil", daemon=True)
         self._thread.start()
 
@@ -178,16 +182,20 @@ class Learner:
         if self._base is None:
             self._base = base_jepa(self.engine)
             self.initializers = served_initializers(self._base, self.initializers)
+            self._trainable = trainable_keys(self._base, self.initializers)
         return self._base
 
     def _model(self, profile: str) -> ProfileModel:
         model = self.models.get(profile)
         if model is None:
-            model = ProfileModel(self._base_jepa(), self.settings, self.device, trainable_keys(self._base_jepa(), self.initializers))
+            model = ProfileModel(self._base_jepa(), self.settings, self.device, self._trainable)
             saved = self.store.load(profile)
             if saved is not None:
                 model.load_tensors(saved.tensors, saved.steps, saved.signals)
             self.models[profile] = model
+            while len(self.models) > PROFILES_IN_MEMORY:
+                self.models.popitem(last=False)
+        self.models.move_to_end(profile)
         return model
 
     def _install(self, profile: str, model: ProfileModel) -> None:
