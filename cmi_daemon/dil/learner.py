@@ -267,6 +267,7 @@ class Learner:
         self.engine.idle.wait()
         self.store.save(profile, model.tensors(), model.steps, model.signals, self.settings.to_json())
         if stepped:
+            self.engine.idle.wait()
             self._install(profile, model)
         self.store.append_log(profile, {
             "time_s": signal.time_s, "signal": signal.kind, "session": signal.session, "strategy": strategy,
