@@ -9,6 +9,7 @@ import pytest
 from scipy import stats
 
 from cmi_daemon import vocab
+from cmi_daemon.regions import build_region
 from cmi_daemon.tokens import read_midi
 from conftest import GROOVE_FIXTURES, POP909_FIXTURES, shared_data
 from training import evaluate
@@ -105,8 +106,16 @@ def test_check_infill_refuses_notes_outside_the_range():
 
 def test_ground_truth_nll_under_a_uniform_model():
     song, targets, blanks = all_blanks(POP909_FIXTURES[0])
-    uniform = lambda ids, start: [-math.log(vocab.VOCAB_SIZE)] * (len(ids) - start)
-    bits = evaluate.blank_nll_bits(uniform, song, blanks[0], targets)
+    class UniformModel:
+        """Every token equally likely; regions with the default context budget."""
+
+        def region(self, song, start_qn, end_qn, targets):
+            return build_region(song, start_qn, end_qn, targets)
+
+        def logprob_fn(self, ids, start):
+            return [-math.log(vocab.VOCAB_SIZE)] * (len(ids) - start)
+
+    bits = evaluate.blank_nll_bits(UniformModel(), song, blanks[0], targets)
     assert bits["bits_per_token"] == pytest.approx(math.log2(20099))
     assert bits["bits_per_note"] > 2 * math.log2(20099)
 

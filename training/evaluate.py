@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 from cmi_daemon import vocab
 from cmi_daemon.errors import MidiFileError
-from cmi_daemon.regions import build_region
 from cmi_daemon.tokens import Note, Song, read_midi
 from training import metrics
 from training.annotations import pop909_downbeats_s
@@ -180,12 +179,13 @@ def infill_metrics(song: Song, blank: Blank, targets: Sequence[int], infill: dic
     return values
 
 
-def blank_nll_bits(logprob_fn: metrics.LogprobFn, song: Song, blank: Blank, targets: Sequence[int]) -> dict[str, float]:
-    """Bits per token and per note of the ground-truth answer of the blank, teacher-forced."""
-    region = build_region(song, blank.start_qn, blank.end_qn, targets)
+def blank_nll_bits(system, song: Song, blank: Blank, targets: Sequence[int]) -> dict[str, float]:
+    """Bits per token and per note of the ground-truth answer of the blank, teacher-forced, in the
+    region the system itself would infill (its context window)."""
+    region = system.region(song, blank.start_qn, blank.end_qn, targets)
     answer_start = len(region.prefix_ids) + 1 + len(region.suffix_ids) + 1
     n_notes = sum(1 for t in region.blank_ids if vocab.is_note(t) and vocab.note_fields(t)[2] > 0)
-    per_token, per_note = metrics.nll_bits(logprob_fn, region.ilm_ids(region.blank_ids), answer_start, n_notes)
+    per_token, per_note = metrics.nll_bits(system.logprob_fn, region.ilm_ids(region.blank_ids), answer_start, n_notes)
     return {"bits_per_token": per_token, "bits_per_note": per_note}
 
 
@@ -240,9 +240,8 @@ def evaluate_song(path: Path, systems: Sequence[InfillSystem], n_blanks: int, se
             check_infill(system.name, infill, blank, targets)
             infills[system.name] = [n for notes in infill.values() for n in notes]
             result.values[system.name] = infill_metrics(song, blank, targets, infill, truth)
-            logprob_fn = getattr(system, "logprob_fn", None)
-            if logprob_fn is not None:
-                result.values[system.name].update(blank_nll_bits(logprob_fn, song, blank, targets))
+            if hasattr(system, "logprob_fn"):
+                result.values[system.name].update(blank_nll_bits(system, song, blank, targets))
         results.append(result)
         if len(rolls) < rolls_wanted:
             context = [n for side in (_side(song, targets, blank.past_bar_lines_qn),

@@ -15,6 +15,7 @@ import torch
 from cmi_daemon import vocab
 from cmi_daemon.bundle import load_torch_models
 from cmi_daemon.engine import Engine, InfillOptions
+from cmi_daemon.regions import Region
 from cmi_daemon.tokens import Note, Song
 from training.baselines import Blank
 
@@ -35,6 +36,10 @@ class ModelSystem:
                                 max_answer_tokens=self.options.max_answer_tokens)
         result = self.engine.infill(song, blank.start_qn, blank.end_qn, target_tracks, options)
         return result.candidates[0].notes
+
+    def region(self, song: Song, start_qn: float, end_qn: float, targets: Sequence[int]) -> Region:
+        """The region the engine infills: context bounded to the model's window."""
+        return self.engine.region(song, start_qn, end_qn, targets)
 
     def conditioning(self, ilm_ids: Sequence[int]):
         """The JEPA conditioning vector (1, E) of an ILM sequence: its answer is the blank."""
