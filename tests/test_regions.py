@@ -12,7 +12,7 @@ from cmi_daemon.regions import answer_notes, apply_answer, build_region
 from cmi_daemon.tempo import TempoMap
 from cmi_daemon.tokens import Note, Song, Track, read_midi
 from conftest import POP909_FIXTURES, shared_data
-from training.annotations import pop909_downbeats_s
+from cmi_daemon.annotations import pop909_downbeats_s
 
 
 def downbeats_qn(song: Song, midi_path):

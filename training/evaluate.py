@@ -27,7 +27,7 @@ from cmi_daemon import vocab
 from cmi_daemon.errors import MidiFileError
 from cmi_daemon.tokens import Note, Song, read_midi
 from training import metrics
-from training.annotations import pop909_downbeats_s
+from cmi_daemon.annotations import pop909_downbeats_s
 from training.baselines import BASELINES, Blank, InfillSystem, notes_in_range
 
 CONTEXT_BARS = 8

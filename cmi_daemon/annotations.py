@@ -1,4 +1,4 @@
-"""Dataset annotations: POP909 beat files -> downbeat times, the bar lines evaluation and tests use."""
+"""Dataset annotations: POP909 beat files -> downbeat times, the bar lines of songs whose MIDI meter is unreliable."""
 
 from __future__ import annotations
 
