@@ -72,9 +72,10 @@ def check_infill_reply(reply: dict, request: dict) -> None:
 
 
 @contextmanager
-def threaded_daemon(backend, **settings):
-    """A Daemon on free loopback ports, serving from a thread; yields it (connection_info() to connect)."""
-    daemon = Daemon(backend, Settings(port=0, **settings))
+def threaded_daemon(backend, profiles_path=None, **settings):
+    """A Daemon on free loopback ports, serving from a thread; yields it (connection_info() to connect).
+    With profiles_path, it keeps its profile counters in that file, as the service does."""
+    daemon = Daemon(backend, Settings(port=0, **settings), profiles_path=profiles_path)
     thread = threading.Thread(target=daemon.serve, name="daemon-under-test")
     thread.start()
     try:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -24,9 +22,7 @@ from cmi_daemon.dil.store import STATE_FILE, ProfileStore
 from cmi_daemon.engine import Engine
 from cmi_daemon.engine_backend import EngineBackend
 from cmi_daemon.protocol import Limits
-from cmi_daemon.server import Daemon
-from cmi_daemon.settings import Settings
-from daemon_support import REPO, infill_request, tiny_bundle_dir
+from daemon_support import REPO, infill_request, threaded_daemon, tiny_bundle_dir
 
 
 @pytest.fixture(scope="module")
@@ -109,19 +105,6 @@ def test_engine_serves_a_profile_weights_and_forgets_them(tiny_bundle, tmp_path)
 
 # ----- a live daemon -----
 
-@contextmanager
-def daemon_with_profiles(backend, profiles_path):
-    """A daemon serving from a thread, with its profile counters in a file (as the service keeps them)."""
-    daemon = Daemon(backend, Settings(port=0), profiles_path=profiles_path)
-    thread = threading.Thread(target=daemon.serve, name="dil-daemon-under-test")
-    thread.start()
-    try:
-        yield daemon
-    finally:
-        daemon.request_stop()
-        thread.join(timeout=30)
-
-
 def _state(dil_dir, profile="default"):
     return load_file(ProfileStore(dil_dir, "").folder(profile) / STATE_FILE)
 
@@ -130,7 +113,7 @@ def test_daemon_learns_from_repeat_and_accept_keeps_it_across_restart_and_resets
     dil_dir = tmp_path / "dil"
     backend = EngineBackend(tiny_bundle, "cpu", dil_dir=dil_dir)
     request = infill_request(profile="alice")
-    with daemon_with_profiles(backend, tmp_path / "profiles.json") as daemon:
+    with threaded_daemon(backend, tmp_path / "profiles.json") as daemon:
         with DaemonClient(connection=daemon.connection_info(), timeout_ms=20_000) as client:
             first = client.infill(request)
             client.infill({**request, "options": {**request["options"], "seed": 2}})
@@ -154,7 +137,7 @@ def test_daemon_learns_from_repeat_and_accept_keeps_it_across_restart_and_resets
     engine = restarted.engine
     region = engine.region(engine_request.song, engine_request.start_qn, engine_request.end_qn,
                            engine_request.target_tracks)
-    with daemon_with_profiles(restarted, tmp_path / "profiles.json") as daemon:
+    with threaded_daemon(restarted, tmp_path / "profiles.json") as daemon:
         assert restarted.signal_sink.wait_idle()
         adapted = engine.conditioning(region, 12, "alice")
         assert np.abs(adapted - engine.conditioning(region, 12)).max() > 1e-4, "the profile survived the restart"
