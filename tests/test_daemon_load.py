@@ -18,7 +18,10 @@ def test_eight_clients_twenty_infills_each(tmp_path_factory):
     process = start_daemon_process(home, tiny_bundle_dir(tmp_path_factory), "--queue-size", "4")
     try:
         connection = load_connection(connection_path(home))
-        warm_up = run_load(connection, N_CLIENTS, 3, check=check_infill_reply)
+        # Sessions of the warm-up are not repeated by the load: a repeat is a "not this" signal and
+        # would start the DIL learner, whose memory is measured with the DIL (tests/test_dil.py).
+        warm_up = run_load(connection, N_CLIENTS, 3, check=check_infill_reply,
+                           make_request=lambda c, i: {**sample_request(c, i), "session": f"warm-up-{c}-{i}"})
         assert not warm_up.errors
         rss_after_warm_up = process_rss_bytes(process.pid)
 
