@@ -12,6 +12,7 @@ from cmi_daemon import vocab
 from cmi_daemon.regions import build_region
 from cmi_daemon.tokens import read_midi
 from conftest import GROOVE_FIXTURES, POP909_FIXTURES, shared_data
+from tiny_bundle import tiny_bundle_dir
 from training import evaluate
 from training.baselines import BASELINES, RandomNotes, RepeatPreviousBars
 
@@ -151,10 +152,29 @@ def test_end_to_end_on_the_fixture_songs(tmp_path):
     assert again["blanks"] == report["blanks"]
 
 
-def test_main_refuses_a_model_until_one_is_plugged_in(tmp_path):
+def test_main_refuses_a_folder_that_holds_no_model(tmp_path):
     data = POP909_FIXTURES[0].parent.parent
-    with pytest.raises(SystemExit, match="no model system"):
+    with pytest.raises(SystemExit, match="no model system can be loaded"):
         evaluate.main(["--data", str(data), "--model", str(tmp_path / "model"), "--out", str(tmp_path)])
+
+
+def test_end_to_end_with_a_tiny_model_and_its_ablation(tmp_path, tmp_path_factory):
+    data = POP909_FIXTURES[0].parent.parent
+    model, ablation = tiny_bundle_dir(tmp_path_factory), tiny_bundle_dir(tmp_path_factory, conditioned=False)
+    evaluate.main(["--data", str(data), "--model", str(model), "--ablation", str(ablation),
+                   "--blanks-per-song", "1", "--seed", "3", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    models = ("cmi", "cmi w/o JEP-AGA")
+    for blank in saved["blanks"]:
+        for system in models:
+            values = blank["values"][system]
+            assert set(values) == set(evaluate.METRICS) | set(evaluate.NLL_METRICS)
+            assert all(math.isfinite(v) for v in values.values())
+            # a random model spreads its probability: near log2(20099) bits per token, far from 0
+            assert 5.0 < values["bits_per_token"] < 20.0
+    assert {t["system"] for t in saved["tests"]} >= set(models)
+    table = (tmp_path / "results.md").read_text()
+    assert all(name in table for name in models + evaluate.NLL_METRICS)
 
 
 def test_pop909_dev_repeat_beats_random_on_pitch_overlap_with_the_past(tmp_path):
