@@ -108,13 +108,9 @@ class DaemonClient:
             if not self._socket.poll(min(remaining_ms, LIVENESS_CHECK_MS)):
                 self._check_alive()
                 continue
-            reply = self._read_reply()
-            if reply is None:
-                continue
-            if reply.get("id") == request_id:
+            reply = self._matching(self._read_reply(), request_id)
+            if reply is not None:
                 return reply
-            if reply.get("id") is not None:
-                self._early[reply["id"]] = reply
 
     def poll_reply(self, request_id: str) -> Optional[dict]:
         """The reply envelope for request_id if it has arrived, else None; never waits (for a DAW's
@@ -127,13 +123,19 @@ class DaemonClient:
             except zmq.Again:
                 self._check_alive()
                 return None
-            reply = self._verified_reply(frames)
-            if reply is None:
-                continue
-            if reply.get("id") == request_id:
+            reply = self._matching(self._verified_reply(frames), request_id)
+            if reply is not None:
                 return reply
-            if reply.get("id") is not None:
-                self._early[reply["id"]] = reply
+
+    def _matching(self, reply: Optional[dict], request_id: str) -> Optional[dict]:
+        """The reply if it answers request_id; a reply to another request is kept for its caller."""
+        if reply is None:
+            return None
+        if reply.get("id") == request_id:
+            return reply
+        if reply.get("id") is not None:
+            self._early[reply["id"]] = reply
+        return None
 
     def _read_reply(self) -> Optional[dict]:
         return self._verified_reply(self._socket.recv_multipart())

@@ -176,6 +176,13 @@ def span_before_blank(piece_: Piece, back: tuple[int, int]) -> tuple[int, int]:
     return max(0, end - length), end
 
 
+def neutral_blank_distance(evaluator: Evaluator, piece_: Piece, back: tuple[int, int]) -> float:
+    """Diff(f_neu, f_dis) of eq. 4: Euclidean distance between the target-encoder features of the
+    neutral span and of the blank."""
+    return float(np.linalg.norm(evaluator.features(piece_, span_before_blank(piece_, back))
+                                - evaluator.features(piece_, (piece_.blank_start, piece_.blank_end))))
+
+
 def paper_test(system: SimulatedSystem, evaluator: Evaluator, cases: Sequence[Case], test: int, rounds: int,
                window: int, seed: int) -> dict:
     system.reset()
@@ -183,22 +190,19 @@ def paper_test(system: SimulatedSystem, evaluator: Evaluator, cases: Sequence[Ca
     for index, case in enumerate(cases):
         original = case_piece(case, ground_truth_infill(case.song, case.blank, case.targets), window)
         back = satisfied_span(original, np.random.default_rng([seed, test, index, 1]), window)
-        d0 = float(np.linalg.norm(evaluator.features(original, span_before_blank(original, back))
-                                  - evaluator.features(original, (original.blank_start, original.blank_end))))
+        d0 = neutral_blank_distance(evaluator, original, back)
         first = None
         scores = []
         for round_ in range(1, rounds + 1):
             content = system.infill(case, seed_of(seed, test, index, round_))
             current = case_piece(case, content, window)
             first = first or current
-            neutral = span_before_blank(current, back)
-            di = float(np.linalg.norm(evaluator.features(current, neutral)
-                                      - evaluator.features(current, (current.blank_start, current.blank_end))))
+            di = neutral_blank_distance(evaluator, current, back)
             scores.append(satisfaction(d0, di))
             if scores[-1] >= GAMMA:
                 system.accept(current, first)
             else:
-                system.reject(current, neutral)
+                system.reject(current, span_before_blank(current, back))
         reached = [i + 1 for i, s in enumerate(scores) if s >= GAMMA]
         pieces.append({"song": case.song_id, "ss": scores, "ic": reached[0] if reached else rounds + 1,
                        "satisfied": bool(reached)})
