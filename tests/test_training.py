@@ -160,9 +160,10 @@ def test_two_process_ddp_equals_one_process_with_twice_the_batch(shards, jepa_di
     common = ["--stage", "generator", "--shards", shards, "--jepa", jepa_dir, *SMOKE, "--max-steps", "1"]
     single, double = tmp_path / "single", tmp_path / "ddp"
     train.main([*map(str, common), "--out", str(single), "--batch-size", "4"])
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "training.train", *map(str, common), "--out", str(double), "--batch-size", "2"],
-                   check=True, cwd=REPO, env=environment(), capture_output=True, timeout=120)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "training.train", *map(str, common), "--out", str(double), "--batch-size", "2"],
+                         cwd=REPO, env=environment(), capture_output=True, text=True, timeout=120)
+    assert ddp.returncode == 0, ddp.stderr
     one, two = (torch.load(out / "last.pt", weights_only=True) for out in (single, double))
     config = train.config_from_args(train.parse_args([*map(str, common), "--out", str(single)]))
     initial = train.build_model(config)[0].state_dict()

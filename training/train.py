@@ -437,6 +437,9 @@ def main(argv=None) -> None:
     if master:
         log_file.close()
     if distributed:
+        # Every rank reaches teardown before any leaves: a rank that destroys the group
+        # while another still writes its checkpoint can abort in gloo's shutdown.
+        dist.barrier()
         dist.destroy_process_group()
 
 
