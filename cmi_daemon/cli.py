@@ -171,7 +171,7 @@ def add_install_commands(commands) -> None:
                          help="Live's User Library (default: ~/Music/Ableton/User Library on macOS, "
                               "%%USERPROFILE%%\\Documents\\Ableton\\User Library on Windows; required elsewhere)")
     ableton.add_argument("--uninstall", action="store_true", help="remove the device instead")
-    ableton.add_argument("--source", metavar="DIR", help="the device's files (default: bridges/ableton of this checkout)")
+    ableton.add_argument("--source", metavar="DIR", help="the device's files (default: the ones installed with CMI)")
     ableton.add_argument("--no-npm", action="store_true",
                          help="copy the files only, without running `npm ci --omit=dev` in the device folder")
     ableton.set_defaults(run=command_install_ableton)

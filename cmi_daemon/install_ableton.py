@@ -3,7 +3,7 @@
 The device (CMI.amxd) and the scripts it loads (cmi-live.js, cmi-node.js, cmi-client.js) go into
 one folder of the User Library, with package.json and package-lock.json; `npm ci --omit=dev` run in
 that folder then puts the node_modules the node.script part needs (zeromq, @msgpack/msgpack) next
-to them. The files come from bridges/ableton of a clone of the repository.
+to them. The files are bridges/ableton, installed with the package.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Optional
 
 from .errors import CMIError
 from .files import write_bytes_atomic
+from .paths import bridge_dir
 
 DEVICE_FILES = ("CMI.amxd", "cmi-live.js", "cmi-node.js", "cmi-client.js", "package.json", "package-lock.json")
 DEVICE_FOLDER = Path("Presets", "MIDI Effects", "Max MIDI Effect", "CMI")
@@ -25,11 +26,8 @@ NPM_ARGS = ("ci", "--omit=dev", "--no-audit", "--no-fund")
 
 
 def default_source() -> Path:
-    """bridges/ableton of the repository this package runs from (a clone or an editable install), else of
-    the current folder (a clone after a plain `pip install .`)."""
-    beside_package = Path(__file__).resolve().parent.parent / "bridges" / "ableton"
-    in_current_folder = Path.cwd() / "bridges" / "ableton"
-    return beside_package if (beside_package / DEVICE_FILES[0]).is_file() else in_current_folder
+    """The device's files as installed with CMI (or in the source checkout it runs from)."""
+    return bridge_dir("ableton", DEVICE_FILES)
 
 
 def default_user_library(platform: str = sys.platform, home: Optional[Path] = None) -> Path:
@@ -56,7 +54,7 @@ def install(user_library: Path, source: Path, run_npm: bool = True) -> Path:
     missing = [name for name in DEVICE_FILES if not (source / name).is_file()]
     if missing:
         raise CMIError(f"{source}: the Ableton device's files are missing ({', '.join(missing)}); run this "
-                       "in a clone of the CMI repository or pass --source CLONE/bridges/ableton")
+                       "again after reinstalling CMI, or pass --source CLONE/bridges/ableton")
     for name in DEVICE_FILES:
         write_bytes_atomic(target / name, (source / name).read_bytes())
     if run_npm:

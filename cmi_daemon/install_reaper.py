@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 from .errors import CMIError
 from .files import write_bytes_atomic
+from .paths import bridge_dir
 
 SCRIPT_FILES = ("cmi_reaper.py", "cmi_infill_selection.py", "cmi_accept_infill.py")
 ACTIONS = (("cmi_infill_selection.py", "CMI: Infill selection"), ("cmi_accept_infill.py", "CMI: Accept infill"))
@@ -47,16 +48,6 @@ def default_resource_dir() -> Path:
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Application Support" / "REAPER"
     return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "REAPER"
-
-
-def bridge_source_dir() -> Path:
-    """bridges/reaper beside the package (a source checkout or editable install), else in the current folder."""
-    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
-        folder = root / "bridges" / "reaper"
-        if all((folder / name).is_file() for name in SCRIPT_FILES):
-            return folder
-    raise CMIError("the REAPER scripts (bridges/reaper) are not next to this installation of CMI; "
-                   "run `cmi-daemon install reaper` from CMI's source folder")
 
 
 def python_library() -> Path:
@@ -234,7 +225,7 @@ def install(resource_dir: Optional[Path] = None, running: Callable[[], bool] = i
     """Install into REAPER's resource folder; returns what was done, one line each."""
     _refuse_while_running(running)
     folder = _checked_resource_dir(resource_dir)
-    source_dir, library = bridge_source_dir(), python_library()
+    source_dir, library = bridge_dir("reaper", SCRIPT_FILES), python_library()
     scripts_dir = folder.joinpath(*SCRIPTS_FOLDER)
     ini_path, kb_path = folder / INI_FILE_NAME, folder / KB_FILE_NAME
     manifest_path = scripts_dir / MANIFEST_FILE_NAME

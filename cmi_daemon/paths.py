@@ -78,6 +78,19 @@ def log_file() -> Path:
     return log_dir() / LOG_FILE_NAME
 
 
+def bridge_dir(daw: str, required_files: tuple[str, ...]) -> Path:
+    """The bridge files for `daw` ("reaper" or "ableton"): installed with the package (a wheel
+    ships bridges/<daw> as cmi_daemon.bridges.<daw>), else bridges/<daw> of the source checkout
+    this package runs from (a clone or an editable install)."""
+    package = Path(__file__).resolve().parent
+    candidates = (package / "bridges" / daw, package.parent / "bridges" / daw)
+    for folder in candidates:
+        if all((folder / name).is_file() for name in required_files):
+            return folder
+    raise CMIError(f"the {daw} bridge files ({', '.join(required_files)}) are not installed with CMI "
+                   f"(looked in {', '.join(map(str, candidates))}); reinstall CMI with pip")
+
+
 def write_connection_file(path: Path, info: dict) -> None:
     """Atomically, readable by the owner only: it holds the signing key."""
     write_bytes_atomic(path, json.dumps(info, indent=2).encode("utf-8"), mode=CONNECTION_FILE_MODE)

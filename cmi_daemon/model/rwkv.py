@@ -13,9 +13,12 @@ BlinkDL's implementation: numerator = aa * exp(pp)), and the previous ln2 output
 token shift). It is always float32.
 
 Conditioning (JEP-AGA): the conditioning vector (B, cond_in_dim) is projected to cond_dim,
-concatenated to every token embedding and projected back to n_embd before block 0's ln0. The
-back-projection starts as [I | 0], so a freshly conditioned generator computes exactly what
-the unconditioned one does (and a public checkpoint loads unchanged).
+concatenated to every token embedding and projected back to n_embd before the first block.
+The embedding is fused after block 0's ln0, at unit scale: RWKV's embeddings start at 1e-4,
+so fused before ln0 any conditioning would drown the tokens and ln0 would amplify its
+gradients ten-thousandfold. The back-projection starts as [I | 0], so a freshly conditioned
+generator computes exactly what the unconditioned one does (and a public checkpoint loads
+unchanged).
 """
 
 from __future__ import annotations
@@ -154,7 +157,7 @@ class ChannelMix(nn.Module):
 
 
 class Block(nn.Module):
-    """One RWKV-4 layer; block 0 also owns ln0, applied to the (fused) embedding."""
+    """One RWKV-4 layer; block 0 also owns ln0, which the generator applies to the embedding."""
 
     def __init__(self, n_embd: int, layer_id: int):
         super().__init__()
@@ -166,8 +169,6 @@ class Block(nn.Module):
 
     def forward(self, x, layer_state, chunk_len: int = WKV_CHUNK_LEN):
         """x (B, T, C) or (B, C); layer_state (5, B, C) -> (x, new layer_state)."""
-        if self.ln0 is not None:
-            x = self.ln0(x)
         att_out, att_x, aa, bb, pp = self.att(self.ln1(x), layer_state[ATT_X], layer_state[ATT_AA],
                                               layer_state[ATT_BB], layer_state[ATT_PP], chunk_len)
         x = x + att_out
@@ -236,8 +237,8 @@ class RWKVGenerator(nn.Module):
         return state
 
     def embed(self, token_ids, cond=None):
-        """Token embeddings, fused with the projected conditioning vector (B, cond_in_dim)."""
-        x = self.emb(token_ids)
+        """Layer-normed token embeddings, fused with the projected conditioning vector (B, cond_in_dim)."""
+        x = self.blocks[0].ln0(self.emb(token_ids))
         if not self.config.conditioned:
             return x
         if cond is None:
