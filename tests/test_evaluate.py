@@ -173,6 +173,17 @@ def test_end_to_end_with_a_tiny_model_and_its_ablation(tmp_path, tmp_path_factor
             # a random model spreads its probability: near log2(20099) bits per token, far from 0
             assert 5.0 < values["bits_per_token"] < 20.0
     assert {t["system"] for t in saved["tests"]} >= set(models)
+    # The model is tested against its ablation on every metric's distance and on the NLL itself.
+    against_ablation = {t["metric"]: t for t in saved["tests"] if (t["system"], t["baseline"]) == models}
+    assert set(against_ablation) == set(evaluate.METRICS) | set(evaluate.NLL_METRICS)
+    for metric in evaluate.NLL_METRICS:
+        differences = [b["values"]["cmi"][metric] - b["values"]["cmi w/o JEP-AGA"][metric] for b in saved["blanks"]]
+        test = against_ablation[metric]
+        assert test["n"] == len(differences)
+        assert test["mean_difference"] == pytest.approx(float(np.mean(differences)))
+        assert test["bootstrap_ci95"][0] <= test["mean_difference"] <= test["bootstrap_ci95"][1]
+    assert not any(t["metric"] in evaluate.NLL_METRICS for t in saved["tests"] if t["baseline"] == "random notes"), \
+        "baselines without a model have no NLL to compare"
     table = (tmp_path / "results.md").read_text()
     assert all(name in table for name in models + evaluate.NLL_METRICS)
 
@@ -188,4 +199,4 @@ def test_pop909_dev_repeat_beats_random_on_pitch_overlap_with_the_past(tmp_path)
     assert stats.wilcoxon(repeat, random_notes, alternative="greater").pvalue < 0.05
     closer = next(t for t in report["tests"] if (t["system"], t["baseline"], t["metric"])
                   == ("repeat previous bars", "random notes", "PD_p"))
-    assert closer["significantly_closer"] and closer["bootstrap_ci95"][1] < 0
+    assert closer["significantly_better"] and closer["bootstrap_ci95"][1] < 0

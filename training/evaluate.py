@@ -44,6 +44,9 @@ BEAT_FILE_NAME = "beat_midi.txt"
 METRICS = metrics.CONTEXT_METRICS + ("GC", "onset_F1", "chroma_cos", "PCE_diff")
 """Columns computed for every system; each is judged by |value - ground truth's value| per blank."""
 NLL_METRICS = ("bits_per_token", "bits_per_note")
+MODEL_SYSTEM = "cmi"
+ABLATION_SYSTEM = "cmi w/o JEP-AGA"
+"""The unconditioned generator: a system of its own, and the baseline the model must beat."""
 """Columns of model systems that can score the ground truth (they have a `logprob_fn`)."""
 
 
@@ -289,9 +292,17 @@ def distances(results: Sequence[BlankResult], system: str, metric: str) -> np.nd
     return np.array([abs(r.values[system][metric] - r.values[GROUND_TRUTH][metric]) for r in results])
 
 
+def nll_values(results: Sequence[BlankResult], system: str, metric: str) -> Optional[np.ndarray]:
+    """The system's NLL per blank (lower is better), or None for a system without one."""
+    if any(metric not in r.values[system] for r in results):
+        return None
+    return np.array([r.values[system][metric] for r in results])
+
+
 def summarise(results: Sequence[BlankResult], system_names: Sequence[str], baseline_names: Sequence[str],
               seed: int) -> tuple[dict, list[dict]]:
-    """Aggregates per system and metric, and paired tests of each system against each baseline."""
+    """Aggregates per system and metric, and paired tests of each system against each baseline:
+    on the distance to the ground truth for every metric, and on NLL where both have one."""
     aggregates: dict = {}
     for system in [GROUND_TRUTH, *system_names]:
         aggregates[system] = {}
@@ -309,21 +320,27 @@ def summarise(results: Sequence[BlankResult], system_names: Sequence[str], basel
         for baseline in baseline_names:
             if baseline == system:
                 continue
-            for metric in METRICS:
-                test = paired_test(distances(results, system, metric), distances(results, baseline, metric), rng)
+            pairs = [(metric, distances(results, system, metric), distances(results, baseline, metric))
+                     for metric in METRICS]
+            pairs += [(metric, nll_values(results, system, metric), nll_values(results, baseline, metric))
+                      for metric in NLL_METRICS]
+            for metric, ours, theirs in pairs:
+                if ours is None or theirs is None:
+                    continue
+                test = paired_test(ours, theirs, rng)
                 test.update(system=system, baseline=baseline, metric=metric,
-                            significantly_closer=bool(test["wilcoxon_p"] < SIGNIFICANCE_LEVEL
+                            significantly_better=bool(test["wilcoxon_p"] < SIGNIFICANCE_LEVEL
                                                       and test["mean_difference"] < 0))
                 tests.append(test)
     return aggregates, tests
 
 
 def daggers(tests: Sequence[dict]) -> dict[tuple[str, str], bool]:
-    """(system, metric) -> significantly closer to the ground truth than every other baseline."""
+    """(system, metric) -> significantly better than every other baseline."""
     marked: dict[tuple[str, str], bool] = {}
     for test in tests:
         key = (test["system"], test["metric"])
-        marked[key] = marked.get(key, True) and test["significantly_closer"]
+        marked[key] = marked.get(key, True) and test["significantly_better"]
     return marked
 
 
@@ -363,7 +380,9 @@ def results_markdown(aggregates: dict, tests: Sequence[dict], protocol: dict) ->
         cells = [_cell(aggregates[system][m]["distance_mean"], aggregates[system][m]["distance_ci95"],
                        marked.get((system, m), False)) for m in METRICS]
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
-    lines += ["", "## Paired tests on the distance (system − baseline; negative: system closer)", "",
+    lines += ["", "## Paired tests (system − baseline; negative: the system is better)", "",
+              "On the distance to the ground truth's value for PD … PCE, on the NLL itself for bits per "
+              "token and per note.", "",
               "| system | baseline | metric | mean difference [bootstrap 95% CI] | Wilcoxon p |",
               "| --- | --- | --- | --- | --- |"]
     for test in tests:
@@ -498,7 +517,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="folder of held-out MIDI files (searched recursively)")
     parser.add_argument("--model", type=Path, help="model to evaluate as the system 'cmi'")
-    parser.add_argument("--ablation", type=Path, help="second model, evaluated as 'cmi w/o JEP-AGA'")
+    parser.add_argument("--ablation", type=Path, help=f"the model's ablation, evaluated as {ABLATION_SYSTEM!r} and as a baseline for the model")
     parser.add_argument("--songs", type=int, help="only the first N songs in path order")
     parser.add_argument("--blanks-per-song", type=int, default=DEFAULT_BLANKS_PER_SONG)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
@@ -508,10 +527,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--data {args.data}: not a folder")
     systems: list[InfillSystem] = list(BASELINES)
     if args.model:
-        systems.append(load_model_system(args.model, "cmi"))
+        systems.append(load_model_system(args.model, MODEL_SYSTEM))
+    baseline_names = [b.name for b in BASELINES]
     if args.ablation:
-        systems.append(load_model_system(args.ablation, "cmi w/o JEP-AGA"))
-    report = run(args.data, args.out, systems, [b.name for b in BASELINES], args.songs, args.blanks_per_song, args.seed)
+        systems.append(load_model_system(args.ablation, ABLATION_SYSTEM))
+        baseline_names.append(ABLATION_SYSTEM)
+    report = run(args.data, args.out, systems, baseline_names, args.songs, args.blanks_per_song, args.seed)
     print((args.out / "results.md").read_text())
     print(f"{report['protocol']['n_blanks']} blanks in {report['protocol']['wall_time_s']:.1f} s -> {args.out}")
     return 0
