@@ -1,5 +1,5 @@
 """The REAPER actions without REAPER: the real scripts of bridges/reaper run against tests/fake_reaper.py
-(injected as `reaper_python`) and a live daemon with a tiny model; and the installer on a fake
+(injected as `reaper_python`) and a live daemon with the shipped default model; and the installer on a fake
 REAPER resource folder."""
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import zmq
 
 from cmi_daemon import cli, install_reaper
 from cmi_daemon.errors import CMIError
+from cmi_daemon.offline import default_model_dir
 from cmi_daemon.tokens import read_midi
 
 from conftest import FIXTURES
-from daemon_support import REPO, client_for, start_daemon_process, tiny_bundle_dir
+from daemon_support import REPO, client_for, start_daemon_process
 from fake_reaper import FakeReaper
 
 BRIDGE = REPO / "bridges" / "reaper"
@@ -38,7 +39,7 @@ RANGE_LABEL = "bars 15-17"
 @pytest.fixture(scope="module")
 def daemon_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("cmi-home")
-    process = start_daemon_process(home, tiny_bundle_dir(tmp_path_factory))
+    process = start_daemon_process(home, default_model_dir())
     yield home
     process.send_signal(signal.SIGTERM)
     try:
@@ -166,7 +167,7 @@ def test_infill_replaces_only_the_range_in_one_undo_block(reaper, song_project, 
             start_qn, end_qn = reaper.take_qn(take, note[2]), reaper.take_qn(take, note[3])
             assert RANGE_START_QN <= start_qn < RANGE_END_QN and end_qn <= RANGE_END_QN + 1e-9
         new_notes += len(inside)
-    assert new_notes > 0, "the tiny model answered no notes at all"
+    assert new_notes > 0, "the default model answered no notes at all"
 
     polls = [timeout for kind, timeout in socket_calls if kind == "poll"]
     receives = [flags for kind, flags in socket_calls if kind == "recv"]
