@@ -1,4 +1,5 @@
-"""Helpers of the daemon tests: a tiny random model bundle, daemons in a thread or a subprocess, RSS."""
+"""Helpers of the daemon tests: daemons in a thread or a subprocess, requests, RSS; and the tiny
+random model bundle they serve (tiny_bundle.py)."""
 
 from __future__ import annotations
 
@@ -12,34 +13,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from cmi_daemon import paths
 from cmi_daemon.client import DaemonClient
-from cmi_daemon.model.config import preset
-from cmi_daemon.model.jepa import JEPA
-from cmi_daemon.model.rwkv import RWKVGenerator
 from cmi_daemon.server import Daemon
 from cmi_daemon.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 DAEMON_START_TIMEOUT_S = 60.0
-
-
-def write_tiny_bundle(out_dir: Path, seed: int = 7) -> Path:
-    """A randomly initialised "tiny" model exported as a bundle (fast, musically meaningless)."""
-    from export.bundle import write_bundle
-    from export.checkpoint import read_checkpoint
-
-    torch.manual_seed(seed)
-    config = preset("tiny")
-    generator = RWKVGenerator(config.generator)
-    jepa = JEPA(config.encoder, config.predictor)
-    checkpoint_path = out_dir.with_name(out_dir.name + "-checkpoint.pt")
-    torch.save({"model_config": config.to_dict(), "generator": generator.state_dict(),
-                "encoder": jepa.context_encoder.state_dict(), "target_encoder": jepa.target_encoder.state_dict(),
-                "predictor": jepa.predictor.state_dict()}, checkpoint_path)
-    return write_bundle(read_checkpoint(checkpoint_path), out_dir, context_tokens=256, source="daemon tests")
 
 
 def infill_request(session: str = "take-1:8-12", start_qn: float = 8.0, end_qn: float = 12.0,
@@ -131,17 +111,6 @@ def process_rss_bytes(pid: int) -> Optional[int]:
     except OSError:
         return None
     return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-_TINY_BUNDLES: dict[str, Path] = {}
-
-
-def tiny_bundle_dir(tmp_path_factory) -> Path:
-    """One tiny bundle per test session, shared by every daemon test module."""
-    key = str(tmp_path_factory.getbasetemp())
-    if key not in _TINY_BUNDLES:
-        _TINY_BUNDLES[key] = write_tiny_bundle(tmp_path_factory.mktemp("tiny-model") / "tiny")
-    return _TINY_BUNDLES[key]
 
 
 class StandInBackend:

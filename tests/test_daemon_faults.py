@@ -16,7 +16,8 @@ import pytest
 
 from cmi_daemon.client import DaemonClient, DaemonNotRunning, load_connection
 from daemon_support import (REPO, check_infill_reply, client_for, connection_path, daemon_environment,
-                            infill_request, start_daemon_process, tiny_bundle_dir)
+                            infill_request, start_daemon_process)
+from tiny_bundle import tiny_bundle_dir
 
 
 def _cli(home, *args, timeout_s=120):

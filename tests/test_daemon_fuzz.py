@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from cmi_daemon import protocol
 from cmi_daemon.client import load_connection
-from daemon_support import (check_infill_reply, client_for, connection_path, infill_request, start_daemon_process,
-                            tiny_bundle_dir)
+from daemon_support import check_infill_reply, client_for, connection_path, infill_request, start_daemon_process
+from tiny_bundle import tiny_bundle_dir
 
 REPLY_TIMEOUT_MS = 30_000
 

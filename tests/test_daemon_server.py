@@ -20,7 +20,8 @@ from cmi_daemon.engine_backend import EngineBackend
 from cmi_daemon.errors import CMIError
 from cmi_daemon.server import Daemon
 from cmi_daemon.settings import Settings
-from daemon_support import StandInBackend, check_infill_reply, infill_request, threaded_daemon, tiny_bundle_dir
+from daemon_support import StandInBackend, check_infill_reply, infill_request, threaded_daemon
+from tiny_bundle import tiny_bundle_dir
 
 
 @pytest.fixture(scope="session")

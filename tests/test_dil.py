@@ -22,7 +22,8 @@ from cmi_daemon.dil.store import STATE_FILE, ProfileStore
 from cmi_daemon.engine import Engine
 from cmi_daemon.engine_backend import EngineBackend
 from cmi_daemon.protocol import Limits
-from daemon_support import REPO, infill_request, threaded_daemon, tiny_bundle_dir
+from daemon_support import REPO, infill_request, threaded_daemon
+from tiny_bundle import tiny_bundle_dir
 
 
 @pytest.fixture(scope="module")

@@ -41,5 +41,5 @@ def tiny_bundle_dir(tmp_path_factory, conditioned: bool = True) -> Path:
     if conditioned not in _BUNDLES:
         folder = tmp_path_factory.mktemp("bundle")
         checkpoint = read_checkpoint(tiny_checkpoint(folder / "tiny.pt", conditioned))
-        _BUNDLES[conditioned] = write_bundle(checkpoint, folder / "tiny_bundle", source="tiny.pt")
+        _BUNDLES[conditioned] = write_bundle(checkpoint, folder / "tiny", source="tiny.pt")
     return _BUNDLES[conditioned]
