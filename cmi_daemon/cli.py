@@ -41,6 +41,37 @@ def command_tokens(args) -> int:
     return 0
 
 
+def command_play(args) -> int:
+    """Play a MIDI file, or some of its bars, on a MIDI output (Ctrl-C stops, releasing every note)."""
+    from . import offline, playback
+
+    if args.list_ports:
+        names = playback.output_names()
+        print("\n".join(names) if names else "no MIDI outputs")
+        return 0
+    if args.file is None:
+        raise CMIError("play needs a .mid file (or --list-ports)")
+    song = read_midi(args.file)
+    if song.end_qn <= 0:
+        raise CMIError(f"{args.file}: no notes to play")
+    start_qn, end_qn = 0.0, song.end_qn
+    if args.bars is not None:
+        if args.context_bars < 0:
+            raise CMIError(f"--context-bars {args.context_bars}: give 0 or more bars")
+        first_bar, last_bar, _, _ = offline.parse_bars(args.bars, song)
+        start_qn, end_qn = song.meter.bar_range_qn(max(1, first_bar - args.context_bars), last_bar + args.context_bars)
+    messages = playback.schedule(song, start_qn, min(end_qn, song.end_qn))
+    port = playback.open_output(args.port)
+    print(f"playing {args.file} ({start_qn:g}-{min(end_qn, song.end_qn):g} QN) on {port.name}; Ctrl-C stops")
+    try:
+        playback.play(messages, port)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        port.close()
+    return 0
+
+
 def command_infill(args) -> int:
     """Infill bars of a MIDI file with the model, in this process (no daemon needed)."""
     if args.daemon:
@@ -220,6 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     infill.add_argument("--daemon", action="store_true",
                         help="ask the running daemon (`cmi-daemon start`) instead of loading the model here")
     infill.set_defaults(run=command_infill)
+
+    play = commands.add_parser("play", help="play a MIDI file or some of its bars on a MIDI output",
+                               description=command_play.__doc__)
+    play.add_argument("file", nargs="?", help="a .mid file")
+    play.add_argument("--bars", help="bars to play, counted from 1: 9-12 or 9 (default: the whole file)")
+    play.add_argument("--context-bars", type=int, default=1,
+                      help="bars played before and after --bars, to hear the infill in context (default 1)")
+    play.add_argument("--port", help="MIDI output name, as --list-ports prints it (default: the first)")
+    play.add_argument("--list-ports", action="store_true", help="print the MIDI outputs and exit")
+    play.set_defaults(run=command_play)
 
     bench = commands.add_parser("bench", help="measure the model's speed and memory on this machine",
                                 description=command_bench.__doc__)
