@@ -4,6 +4,8 @@ reset), and profiles surviving kill -9 during saves."""
 
 from __future__ import annotations
 
+import gc
+import os
 import subprocess
 import sys
 import time
@@ -22,7 +24,7 @@ from cmi_daemon.dil.store import STATE_FILE, ProfileStore
 from cmi_daemon.engine import Engine
 from cmi_daemon.engine_backend import EngineBackend
 from cmi_daemon.protocol import Limits
-from daemon_support import REPO, infill_request, threaded_daemon
+from daemon_support import REPO, infill_request, process_rss_bytes, threaded_daemon
 from tiny_bundle import tiny_bundle_dir
 
 
@@ -148,6 +150,37 @@ def test_daemon_learns_from_repeat_and_accept_keeps_it_across_restart_and_resets
             assert restarted.signal_sink.wait_idle()
         assert np.array_equal(engine.conditioning(region, 12, "alice"), engine.conditioning(region, 12))
         assert not ProfileStore(dil_dir, "").folder("alice").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process's RSS from /proc")
+def test_learning_from_many_signals_does_not_grow_memory(tiny_bundle, tmp_path):
+    """After the first signals (torch's autograd and the profile's sessions, a one-time cost), each
+    further signal replaces the profile's sessions: memory stays flat, not one copy per signal."""
+    backend = EngineBackend(tiny_bundle, "cpu", dil_dir=tmp_path / "dil")
+    sessions = [infill_request(session=f"take-1:{start}-{start + 4}", start_qn=float(start), end_qn=float(start + 4),
+                               profile="bob") for start in (4, 8, 12)]
+
+    def repeat_each(seed: int) -> None:
+        for request in sessions:
+            client.infill({**request, "options": {**request["options"], "seed": seed}})
+        assert backend.signal_sink.wait_idle(120.0)
+
+    with threaded_daemon(backend, tmp_path / "profiles.json") as daemon:
+        with DaemonClient(connection=daemon.connection_info(), timeout_ms=20_000) as client:
+            for seed in range(3):
+                repeat_each(seed)
+            gc.collect()
+            warm_bytes = process_rss_bytes(os.getpid())
+            for seed in range(3, 9):
+                repeat_each(seed)
+            gc.collect()
+            grown_bytes = process_rss_bytes(os.getpid()) - warm_bytes
+    log = backend.signal_sink.store.read_log("bob")
+    assert len(log) == 3 * 8, "every infill after a session's first is a repeat signal"
+    learned = sum(1 for entry in log[3 * 2:] if entry["steps"])
+    assert learned >= 9, "most signals stepped (a step is skipped only when the margin holds already)"
+    print(f"RSS growth over {learned} learning signals after warm-up: {grown_bytes / 2**20:.1f} MiB")
+    assert grown_bytes < 48 * 2**20
 
 
 # ----- kill -9 during saves -----
