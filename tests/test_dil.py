@@ -5,6 +5,7 @@ reset), and profiles surviving kill -9 during saves."""
 from __future__ import annotations
 
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -230,3 +231,16 @@ def test_profiles_command_resets_on_disk_when_no_daemon_runs(tmp_path, monkeypat
     assert cli.main(["profiles", "--reset", "carol"]) == 0
     assert store.profiles() == [] and not store.folder("carol").exists()
     assert cli.main(["profiles", "--reset", "carol"]) == 2
+
+
+def test_latency_benchmark_runs_and_reports_its_figures(tiny_bundle, tmp_path):
+    """`python -m training.bench_dil` end to end on the fixture songs (its figures are measured
+    by hand on a quiet machine; here only that it runs and reports them)."""
+    from training import bench_dil
+
+    out = tmp_path / "bench.json"
+    bench_dil.main(["--model", str(tiny_bundle), "--infills", "2", "--out", str(out)])
+    figures = json.loads(out.read_text())
+    assert figures["infills"] == 2 and figures["signals_handled_while_busy"] >= 1
+    assert figures["idle_median_ms"] > 0 and figures["busy_median_ms"] > 0
+    assert figures["median_ratio"] == pytest.approx(figures["busy_median_ms"] / figures["idle_median_ms"], rel=0.01)
