@@ -1,9 +1,8 @@
-// A live CMI daemon for the Node tests: `python -m cmi_daemon.cli start` with a temporary CMI_HOME and a
-// tiny random model bundle (the real engine). Python is $CMI_PYTHON, else `python`.
+// A live CMI daemon for the Node tests: `python -m cmi_daemon.cli start` with a temporary CMI_HOME and the
+// default model shipped in the package (the real engine). Python is $CMI_PYTHON, else `python`.
 "use strict";
 
-const assert = require("node:assert/strict");
-const { spawn, spawnSync } = require("node:child_process");
+const { spawn } = require("node:child_process");
 const fs = require("node:fs");
 const path = require("node:path");
 
@@ -17,16 +16,12 @@ function pythonEnv(home) {
   return env;
 }
 
-function makeTinyBundle(dir) {
-  const script = "import sys; from pathlib import Path; sys.path.insert(0, 'tests'); "
-    + "from daemon_support import write_tiny_bundle; write_tiny_bundle(Path(sys.argv[1]))";
-  const result = spawnSync(PYTHON, ["-c", script, dir], { cwd: REPO, encoding: "utf8", env: pythonEnv(dir) });
-  assert.equal(result.status, 0, result.stderr);
-}
+const DEFAULT_MODEL_DIR = path.join(REPO, "cmi_daemon", "models", "default");
 
-// Starts a daemon under CMI_HOME=home; resolves once its connection file names its process.
-async function startDaemon(home, modelDir) {
-  const daemon = spawn(PYTHON, ["-m", "cmi_daemon.cli", "start", "--model", modelDir, "--port", "0"],
+// Starts a daemon on the shipped default model under CMI_HOME=home; resolves once its connection file
+// names its process.
+async function startDaemon(home) {
+  const daemon = spawn(PYTHON, ["-m", "cmi_daemon.cli", "start", "--model", DEFAULT_MODEL_DIR, "--port", "0"],
     { cwd: REPO, env: pythonEnv(home), stdio: ["ignore", "ignore", "pipe"] });
   let output = "";
   daemon.stderr.on("data", (chunk) => { output += chunk; });
@@ -43,4 +38,4 @@ async function startDaemon(home, modelDir) {
   throw new Error(`the daemon did not start: ${output}`);
 }
 
-module.exports = { makeTinyBundle, startDaemon };
+module.exports = { startDaemon };

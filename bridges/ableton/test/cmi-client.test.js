@@ -1,5 +1,5 @@
 // The Node client against a live daemon: `python -m cmi_daemon.cli start` with a temporary CMI_HOME
-// and a tiny random model bundle (the real engine), started by test-support/daemon.js.
+// and the shipped default model (the real engine), started by test-support/daemon.js.
 "use strict";
 
 const { describe, it, before, after } = require("node:test");
@@ -12,7 +12,7 @@ const { encode, decode } = require("@msgpack/msgpack");
 const {
   CmiClient, CmiEvents, DaemonError, DaemonNotRunning, DaemonTimeout, defaultConnectionFile, loadConnection, sign,
 } = require("../cmi-client.js");
-const { makeTinyBundle, startDaemon } = require("../test-support/daemon.js");
+const { startDaemon } = require("../test-support/daemon.js");
 
 function infillContent(session = "live-set:clip-1:8-12", options = {}) {
   const melody = Array.from({ length: 16 }, (_, qn) => [qn, 0.5, 60 + ((qn * 5) % 12), 90]);
@@ -48,9 +48,7 @@ describe("cmi-client against a live daemon", () => {
 
   before(async () => {
     home = fs.mkdtempSync(path.join(os.tmpdir(), "cmi-node-"));
-    const modelDir = path.join(home, "tiny");
-    makeTinyBundle(modelDir);
-    ({ daemon, connectionFile } = await startDaemon(home, modelDir));
+    ({ daemon, connectionFile } = await startDaemon(home));
     client = new CmiClient({ connectionFile, timeoutMs: 20000 });
   });
 
@@ -75,7 +73,7 @@ describe("cmi-client against a live daemon", () => {
     assert.ok(hello.capabilities.includes("infill"));
     const status = await client.status();
     assert.equal(status.pid, daemon.pid);
-    assert.equal(status.model.name, "tiny");
+    assert.equal(status.model.name, "default");
   });
 
   it("infills with the real engine and matches concurrent replies by id", async () => {

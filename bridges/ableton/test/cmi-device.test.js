@@ -1,6 +1,6 @@
 // The CMI Max for Live device end to end: cmi-live.js and cmi-node.js wired by the patch cords of
 // device-layout.js in a fake Max (test-support/fake-max.js), a fake Live set (test-support/fake-live.js)
-// and a live daemon with a tiny model (test-support/daemon.js).
+// and a live daemon with the shipped default model (test-support/daemon.js).
 "use strict";
 
 const { describe, it, before, after } = require("node:test");
@@ -11,7 +11,7 @@ const path = require("node:path");
 const { CmiClient } = require("../cmi-client.js");
 const { FakeLiveSet, liveApiClass } = require("../test-support/fake-live.js");
 const { FakeDevice } = require("../test-support/fake-max.js");
-const { makeTinyBundle, startDaemon } = require("../test-support/daemon.js");
+const { startDaemon } = require("../test-support/daemon.js");
 
 const WAIT_MS = 30000;
 
@@ -84,10 +84,8 @@ describe("the CMI device in a fake Live, against a live daemon", () => {
 
   before(async () => {
     home = fs.mkdtempSync(path.join(os.tmpdir(), "cmi-device-"));
-    const modelDir = path.join(home, "tiny");
-    makeTinyBundle(modelDir);
     let connectionFile;
-    ({ daemon, connectionFile } = await startDaemon(home, modelDir));
+    ({ daemon, connectionFile } = await startDaemon(home));
     process.env.CMI_HOME = home;
     client = new CmiClient({ connectionFile, timeoutMs: 20000 });
     keysDevice = loadDevice(live, keys);
@@ -104,7 +102,7 @@ describe("the CMI device in a fake Live, against a live daemon", () => {
 
   it("shows the connection and the model once loaded", async () => {
     await waitFor(() => keysDevice.statusText.startsWith("connected"), "the status line");
-    assert.match(keysDevice.statusText, /^connected, model tiny, last \d+ ms$/);
+    assert.match(keysDevice.statusText, /^connected, model default, last \d+ ms$/);
     const ready = keysDevice.traffic.findIndex((t) => t.from === "node" && t.atoms[0] === "ready");
     assert.ok(ready >= 0, "the node part says when it runs");
     await waitFor(() => keysDevice.messages("response").length === 2, "the hello sent again on ready");
