@@ -2,7 +2,7 @@
 taste no model component defines.
 
     python -m training.simulate_users --model BUNDLE --data ../shared/data/pop909/dev --out DIR \\
-        [--tests 20 --pieces 5 --rounds 10] [--users paper,grounded,random] [--loss cosine]
+        [--tests 20 --pieces 5 --rounds 10] [--first-test 0] [--users paper,grounded,random] [--loss cosine]
 
 One test is one user over `pieces` pieces (a song cut to 8 bars, a 2-bar blank, 8 bars, chosen
 as training.evaluate chooses blanks) and up to `rounds` infills per piece; the profile learns
@@ -403,6 +403,9 @@ def main(argv=None) -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tests", type=int, default=20)
+    parser.add_argument("--first-test", type=int, default=0,
+                        help="run tests first-test..tests-1 only, e.g. to split a run over processes sharing --out; "
+                             "a later run from 0 finds their results and summarises all")
     parser.add_argument("--pieces", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--users", default="paper,grounded,random")
@@ -429,7 +432,7 @@ def main(argv=None) -> None:
     runs: dict = {}
     systems = {strategy: SimulatedSystem(engine, base, strategy, settings) for strategy in STRATEGIES
                if strategy in chosen}
-    for test in range(args.tests):
+    for test in range(args.first_test, args.tests):
         cases = load_cases(args.data, test, args.pieces, args.seed)
         for user in users:
             for strategy in (x for x in USER_STRATEGIES[user] if x in chosen):
@@ -450,8 +453,8 @@ def main(argv=None) -> None:
                 print(f"test {test} {user}/{strategy}: " + ", ".join(
                     f"{k}={v:.3f}" for k, v in result.items() if isinstance(v, float)), flush=True)
     summary = summarise(runs)
-    protocol = {"model": str(args.model), "data": str(args.data), "tests": args.tests, "pieces": args.pieces,
-                "rounds": args.rounds, "loss": args.loss, "steps_per_signal": args.steps, "lr": args.lr,
+    protocol = {"model": str(args.model), "data": str(args.data), "tests": args.tests, "first_test": args.first_test,
+                "pieces": args.pieces, "rounds": args.rounds, "loss": args.loss, "steps_per_signal": args.steps, "lr": args.lr,
                 "gamma": GAMMA, "register_drop": args.register_drop, "seed": args.seed,
                 "elapsed_s": time.perf_counter() - started_s}
     suffix = "" if args.loss == "cosine" else f"-{args.loss}"
