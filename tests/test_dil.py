@@ -30,6 +30,10 @@ from daemon_support import REPO, infill_request, process_rss_bytes, threaded_dae
 from tiny_bundle import tiny_bundle_dir
 
 
+ALWAYS_STEP = DILSettings(margin=2.0)
+"""A margin beyond any cosine gap: every signal steps, whatever the random tiny model's vectors."""
+
+
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
     return tiny_bundle_dir(tmp_path_factory)
@@ -93,7 +97,7 @@ def test_engine_serves_a_profile_weights_and_forgets_them(tiny_bundle, tmp_path)
     request = _request()
     region = engine.region(request.song, request.start_qn, request.end_qn, request.target_tracks)
     base = engine.conditioning(region, 12)
-    learner = Learner(engine, tmp_path / "dil", seed=0)
+    learner = Learner(engine, tmp_path / "dil", settings=ALWAYS_STEP, seed=0)
     assert learner.wait_idle()
     model = learner._model("alice")
     engine.install_profile_weights("alice", model.graph_weights(learner.initializers))
@@ -117,6 +121,7 @@ def _state(dil_dir, profile="default"):
 def test_daemon_learns_from_repeat_and_accept_keeps_it_across_restart_and_resets(tiny_bundle, tmp_path):
     dil_dir = tmp_path / "dil"
     backend = EngineBackend(tiny_bundle, "cpu", dil_dir=dil_dir)
+    backend.signal_sink.settings = ALWAYS_STEP
     request = infill_request(profile="alice")
     with threaded_daemon(backend, tmp_path / "profiles.json") as daemon:
         with DaemonClient(connection=daemon.connection_info(), timeout_ms=20_000) as client:
@@ -159,7 +164,7 @@ def test_learning_from_many_signals_does_not_grow_memory(tiny_bundle, tmp_path):
     """After the first signals (torch's autograd and the profile's sessions, a one-time cost), each
     further signal replaces the profile's sessions: memory stays flat, not one copy per signal."""
     backend = EngineBackend(tiny_bundle, "cpu", dil_dir=tmp_path / "dil")
-    backend.signal_sink.settings = DILSettings(margin=2.0)  # beyond any cosine gap: every signal steps
+    backend.signal_sink.settings = ALWAYS_STEP
     sessions = [infill_request(session=f"take-1:{start}-{start + 4}", start_qn=float(start), end_qn=float(start + 4),
                                profile="bob") for start in (4, 8, 12)]
 
