@@ -20,9 +20,9 @@ from typing import Callable, Optional
 import numpy as np
 import onnxruntime as ort
 
+from .annotations import bar_lines_qn
 from .engine import Engine, InfillOptions
 from .sampling import AnswerRows
-from .annotations import pop909_downbeats_s
 from .tokens import Note, Song, read_midi, tokenize
 
 FIXTURE_SONGS_DIR = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "midi" / "pop909"
@@ -73,15 +73,6 @@ def window_song(song: Song, start_qn: float, end_qn: float) -> Song:
                                for n in track.notes if start_qn <= n.start_qn < end_qn], track.channel)
               for track in song.tracks]
     return song.__class__(tracks, song.tempo_map, song.meter, song.ticks_per_qn)
-
-
-def bar_lines_qn(song: Song, path: Path) -> list[float]:
-    """Bar lines of a song: its beat annotations' downbeats when a POP909 `beat_midi.txt` lies beside
-    it (POP909's MIDI time signatures do not match its bars), else its meter's."""
-    beat_file = path.parent / "beat_midi.txt"
-    if beat_file.exists():
-        return [float(song.tempo_map.qn_at(t * 1000.0)) for t in pop909_downbeats_s(beat_file)]
-    return song.meter.downbeats_qn(song.end_qn)
 
 
 def latency_requests(song: Song, bar_lines: list[float], width_bars: int) -> list[tuple[Song, float, float]]:
@@ -169,7 +160,7 @@ def run(model_dir, songs_dir: Optional[Path], repeats: int) -> None:
             decode_tokens_per_s[head_name, batch_size] = tokens_per_s
             print(f"decode step, {head_name} ({len(head_rows):,} rows), batch {batch_size}: {tokens_per_s:,.0f} tokens/s")
 
-    bar_lines = [bar_lines_qn(song, path) for song, path in zip(songs, paths)]
+    bar_lines = [bar_lines_qn(song, path)[0] for song, path in zip(songs, paths)]
     for width in BLANK_WIDTHS_BARS:
         for n_candidates in ((1, 4) if width == max(BLANK_WIDTHS_BARS) else (1,)):
             totals_ms, answer_tokens, decode_ms = [], 0, 0.0

@@ -59,10 +59,12 @@ def command_play(args) -> int:
         if args.context_bars < 0:
             raise CMIError(f"--context-bars {args.context_bars}: give 0 or more bars")
         first_bar, last_bar, _, _ = offline.parse_bars(args.bars, song)
-        start_qn, end_qn = song.meter.bar_range_qn(max(1, first_bar - args.context_bars), last_bar + args.context_bars)
-    messages = playback.schedule(song, start_qn, min(end_qn, song.end_qn))
+        start_qn, bars_end_qn = song.meter.bar_range_qn(max(1, first_bar - args.context_bars),
+                                                        last_bar + args.context_bars)
+        end_qn = min(bars_end_qn, song.end_qn)
+    messages = playback.schedule(song, start_qn, end_qn)
     port = playback.open_output(args.port)
-    print(f"playing {args.file} ({start_qn:g}-{min(end_qn, song.end_qn):g} QN) on {port.name}; Ctrl-C stops")
+    print(f"playing {args.file} ({start_qn:g}-{end_qn:g} QN) on {port.name}; Ctrl-C stops")
     try:
         playback.play(messages, port)
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ import pytest
 from scipy import stats
 
 from cmi_daemon import vocab
+from cmi_daemon.annotations import BEAT_FILE_NAME, bar_lines_qn
 from cmi_daemon.regions import build_region
 from cmi_daemon.tokens import read_midi
 from conftest import GROOVE_FIXTURES, POP909_FIXTURES, shared_data
@@ -19,7 +20,7 @@ from training.baselines import BASELINES, RandomNotes, RepeatPreviousBars
 
 def all_blanks(path, n_blanks=12, seed=3):
     song = read_midi(path)
-    lines, _ = evaluate.bar_lines_qn(song, path)
+    lines, _ = bar_lines_qn(song, path)
     targets = evaluate.target_tracks(song)
     blanks = evaluate.choose_blanks(song, path.stem, lines, targets, n_blanks, np.random.default_rng(seed))
     return song, targets, blanks
@@ -28,8 +29,8 @@ def all_blanks(path, n_blanks=12, seed=3):
 @pytest.mark.parametrize("path", POP909_FIXTURES, ids=lambda p: p.parent.name)
 def test_blanks_sit_on_bar_lines_with_context_and_do_not_overlap(path):
     song, targets, blanks = all_blanks(path)
-    lines, source = evaluate.bar_lines_qn(song, path)
-    assert source == evaluate.BEAT_FILE_NAME and targets == (0, 1, 2)
+    lines, source = bar_lines_qn(song, path)
+    assert source == BEAT_FILE_NAME and targets == (0, 1, 2)
     assert len(blanks) >= 6
     for blank in blanks:
         assert blank.width_bars in evaluate.BLANK_WIDTHS_BARS
@@ -43,7 +44,7 @@ def test_blanks_sit_on_bar_lines_with_context_and_do_not_overlap(path):
 def test_bars_come_from_the_meter_without_a_beat_file():
     path = next(p for p in GROOVE_FIXTURES if "3-4" in p.name)
     song = read_midi(path)
-    lines, source = evaluate.bar_lines_qn(song, path)
+    lines, source = bar_lines_qn(song, path)
     assert source == "meter" and lines[-1] >= song.end_qn
     assert np.allclose(np.diff(lines), 3.0)
     assert evaluate.target_tracks(song) == tuple(range(len(song.tracks)))

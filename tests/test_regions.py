@@ -7,16 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cmi_daemon import vocab
+from cmi_daemon.annotations import bar_lines_qn
 from cmi_daemon.errors import RegionError
 from cmi_daemon.regions import answer_notes, apply_answer, build_region
 from cmi_daemon.tempo import TempoMap
 from cmi_daemon.tokens import Note, Song, Track, read_midi
 from conftest import POP909_FIXTURES, shared_data
-from cmi_daemon.annotations import pop909_downbeats_s
-
-
-def downbeats_qn(song: Song, midi_path):
-    return [song.tempo_map.qn_at(t * 1000.0) for t in pop909_downbeats_s(midi_path.parent / "beat_midi.txt")]
 
 
 def onset_tolerance_qn(song: Song, qn: float) -> float:
@@ -64,7 +60,7 @@ def assert_blank_reproduced(song: Song, start_qn: float, end_qn: float, targets,
 @pytest.mark.parametrize("bars", [2, 4])
 def test_pop909_bars_reproduce_with_original_blank(path, bars):
     song = read_midi(path)
-    downbeats = downbeats_qn(song, path)
+    downbeats = bar_lines_qn(song, path)[0]
     rng = random.Random(bars)
     for _ in range(6):
         first = rng.randrange(8, len(downbeats) - bars - 8)
@@ -79,7 +75,7 @@ def test_pop909_dev_bars_reproduce():
     for folder in folders[::9]:
         path = folder / f"{folder.name}.mid"
         song = read_midi(path)
-        downbeats = downbeats_qn(song, path)
+        downbeats = bar_lines_qn(song, path)[0]
         first = len(downbeats) // 2
         assert_blank_reproduced(song, downbeats[first], downbeats[first + 4], [0, 1, 2])
 

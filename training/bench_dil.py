@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cmi_daemon.bench import FIXTURE_SONGS_DIR, bar_lines_qn, cpu_model, latency_requests, song_files
+from cmi_daemon.annotations import bar_lines_qn
+from cmi_daemon.bench import FIXTURE_SONGS_DIR, cpu_model, latency_requests, song_files
 from cmi_daemon.dil.learner import Learner
 from cmi_daemon.engine import Engine, InfillOptions
 from cmi_daemon.server import InteractionSignal
@@ -38,7 +39,7 @@ def requests(songs_dir: Path, n_infills: int) -> list[InfillRequest]:
     found = []
     for path in song_files(songs_dir):
         song = read_midi(path)
-        for index, (window, start_qn, end_qn) in enumerate(latency_requests(song, bar_lines_qn(song, path), 2)):
+        for index, (window, start_qn, end_qn) in enumerate(latency_requests(song, bar_lines_qn(song, path)[0], 2)):
             found.append(InfillRequest(f"{path.stem}:{index}", window, start_qn, end_qn, target_tracks(window),
                                        RequestOptions(profile=PROFILE)))
             if len(found) == n_infills:

@@ -27,7 +27,7 @@ from cmi_daemon import vocab
 from cmi_daemon.errors import MidiFileError
 from cmi_daemon.tokens import Note, Song, read_midi
 from training import metrics
-from cmi_daemon.annotations import pop909_downbeats_s
+from cmi_daemon.annotations import bar_lines_qn
 from training.baselines import BASELINES, Blank, InfillSystem, notes_in_range
 
 CONTEXT_BARS = 8
@@ -39,7 +39,6 @@ SIGNIFICANCE_LEVEL = 0.05
 BOOTSTRAP_RESAMPLES = 2000
 PIANO_ROLL_BLANKS = 3
 GROUND_TRUTH = "ground truth"
-BEAT_FILE_NAME = "beat_midi.txt"
 
 METRICS = metrics.CONTEXT_METRICS + ("GC", "onset_F1", "chroma_cos", "PCE_diff")
 """Columns computed for every system; each is judged by |value - ground truth's value| per blank."""
@@ -72,17 +71,6 @@ def song_paths(data_dir: Path, n_songs: Optional[int]) -> list[Path]:
     if not paths:
         raise SystemExit(f"--data {data_dir}: no .mid files there")
     return paths[:n_songs] if n_songs else paths
-
-
-def bar_lines_qn(song: Song, midi_path: Path) -> tuple[list[float], str]:
-    """Bar lines in QN and where they come from: the POP909 beat file beside the MIDI file when
-    there is one (bars run between consecutive annotated downbeats), else the song's meter."""
-    beat_file = midi_path.parent / BEAT_FILE_NAME
-    if beat_file.exists():
-        downbeats_ms = np.asarray(pop909_downbeats_s(beat_file)) * 1000.0
-        return [float(q) for q in np.atleast_1d(song.tempo_map.qn_at(downbeats_ms))], BEAT_FILE_NAME
-    downbeats = song.meter.downbeats_qn(song.end_qn)
-    return downbeats + [song.meter.bar_start_qn(len(downbeats) + 1)], "meter"
 
 
 def target_tracks(song: Song) -> tuple[int, ...]:
@@ -517,7 +505,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="folder of held-out MIDI files (searched recursively)")
     parser.add_argument("--model", type=Path, help="model to evaluate as the system 'cmi'")
-    parser.add_argument("--ablation", type=Path, help=f"the model's ablation, evaluated as {ABLATION_SYSTEM!r} and as a baseline for the model")
+    parser.add_argument("--ablation", type=Path,
+                        help=f"the model's ablation, evaluated as {ABLATION_SYSTEM!r} and as a baseline for the model")
     parser.add_argument("--songs", type=int, help="only the first N songs in path order")
     parser.add_argument("--blanks-per-song", type=int, default=DEFAULT_BLANKS_PER_SONG)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)

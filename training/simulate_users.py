@@ -44,6 +44,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from cmi_daemon.annotations import bar_lines_qn
 from cmi_daemon.bench import window_song
 from cmi_daemon.dil.adapter import DILSettings, ProfileModel
 from cmi_daemon.dil.examples import Piece, neutral_span, piece, song_with_content
@@ -53,7 +54,7 @@ from cmi_daemon.errors import CMIError
 from cmi_daemon.tokens import Song, read_midi
 from training import metrics
 from training.baselines import Blank
-from training.evaluate import (bar_lines_qn, choose_blanks, ground_truth_infill, infill_metrics, song_paths,
+from training.evaluate import (choose_blanks, ground_truth_infill, infill_metrics, song_paths,
                                target_tracks)
 
 GAMMA = 0.10
@@ -454,8 +455,8 @@ def main(argv=None) -> None:
                     f"{k}={v:.3f}" for k, v in result.items() if isinstance(v, float)), flush=True)
     summary = summarise(runs)
     protocol = {"model": str(args.model), "data": str(args.data), "tests": args.tests, "first_test": args.first_test,
-                "pieces": args.pieces, "rounds": args.rounds, "loss": args.loss, "steps_per_signal": args.steps, "lr": args.lr,
-                "gamma": GAMMA, "register_drop": args.register_drop, "seed": args.seed,
+                "pieces": args.pieces, "rounds": args.rounds, "loss": args.loss, "steps_per_signal": args.steps,
+                "lr": args.lr, "gamma": GAMMA, "register_drop": args.register_drop, "seed": args.seed,
                 "elapsed_s": time.perf_counter() - started_s}
     suffix = "" if args.loss == "cosine" else f"-{args.loss}"
     (args.out / f"results{suffix}.json").write_text(json.dumps({"protocol": protocol, "summary": summary}, indent=1))

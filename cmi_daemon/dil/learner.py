@@ -23,7 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -227,11 +227,7 @@ class Learner:
         span = neutral_span(rejected, self.rng)
         if span is None or rejected.blank_end == rejected.blank_start:
             return "none (no context or empty range)", []
-        terms = []
-        for _ in range(self.settings.steps_per_signal):
-            self.engine.idle.wait()
-            terms.append(model.iteration_step(rejected, span))
-        return "iteration", terms
+        return "iteration", self._steps(lambda: model.iteration_step(rejected, span))
 
     def _sample_steps(self, signal, content: dict, model: ProfileModel) -> tuple[str, list[dict]]:
         """Eq. 3 steps for accepted content against the session's first version."""
@@ -241,11 +237,15 @@ class Learner:
             return "none (the first version was accepted)", []
         accepted = self._piece(signal.request, content)
         first_piece = self._piece(signal.request, first)
+        return "sample", self._steps(lambda: model.sample_step(accepted, first_piece))
+
+    def _steps(self, step: Callable[[], dict]) -> list[dict]:
+        """The signal's gradient steps, each started only while no infill runs."""
         terms = []
         for _ in range(self.settings.steps_per_signal):
             self.engine.idle.wait()
-            terms.append(model.sample_step(accepted, first_piece))
-        return "sample", terms
+            terms.append(step())
+        return terms
 
     def _remember_first(self, signal, content: dict) -> None:
         if signal.session not in self.first_versions:
