@@ -18,6 +18,7 @@ import os
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -41,6 +42,9 @@ ANSWER_CAP_FACTOR = 3
 EMPTY_LOG_SCALE = -1e30
 ATT_PP = 3
 """The empty recurrent state, as model.rwkv defines it (repeated here: the engine does not import torch)."""
+PROFILE_SESSIONS_IN_MEMORY = 8
+"""DIL profiles whose adapted encoder and predictor sessions stay built; others are rebuilt from
+their saved weights on their next infill."""
 MAX_CANDIDATES = 16
 
 
@@ -181,8 +185,15 @@ class Engine:
         self.idle = threading.Event()
         """Set while no infill runs: background work (DIL) waits for it between steps."""
         self.idle.set()
-        self._profile_sessions: dict[str, tuple] = {}
-        """Profile -> (encoder session, predictor session, the OrtValues they read) of adapted weights."""
+        self._profile_sessions: OrderedDict[str, tuple] = OrderedDict()
+        """Profile -> (encoder session, predictor session, the OrtValues they read) of adapted weights,
+        the most recently used last; at most PROFILE_SESSIONS_IN_MEMORY."""
+        self._profile_generation: dict[str, int] = {}
+        """Profile -> installs so far: a reload from disk that an install overtook is not kept."""
+        self._profiles_lock = threading.Lock()
+        self.saved_profile_weights: Optional[Callable[[str], Optional[dict]]] = None
+        """Reads a profile's adapted weights back (the DIL learner's store) when its sessions were
+        dropped from memory; None: profiles not in memory get the base model."""
 
     # -----------------------------------------------------------------------------------------
     # DIL profiles: the same graphs with some initializers replaced
@@ -199,9 +210,12 @@ class Engine:
         and swapped in whole: an infill uses either the old pair or the new one. They run without
         graph optimisations: with them, ONNX Runtime 1.31 folds the Cast of an fp16 weight stored as
         external data before applying add_initializer, and the replacement is silently lost."""
-        if weights is None:
-            self._profile_sessions.pop(profile, None)
-            return
+        sessions = None if weights is None else self._build_profile_sessions(weights)
+        with self._profiles_lock:
+            self._profile_generation[profile] = self._profile_generation.get(profile, 0) + 1
+            self._keep_profile_sessions(profile, sessions)
+
+    def _build_profile_sessions(self, weights: dict[str, dict[str, np.ndarray]]) -> tuple:
         built = []
         values = []
         for graph in (CONTEXT_ENCODER_GRAPH, PREDICTOR_GRAPH):
@@ -212,11 +226,39 @@ class Engine:
                 options.add_initializer(name, value)
                 values.append(value)
             built.append(ort.InferenceSession(str(self.bundle.file(graph)), options, providers=self.providers))
-        self._profile_sessions[profile] = (built[0], built[1], values)
+        return built[0], built[1], values
+
+    def _keep_profile_sessions(self, profile: str, sessions: Optional[tuple]) -> None:
+        """Under _profiles_lock: store (or, for None, drop) a profile's sessions, evicting the least
+        recently used beyond PROFILE_SESSIONS_IN_MEMORY."""
+        if sessions is None:
+            self._profile_sessions.pop(profile, None)
+            return
+        self._profile_sessions[profile] = sessions
+        self._profile_sessions.move_to_end(profile)
+        while len(self._profile_sessions) > PROFILE_SESSIONS_IN_MEMORY:
+            self._profile_sessions.popitem(last=False)
 
     def _jepa_sessions(self, profile: Optional[str]) -> tuple:
-        adapted = self._profile_sessions.get(profile) if profile is not None else None
-        return adapted[:2] if adapted is not None else (self.encoder_session, self.predictor_session)
+        """The profile's (encoder, predictor) sessions: in memory, else rebuilt from its saved weights,
+        else the base model's."""
+        if profile is None:
+            return self.encoder_session, self.predictor_session
+        with self._profiles_lock:
+            adapted = self._profile_sessions.get(profile)
+            if adapted is not None:
+                self._profile_sessions.move_to_end(profile)
+                return adapted[:2]
+            generation = self._profile_generation.get(profile, 0)
+        weights = self.saved_profile_weights(profile) if self.saved_profile_weights is not None else None
+        if weights is None:
+            return self.encoder_session, self.predictor_session
+        sessions = self._build_profile_sessions(weights)
+        with self._profiles_lock:
+            overtaken = self._profile_generation.get(profile, 0) != generation or profile in self._profile_sessions
+            if not overtaken:
+                self._keep_profile_sessions(profile, sessions)
+        return self._jepa_sessions(profile) if overtaken else sessions[:2]
 
     # -----------------------------------------------------------------------------------------
     # graph calls

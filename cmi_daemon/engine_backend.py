@@ -9,10 +9,12 @@ from typing import Callable, Optional
 
 from . import engine as engine_module
 from . import paths
+from .dil.settings import DILSettings
 from .engine import Engine, InfillOptions
 from .sampling import SamplingOptions
 from .schema import InfillRequest
 from .server import InfillCancelled, InfillResult, ProgressCallback
+from .settings import Settings
 
 _PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -23,15 +25,17 @@ _PROVIDERS = {
 class EngineBackend:
     """Runs validated requests through one Engine; engine errors keep their meaning on the wire."""
 
-    def __init__(self, model_dir: Path, device: str = "auto", dil_dir: Optional[Path] = None):
+    def __init__(self, model_dir: Path, device: str = "auto", dil_dir: Optional[Path] = None,
+                 dil_settings: DILSettings = DILSettings()):
         providers = _PROVIDERS.get(device) or engine_module.execution_providers()
         self.engine = Engine(model_dir, providers=providers)
         self.model_dir = Path(model_dir)
         self.signal_sink = None
-        """The DIL learner (the server's SignalSink) when dil_dir is given and the model is conditioned."""
-        if dil_dir is not None and self.engine.bundle.conditioned:
+        """The DIL learner (the server's SignalSink) when dil_dir is given, DIL is enabled and the model
+        is conditioned."""
+        if dil_dir is not None and dil_settings.enabled and self.engine.bundle.conditioned:
             from .dil.learner import Learner
-            self.signal_sink = Learner(self.engine, Path(dil_dir))
+            self.signal_sink = Learner(self.engine, Path(dil_dir), dil_settings)
 
     def describe(self) -> dict:
         bundle = self.engine.bundle
@@ -69,6 +73,6 @@ class EngineBackend:
         return InfillResult([candidate.notes for candidate in result.candidates], timings_ms)
 
 
-def load_engine_backend(model_dir: Path, device: str) -> EngineBackend:
+def load_engine_backend(model_dir: Path, settings: Settings) -> EngineBackend:
     """The daemon's backend: the engine, learning per profile under the user data folder."""
-    return EngineBackend(model_dir, device, dil_dir=paths.data_dir() / "dil")
+    return EngineBackend(model_dir, settings.device, dil_dir=paths.data_dir() / "dil", dil_settings=settings.dil)

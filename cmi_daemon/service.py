@@ -131,7 +131,7 @@ def read_curve_secret_key(settings: Settings) -> Optional[bytes]:
     return key
 
 
-def run_foreground(settings: Settings, backend_factory: Callable[[Path, str], object],
+def run_foreground(settings: Settings, backend_factory: Callable[[Path, Settings], object],
                    console: bool = True) -> int:
     """Hold the lock, load the model, serve until a signal or `shutdown`, then clean up."""
     from .server import Daemon
@@ -144,7 +144,7 @@ def run_foreground(settings: Settings, backend_factory: Callable[[Path, str], ob
         curve_key = read_curve_secret_key(settings)
         model_path = model_dir(settings)
         log.info("loading the model from %s", model_path)
-        backend = backend_factory(model_path, settings.device)
+        backend = backend_factory(model_path, settings)
         daemon = Daemon(backend, settings, profiles_path=paths.data_dir() / "profiles.json",
                         curve_secret_key=curve_key)
         _install_signal_handlers(daemon.request_stop)

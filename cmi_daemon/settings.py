@@ -24,6 +24,13 @@ Config file (paths.config_file(), e.g. ~/.config/cmi/config.toml), every key opt
 
     [curve]                      # CurveZMQ, required to bind off loopback
     secret_key_file = ""         # file holding the daemon's Z85 secret key (40 characters)
+
+    [dil]                        # learning from "again" and "keep" (DEVELOPERS.md, DIL)
+    enabled = true               # false: learn nothing, serve the base model to every profile
+    steps_per_signal = 2         # gradient steps per signal, 1..16
+    lr = 0.0001
+    loss = "cosine"              # cosine (the paper) or distance (the authors' code)
+    margin = 0.1
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .dil.settings import DILSettings
 from .errors import CMIError
 from .protocol import Limits
 
@@ -64,6 +72,7 @@ class Settings:
     log_level: str = "INFO"
     curve_secret_key_file: str = ""
     limits: Limits = field(default_factory=Limits)
+    dil: DILSettings = field(default_factory=DILSettings)
 
     @property
     def loopback(self) -> bool:
@@ -82,45 +91,54 @@ def is_loopback(address: str) -> bool:
 _DAEMON_KEYS = {"bind_address": str, "port": int, "queue_size": int, "request_timeout_ms": int,
                 "shutdown_grace_ms": int, "model": str, "device": str, "log_level": str}
 _LIMIT_KEYS = {f.name: f.type for f in dataclasses.fields(Limits)}
+_DIL_KEYS = {"enabled": bool, "steps_per_signal": int, "lr": float, "loss": str, "margin": float}
 
 
 def load_settings(path: Optional[Path], overrides: dict[str, Any]) -> Settings:
     """Defaults, then the config file at path (if it exists), then the non-None overrides."""
     values: dict[str, Any] = {}
     limits: dict[str, Any] = {}
+    dil: dict[str, Any] = {}
     if path is not None and path.exists():
-        values, limits = _read_config(path)
+        values, limits, dil = _read_config(path)
     values.update({key: value for key, value in overrides.items() if value is not None})
-    settings = Settings(**values, limits=Limits(**limits))
+    try:
+        dil_settings = DILSettings(**dil)
+    except ValueError as error:
+        raise ConfigError(f"{path}: [dil] {error}") from None
+    settings = Settings(**values, limits=Limits(**limits), dil=dil_settings)
     _check(settings, path)
     return settings
 
 
-def _read_config(path: Path) -> tuple[dict, dict]:
+def _read_config(path: Path) -> tuple[dict, dict, dict]:
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"{path}: cannot read the config file ({error})") from None
     values: dict[str, Any] = {}
     limits: dict[str, Any] = {}
+    dil: dict[str, Any] = {}
     for section, table in document.items():
-        if section not in ("daemon", "limits", "curve") or not isinstance(table, dict):
-            raise ConfigError(f"{path}: unknown section [{section}]; known: [daemon], [limits], [curve]")
+        if section not in ("daemon", "limits", "curve", "dil") or not isinstance(table, dict):
+            raise ConfigError(f"{path}: unknown section [{section}]; known: [daemon], [limits], [curve], [dil]")
         for key, value in table.items():
             if section == "daemon":
                 values[key] = _typed(path, section, key, value, _DAEMON_KEYS)
             elif section == "limits":
                 limits[key] = _typed(path, section, key, value, _LIMIT_KEYS)
+            elif section == "dil":
+                dil[key] = _typed(path, section, key, value, _DIL_KEYS)
             else:
                 values["curve_" + key] = _typed(path, section, key, value, {"secret_key_file": str})
-    return values, limits
+    return values, limits, dil
 
 
 def _typed(path: Path, section: str, key: str, value: Any, known: dict) -> Any:
     if key not in known:
         raise ConfigError(f"{path}: unknown key {key!r} in [{section}]; known: {', '.join(sorted(known))}")
     wanted = known[key]
-    wanted = {"int": int, "float": float, "str": str}.get(wanted, wanted)
+    wanted = {"int": int, "float": float, "str": str, "bool": bool}.get(wanted, wanted)
     if wanted is float and type(value) is int:
         value = float(value)
     if type(value) is not wanted:

@@ -6,8 +6,9 @@ The simple dict (what tests and hand-made models use), loadable with torch.load(
      "predictor": Predictor state dict, "training": optional dict copied into the manifest}
 training.train writes {"format": "cmi-train-1", "stage": "jepa" | "generator", "model_config",
 "train_config", "model": state dict, "step", ...}; a generator checkpoint is exported together
-with the stage-1 JEPA checkpoint it was conditioned on (its train_config's jepa_dir/best.pt, or
---jepa).
+with the stage-1 JEPA it was conditioned on (its train_config's jepa_dir, or --jepa): a stage-1
+output folder (its best.pt), a stage-1 checkpoint file, or a model bundle (whose JEPA a new
+generator can be trained against: `training.train --jepa cmi_daemon/models/default`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from cmi_daemon.bundle import JEPA_WEIGHTS, MANIFEST_NAME, BundleError, load_bundle
 from cmi_daemon.model.config import ModelConfig
 
 TRAIN_CHECKPOINT_FORMAT = "cmi-train-1"
@@ -86,16 +88,36 @@ def _read_train_checkpoint(path: Path, checkpoint: dict, jepa_path) -> Checkpoin
     jepa = None
     if model_config.generator.conditioned:
         if jepa_path is None:
-            jepa_dir = checkpoint.get("train_config", {}).get("jepa_dir")
-            if not jepa_dir:
+            jepa_path = checkpoint.get("train_config", {}).get("jepa_dir")
+            if not jepa_path:
                 raise CheckpointError(f"{path}: conditioned generator without a JEPA; pass --jepa JEPA_CHECKPOINT")
-            jepa_path = Path(jepa_dir) / "best.pt"
-        jepa_checkpoint = _load(Path(jepa_path))
-        if jepa_checkpoint.get("stage") != "jepa":
-            raise CheckpointError(f"{jepa_path}: not a stage-1 (jepa) checkpoint")
-        jepa = jepa_checkpoint["model"]
-        training["jepa"] = _summary(jepa_checkpoint)
+        jepa, _, training["jepa"] = read_jepa(jepa_path)
     return Checkpoint(model_config, checkpoint["model"], jepa, training)
+
+
+def read_jepa(location) -> tuple[dict, ModelConfig, dict]:
+    """(JEPA state dict in fp32, the model config it was built with, training summary) from a
+    stage-1 output folder (its best.pt), a stage-1 checkpoint file or a model bundle folder."""
+    location = Path(location)
+    if (location / MANIFEST_NAME).is_file():
+        from safetensors.torch import load_file
+
+        try:
+            bundle = load_bundle(location)
+        except BundleError as error:
+            raise CheckpointError(str(error)) from error
+        if not bundle.conditioned:
+            raise CheckpointError(f"{location}: an unconditioned bundle has no JEPA")
+        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(bundle.file(JEPA_WEIGHTS)).items()}
+        return state, bundle.model_config, {"bundle": str(location), **(bundle.training or {}).get("jepa", {})}
+    path = location / "best.pt" if location.is_dir() else location
+    if location.is_dir() and not path.exists():
+        raise CheckpointError(f"{location}: no best.pt and no {MANIFEST_NAME}: neither a stage-1 output folder "
+                              "nor a model bundle (run stage 1 first: --stage jepa --out DIR)")
+    checkpoint = _load(path)
+    if not isinstance(checkpoint, dict) or checkpoint.get("stage") != "jepa":
+        raise CheckpointError(f"{path}: not a stage-1 (jepa) checkpoint")
+    return checkpoint["model"], ModelConfig.from_dict(checkpoint["model_config"]), _summary(checkpoint)
 
 
 def shard_summary(shard_dir) -> dict:

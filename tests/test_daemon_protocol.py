@@ -114,10 +114,13 @@ def test_bad_envelopes(body, code):
 
 def test_settings_from_toml_and_flags(tmp_path):
     path = tmp_path / "config.toml"
-    path.write_text('[daemon]\nport = 5000\nqueue_size = 3\n[limits]\nmax_notes = 10\nmax_range_qn = 16\n')
+    path.write_text('[daemon]\nport = 5000\nqueue_size = 3\n[limits]\nmax_notes = 10\nmax_range_qn = 16\n'
+                    '[dil]\nenabled = false\nsteps_per_signal = 4\nlr = 0.0003\nloss = "distance"\n')
     settings = load_settings(path, {"port": 6000, "model": None})
     assert (settings.port, settings.queue_size, settings.limits.max_notes, settings.limits.max_range_qn) == \
         (6000, 3, 10, 16.0)
+    assert (settings.dil.enabled, settings.dil.steps_per_signal, settings.dil.lr, settings.dil.loss) == \
+        (False, 4, 3e-4, "distance")
     assert load_settings(tmp_path / "absent.toml", {}) == Settings()
 
 
@@ -127,6 +130,9 @@ def test_settings_from_toml_and_flags(tmp_path):
     ("[server]\n", "unknown section"),
     ("[daemon\n", "cannot read"),
     ("[daemon]\nlog_level = 'LOUD'\n", "log_level"),
+    ("[dil]\nenabled = 1\n", "enabled must be a bool"),
+    ("[dil]\nloss = 'l2'\n", "choose one of cosine, distance"),
+    ("[dil]\nsteps_per_signal = 100\n", "choose 1..16"),
 ])
 def test_bad_config_files_are_named(tmp_path, text, words):
     path = tmp_path / "config.toml"

@@ -19,11 +19,11 @@ from safetensors.torch import load_file
 from cmi_daemon import schema
 from cmi_daemon.client import DaemonClient
 from cmi_daemon.dil import losses
-from cmi_daemon.dil.adapter import DILSettings
+from cmi_daemon.dil.settings import DILSettings
 from cmi_daemon.dil.examples import piece
 from cmi_daemon.dil.learner import Learner
 from cmi_daemon.dil.store import STATE_FILE, ProfileStore
-from cmi_daemon.engine import Engine
+from cmi_daemon.engine import PROFILE_SESSIONS_IN_MEMORY, Engine
 from cmi_daemon.engine_backend import EngineBackend
 from cmi_daemon.protocol import Limits
 from daemon_support import REPO, infill_request, process_rss_bytes, threaded_daemon
@@ -112,6 +112,31 @@ def test_engine_serves_a_profile_weights_and_forgets_them(tiny_bundle, tmp_path)
     learner.close()
 
 
+def test_engine_keeps_a_bounded_number_of_profiles_and_reads_the_others_back(tiny_bundle, tmp_path):
+    engine = Engine(tiny_bundle, intra_op_threads=1)
+    request = _request()
+    region = engine.region(request.song, request.start_qn, request.end_qn, request.target_tracks)
+    learner = Learner(engine, tmp_path / "dil", settings=ALWAYS_STEP, seed=0)
+    assert learner.wait_idle()
+    rejected = piece(request.song, request.start_qn, request.end_qn, request.target_tracks, 256)
+    profiles = [f"user{i}" for i in range(PROFILE_SESSIONS_IN_MEMORY + 3)]
+    for steps, profile in enumerate(profiles, start=1):  # each adapted by a different number of steps
+        model = learner._model(profile)
+        for _ in range(steps):
+            model.iteration_step(rejected, (0, 8))
+        learner.store.save(profile, model.tensors(), model.steps, 1, ALWAYS_STEP.to_json())
+    first_pass = {profile: engine.conditioning(region, 12, profile) for profile in profiles}
+    assert len(engine._profile_sessions) == PROFILE_SESSIONS_IN_MEMORY
+    base = engine.conditioning(region, 12)
+    vectors = [base] + list(first_pass.values())
+    assert min(np.abs(a - b).max() for i, a in enumerate(vectors) for b in vectors[i + 1:]) > 1e-5, \
+        "every profile has its own conditioning"
+    for profile in profiles:  # the earliest were dropped for the later ones: read back, the same weights
+        np.testing.assert_array_equal(engine.conditioning(region, 12, profile), first_pass[profile])
+    assert len(engine._profile_sessions) == PROFILE_SESSIONS_IN_MEMORY
+    learner.close()
+
+
 # ----- a live daemon -----
 
 def _state(dil_dir, profile="default"):
@@ -120,8 +145,7 @@ def _state(dil_dir, profile="default"):
 
 def test_daemon_learns_from_repeat_and_accept_keeps_it_across_restart_and_resets(tiny_bundle, tmp_path):
     dil_dir = tmp_path / "dil"
-    backend = EngineBackend(tiny_bundle, "cpu", dil_dir=dil_dir)
-    backend.signal_sink.settings = ALWAYS_STEP
+    backend = EngineBackend(tiny_bundle, "cpu", dil_dir=dil_dir, dil_settings=ALWAYS_STEP)
     request = infill_request(profile="alice")
     with threaded_daemon(backend, tmp_path / "profiles.json") as daemon:
         with DaemonClient(connection=daemon.connection_info(), timeout_ms=20_000) as client:
@@ -151,7 +175,7 @@ def test_daemon_learns_from_repeat_and_accept_keeps_it_across_restart_and_resets
         assert restarted.signal_sink.wait_idle()
         adapted = engine.conditioning(region, 12, "alice")
         assert np.abs(adapted - engine.conditioning(region, 12)).max() > 1e-4, "the profile survived the restart"
-        assert restarted.signal_sink.models["alice"].steps == log[0]["steps"] + log[1]["steps"]
+        assert restarted.signal_sink.store.load("alice").steps == log[0]["steps"] + log[1]["steps"]
         with DaemonClient(connection=daemon.connection_info(), timeout_ms=20_000) as client:
             assert client.profiles(reset="alice")["reset"] == "alice"
             assert restarted.signal_sink.wait_idle()
@@ -163,8 +187,7 @@ def test_daemon_learns_from_repeat_and_accept_keeps_it_across_restart_and_resets
 def test_learning_from_many_signals_does_not_grow_memory(tiny_bundle, tmp_path):
     """After the first signals (torch's autograd and the profile's sessions, a one-time cost), each
     further signal replaces the profile's sessions: memory stays flat, not one copy per signal."""
-    backend = EngineBackend(tiny_bundle, "cpu", dil_dir=tmp_path / "dil")
-    backend.signal_sink.settings = ALWAYS_STEP
+    backend = EngineBackend(tiny_bundle, "cpu", dil_dir=tmp_path / "dil", dil_settings=ALWAYS_STEP)
     sessions = [infill_request(session=f"take-1:{start}-{start + 4}", start_qn=float(start), end_qn=float(start + 4),
                                profile="bob") for start in (4, 8, 12)]
 
@@ -249,3 +272,9 @@ def test_latency_benchmark_runs_and_reports_its_figures(tiny_bundle, tmp_path):
     assert figures["infills"] == 2 and figures["signals_handled_while_busy"] >= 1
     assert figures["idle_median_ms"] > 0 and figures["busy_median_ms"] > 0
     assert figures["median_ratio"] == pytest.approx(figures["busy_median_ms"] / figures["idle_median_ms"], rel=0.01)
+
+
+def test_dil_disabled_in_the_settings_learns_nothing(tiny_bundle, tmp_path):
+    backend = EngineBackend(tiny_bundle, "cpu", dil_dir=tmp_path / "dil", dil_settings=DILSettings(enabled=False))
+    assert backend.signal_sink is None
+    assert not (tmp_path / "dil").exists()

@@ -123,6 +123,32 @@ def test_zero_init_fusion_gives_unconditioned_logits_and_learns():
     assert conditioned.cond_fuse.weight.grad.abs().sum() > 0
 
 
+def test_conditioning_is_standardized_with_the_training_vectors():
+    model = randomize_(RWKVGenerator(tiny_config(conditioned=True)), seed=3)
+    width = model.config.cond_in_dim
+    generator = torch.Generator().manual_seed(0)
+    # As JEPA vectors are: a large shared direction, small differences; one dimension never varies.
+    sample = 0.6 + 0.05 * torch.randn(512, width, generator=generator)
+    sample[:, 0] = 0.6
+    model.standardize_conditioning(sample)
+    standardized = (sample - model.cond_mean) * model.cond_inv_std
+    torch.testing.assert_close(standardized[:, 1:].mean(0), torch.zeros(width - 1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(standardized[:, 1:].std(0), torch.ones(width - 1), atol=1e-4, rtol=0)
+    # The constant dimension is scaled like a typical one, not by 1 / 0.
+    assert model.cond_inv_std[0] == pytest.approx(1 / (0.1 * float(sample[:, 1:].std(0).mean() * (width - 1) / width)),
+                                                  rel=1e-3)
+    # Two blanks' vectors that differ by the data's typical spread now move the logits as much as
+    # vectors a unit apart did before standardisation.
+    token_ids = torch.randint(0, VOCAB_SIZE, (1, 12), generator=generator)
+    with torch.no_grad():
+        a, b = sample[:1], sample[1:2]
+        standardized_gap = (model(token_ids, cond=a)[0] - model(token_ids, cond=b)[0]).abs().max()
+        model.cond_mean.zero_()
+        model.cond_inv_std.fill_(1.0)
+        raw_gap = (model(token_ids, cond=a)[0] - model(token_ids, cond=b)[0]).abs().max()
+    assert standardized_gap > 5 * raw_gap
+
+
 def test_conditioned_generator_needs_cond():
     model = RWKVGenerator(tiny_config(conditioned=True))
     with pytest.raises(ValueError, match="conditioned"):

@@ -16,9 +16,14 @@ import numpy as np
 import pytest
 import torch
 
+from safetensors.torch import load_file
+
 from cmi_daemon import vocab
+from cmi_daemon.bundle import JEPA_WEIGHTS
+from export.__main__ import main as export_main
 from tests.conftest import ALL_FIXTURES, GROOVE_FIXTURES, POP909_FIXTURES, REPO
 from training import batches, train
+from tests.tiny_bundle import tiny_bundle_dir
 from training.prepare import work_items, write_split
 
 SMOKE = ["--config", "smoke", "--eval-interval", "2", "--dev-examples", "4"]
@@ -178,6 +183,34 @@ def test_two_process_ddp_equals_one_process_with_twice_the_batch(shards, jepa_di
         torch.testing.assert_close(two["model"][name], one["model"][name], rtol=1e-5, atol=1e-2 * config.lr,
                                    msg=name)
     assert log_losses(single)[1] == pytest.approx(log_losses(double)[1], rel=1e-5)
+
+
+def test_stage_two_standardizes_the_conditioning_with_training_vectors(shards, jepa_dir, tmp_path):
+    out = tmp_path / "generator"
+    train.main(["--stage", "generator", "--shards", str(shards), "--jepa", str(jepa_dir), "--out", str(out),
+                *SMOKE, "--max-steps", "1"])
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    config = train.TrainConfig.from_dict(checkpoint["train_config"])
+    frozen_jepa, _ = train.jepa_from_checkpoint(str(jepa_dir))
+    stream = batches.ExampleStream(batches.TokenShard(shards, "train"), "generator", config.ctx_len, config.seed,
+                                   config.blanks)
+    vectors = train.conditioning_sample(frozen_jepa, stream, config.cond_stats_examples, 4, "cpu")
+    assert vectors.shape == (config.cond_stats_examples, checkpoint["model"]["cond_mean"].numel())
+    torch.testing.assert_close(checkpoint["model"]["cond_mean"], vectors.mean(0))
+    assert not torch.equal(checkpoint["model"]["cond_inv_std"], torch.ones_like(vectors[0]))
+
+
+def test_a_generator_trains_against_a_bundles_jepa_and_exports_with_it(shards, tmp_path_factory, tmp_path):
+    bundle = tiny_bundle_dir(tmp_path_factory)
+    out = tmp_path / "generator"
+    train.main(["--stage", "generator", "--shards", str(shards), "--jepa", str(bundle), "--out", str(out),
+                *SMOKE, "--max-steps", "1"])
+    assert export_main([str(out / "last.pt"), "--out", str(tmp_path / "exported")]) == 0
+    exported = load_file(str(tmp_path / "exported" / JEPA_WEIGHTS))
+    shipped = load_file(str(bundle / JEPA_WEIGHTS))
+    assert exported.keys() == shipped.keys()
+    for name in shipped:
+        assert torch.equal(exported[name], shipped[name]), name
 
 
 def test_resume_after_kill_continues_the_same_run(shards, tmp_path):

@@ -29,6 +29,9 @@ def tiny_checkpoint(path: Path, conditioned: bool = True, seed: int = 0) -> Path
     config = preset("tiny")
     config.generator.conditioned = conditioned
     generator = randomized(RWKVGenerator(config.generator), seed)
+    if conditioned:  # a standardisation far from the identity, so the graphs must apply it
+        sample = torch.Generator().manual_seed(seed + 2)
+        generator.standardize_conditioning(0.5 + 0.2 * torch.randn(64, config.generator.cond_in_dim, generator=sample))
     jepa = randomized(JEPA(config.encoder, config.predictor), seed + 1)
     torch.save({"model_config": config.to_dict(), "generator": generator.state_dict(),
                 "encoder": jepa.context_encoder.state_dict(), "target_encoder": jepa.target_encoder.state_dict(),

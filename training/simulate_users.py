@@ -46,7 +46,8 @@ import torch
 
 from cmi_daemon.annotations import bar_lines_qn
 from cmi_daemon.bench import window_song
-from cmi_daemon.dil.adapter import DILSettings, ProfileModel
+from cmi_daemon.dil.adapter import ProfileModel
+from cmi_daemon.dil.settings import DILSettings
 from cmi_daemon.dil.examples import Piece, neutral_span, piece, song_with_content
 from cmi_daemon.dil.learner import base_jepa, served_initializers, trainable_keys
 from cmi_daemon.engine import Engine, InfillOptions

@@ -42,6 +42,7 @@ from cmi_daemon.model.config import ModelConfig, preset
 from cmi_daemon.model.jepa import JEPA, ema_momentum
 from cmi_daemon.model.rwkv import RWKVGenerator, load_blinkdl_checkpoint
 from cmi_daemon.vocab import PAD_ID
+from export.checkpoint import read_jepa
 from training.batches import BlankConfig, ExampleStream, TokenShard, micro_batch_indices
 
 CHECKPOINT_FORMAT = "cmi-train-1"
@@ -55,7 +56,9 @@ class TrainConfig:
     """Model preset (cmi_daemon.model.config.PRESETS) for the networks this stage builds."""
     conditioning: bool = True
     jepa_dir: str = ""
-    """Stage-1 output folder whose best.pt gives the frozen JEPA (stage 2, conditioning on)."""
+    """The frozen JEPA of stage 2 with conditioning: a stage-1 output folder (its best.pt) or a model bundle."""
+    cond_stats_examples: int = 256
+    """Training examples whose conditioning vectors set the generator's standardisation (stage 2)."""
     init_rwkv: str = ""
     """Public RWKV-4-MIDI .pth to start the generator from (sizes then come from it)."""
     ctx_len: int = 1024
@@ -91,7 +94,7 @@ class TrainConfig:
 PRESETS: dict[str, dict] = {
     # A few dozen steps of the tiny model: tests and trying the loop out.
     "smoke": dict(model="tiny", ctx_len=128, batch_size=4, max_steps=40, warmup_steps=5, eval_interval=20,
-                  dev_examples=8, log_interval=1, lr={"jepa": 1e-3, "generator": 3e-3}),
+                  dev_examples=8, log_interval=1, cond_stats_examples=16, lr={"jepa": 1e-3, "generator": 3e-3}),
     "tiny": dict(model="tiny", ctx_len=256, batch_size=8, max_steps=1000, warmup_steps=20, eval_interval=100,
                  dev_examples=32, lr={"jepa": 1e-3, "generator": 2e-3}),
     # The shipped default: JEPA and both generators train on a 2-core CPU in about 95 minutes (DEVELOPERS.md).
@@ -120,17 +123,24 @@ def lr_at(step: int, horizon_steps: int, config: TrainConfig) -> float:
 
 
 def jepa_from_checkpoint(jepa_dir: str) -> tuple[JEPA, ModelConfig]:
-    """The frozen stage-1 JEPA (eval mode, no gradients) and the model config it was built with."""
-    path = Path(jepa_dir) / "best.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"no {path}: run stage 1 first (--stage jepa --out {jepa_dir})")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint["stage"] != "jepa":
-        raise ValueError(f"{path} is a {checkpoint['stage']} checkpoint, not a JEPA one")
-    model_config = ModelConfig.from_dict(checkpoint["model_config"])
+    """The frozen stage-1 JEPA (eval mode, no gradients) and the model config it was built with,
+    from a stage-1 output folder or a model bundle (export.checkpoint.read_jepa)."""
+    state, model_config, _ = read_jepa(jepa_dir)
     jepa = JEPA(model_config.encoder, model_config.predictor)
-    jepa.load_state_dict(checkpoint["model"])
+    jepa.load_state_dict(state)
     return jepa.eval().requires_grad_(False), model_config
+
+
+@torch.no_grad()
+def conditioning_sample(frozen_jepa: JEPA, stream: ExampleStream, n_examples: int, batch_size: int,
+                        device) -> torch.Tensor:
+    """Conditioning vectors (n_examples, E) of the stream's first examples."""
+    vectors = []
+    for first in range(0, n_examples, batch_size):
+        batch = stream.batch(range(first, min(first + batch_size, n_examples))).to(device)
+        vectors.append(frozen_jepa.conditioning(batch.jepa.token_ids, batch.jepa.context_mask,
+                                                batch.jepa.target_mask).float())
+    return torch.cat(vectors)
 
 
 def build_model(config: TrainConfig):
@@ -341,6 +351,9 @@ def main(argv=None) -> None:
     model.to(device)
     if frozen_jepa is not None:
         frozen_jepa.to(device)
+        if checkpoint is None:
+            model.standardize_conditioning(conditioning_sample(frozen_jepa, train_data, config.cond_stats_examples,
+                                                               config.batch_size, device))
     optimizer = make_optimizer(model, config)
     step, examples_seen, elapsed_s, best_dev = 0, 0, 0.0, math.inf
     if checkpoint is not None:

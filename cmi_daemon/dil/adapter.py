@@ -15,8 +15,6 @@ has no gradient and is skipped (AdamW's momentum would still move the weights).
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import asdict, dataclass
 from typing import Iterable, Optional
 
 import numpy as np
@@ -24,33 +22,12 @@ import torch
 
 from ..model.jepa import JEPA
 from .examples import Piece
-from .losses import LOSSES, MARGIN, iteration_loss, sample_loss
+from .losses import iteration_loss, sample_loss
+from .settings import DILSettings
 
 TRAINED_MODULES = ("context_encoder.", "predictor.")
 GRAPH_MODULE_PREFIX = {"context_encoder.onnx": "context_encoder.", "predictor.onnx": "predictor."}
 """ONNX graph file -> the JEPA state-dict prefix of its weights."""
-
-
-@dataclass(frozen=True)
-class DILSettings:
-    steps_per_signal: int = 2
-    """AdamW steps per interaction signal."""
-    lr: float = 1e-4
-    margin: float = MARGIN
-    ema_momentum: float = 0.996
-    loss: str = "cosine"
-    """A losses.LOSSES name: `cosine` (paper) or `distance` (authors' code)."""
-    weight_decay: float = 0.0
-    """0: decay would pull the weights towards zero, not towards the base model."""
-
-    def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"DIL loss {self.loss!r}: choose one of {sorted(LOSSES)}")
-        if not 1 <= self.steps_per_signal <= 16:
-            raise ValueError(f"{self.steps_per_signal} steps per signal: choose 1..16")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
 
 
 def graph_weight_key(graph: str, initializer: str) -> str:
@@ -58,6 +35,15 @@ def graph_weight_key(graph: str, initializer: str) -> str:
     name = initializer.split("::")[0]
     prefix = GRAPH_MODULE_PREFIX[graph]
     return name if name.startswith(prefix) else prefix + name
+
+
+def graph_weights(state: dict[str, torch.Tensor], initializers: dict[str, dict[str, np.dtype]]
+                  ) -> dict[str, dict[str, np.ndarray]]:
+    """Graph file -> initializer name -> the JEPA weight it holds (from state, a JEPA state dict) in
+    the initializer's dtype; initializers holding no JEPA weight (constants) stay the graph's own."""
+    return {graph: {name: state[graph_weight_key(graph, name)].detach().cpu().numpy().astype(dtype)
+                    for name, dtype in names.items() if graph_weight_key(graph, name) in state}
+            for graph, names in initializers.items()}
 
 
 class ProfileModel:
@@ -122,10 +108,7 @@ class ProfileModel:
 
     def graph_weights(self, initializers: dict[str, dict[str, np.dtype]]) -> dict[str, dict[str, np.ndarray]]:
         """Graph file -> initializer name -> the adapted weight in the initializer's dtype."""
-        state = self.jepa.state_dict()
-        return {graph: {name: state[graph_weight_key(graph, name)].detach().cpu().numpy().astype(dtype)
-                        for name, dtype in names.items()}
-                for graph, names in initializers.items()}
+        return graph_weights(self.jepa.state_dict(), initializers)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Everything to restore this profile: `jepa.*` weights and `adam.*` optimizer state, fp32 on CPU."""

@@ -9,7 +9,8 @@ Signals -> steps:
   an accept of the first version itself has nothing to contrast and makes no step.
 After the steps of one signal the profile is saved (store.ProfileStore) and its adapted
 encoder and predictor weights are installed in the engine, which uses them from the profile's
-next infill on. The thread waits while an infill runs (engine.idle), runs torch with one
+next infill on; a profile the engine no longer holds (after a restart, or dropped for others)
+is read back from its saved state on its next infill (Learner.saved_graph_weights). The thread waits while an infill runs (engine.idle), runs torch with one
 thread at the lowest CPU priority the platform gives a thread, and never touches the sockets.
 """
 
@@ -32,7 +33,8 @@ from safetensors.torch import load_file
 from ..bundle import JEPA_WEIGHTS
 from ..device import choose_device
 from ..model.jepa import JEPA
-from .adapter import TRAINED_MODULES, DILSettings, ProfileModel, graph_weight_key
+from .adapter import TRAINED_MODULES, ProfileModel, graph_weight_key, graph_weights
+from .settings import DILSettings
 from .examples import Piece, neutral_span, piece, song_with_content
 from .store import ProfileStore
 
@@ -104,13 +106,14 @@ class Learner:
         self.rng = np.random.default_rng(seed)
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
         self.ready = threading.Event()
-        """Set once the saved profiles are installed in the engine."""
+        """Set once the thread runs (temporaries of an interrupted save removed)."""
         self.models: OrderedDict[str, ProfileModel] = OrderedDict()
         self.first_versions: OrderedDict[str, tuple[str, dict]] = OrderedDict()
         self.last_rejected: OrderedDict[str, dict] = OrderedDict()
         """Session -> the content rejected last: a `reject` then a repeat of the same notes count once."""
         self._base: Optional[JEPA] = None
         self._trainable: set[str] = set()
+        engine.saved_profile_weights = self.saved_graph_weights
         self._thread = threading.Thread(target=self._run, name="cmi-dil", daemon=True)
         self._thread.start()
 
@@ -156,12 +159,8 @@ class Learner:
         self.device = self.device or choose_device()
         try:
             self.store.remove_temporaries()
-            for profile in self.store.profiles():
-                model = self._model(profile)
-                if model.signals:
-                    self._install(profile, model)
-        except Exception:
-            log.exception("DIL: loading the saved profiles failed")
+        except OSError:
+            log.exception("DIL: removing the temporaries of an interrupted save failed")
         self.ready.set()
         while True:
             item = self.queue.get()
@@ -177,6 +176,15 @@ class Learner:
                 log.exception("DIL: handling a %s failed", item[0] if item else "stop")
             finally:
                 self.queue.task_done()
+
+    def saved_graph_weights(self, profile: str) -> Optional[dict]:
+        """The profile's saved adapted weights as the engine's graphs take them, or None (called on
+        the engine's thread; saves are atomic, so this reads one whole state)."""
+        saved = self.store.load(profile)
+        if saved is None:
+            return None
+        state = {key[len("jepa."):]: tensor for key, tensor in saved.tensors.items() if key.startswith("jepa.")}
+        return graph_weights(state, self.initializers)
 
     def _base_jepa(self) -> JEPA:
         if self._base is None:

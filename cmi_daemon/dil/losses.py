@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-MARGIN = 0.1
-"""alpha of eq. 2 and 3 (the paper's value)."""
+from .settings import LOSS_VARIANTS, MARGIN
 
 
 def span_mean(representations: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
@@ -54,7 +53,7 @@ def distance_margin_loss(predicted_pos: torch.Tensor, target_pos: torch.Tensor, 
     return loss, _terms(positive, negative, loss)
 
 
-LOSSES = {"cosine": cosine_margin_loss, "distance": distance_margin_loss}
+LOSSES = dict(zip(LOSS_VARIANTS, (cosine_margin_loss, distance_margin_loss)))
 """Loss variants by name: `cosine` (the paper, the default) and `distance` (the authors' code)."""
 
 

@@ -18,7 +18,11 @@ The embedding is fused after block 0's ln0, at unit scale: RWKV's embeddings sta
 so fused before ln0 any conditioning would drown the tokens and ln0 would amplify its
 gradients ten-thousandfold. The back-projection starts as [I | 0], so a freshly conditioned
 generator computes exactly what the unconditioned one does (and a public checkpoint loads
-unchanged).
+unchanged). The conditioning vector is standardised first, per dimension, with the mean and
+std of the training data's vectors (buffers `cond_mean`, `cond_inv_std`, set once before
+stage 2 by `standardize_conditioning`): JEPA vectors of different blanks share most of their
+direction (cosine ~0.99), and unstandardised their differences are too small for the
+generator to learn to read in a short run.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ N_STATE_FIELDS = 5
 ATT_X, ATT_AA, ATT_BB, ATT_PP, FFN_X = range(N_STATE_FIELDS)
 EMPTY_LOG_SCALE = -1e30
 """pp of an empty state: exp(pp) is 0, so aa and bb contribute nothing."""
+COND_STD_FLOOR_FRACTION = 0.1
+"""Each conditioning dimension's std is floored at this fraction of the mean std over dimensions,
+so a dimension that hardly varies in the training data is not amplified without bound (DIL moves
+the vectors in directions the data may not)."""
 NEW_TOKEN_NOISE_STD = 0.01
 """Std of the noise on new infilling-token rows, relative to the existing rows' per-column std."""
 
@@ -187,6 +195,8 @@ class RWKVGenerator(nn.Module):
         c = config.n_embd
         self.emb = nn.Embedding(config.vocab_size, c)
         if config.conditioned:
+            self.register_buffer("cond_mean", torch.zeros(config.cond_in_dim))
+            self.register_buffer("cond_inv_std", torch.ones(config.cond_in_dim))
             self.cond_proj = nn.Linear(config.cond_in_dim, config.cond_dim)
             self.cond_fuse = nn.Linear(c + config.cond_dim, c)
         self.blocks = nn.ModuleList(Block(c, layer_id) for layer_id in range(config.n_layer))
@@ -229,6 +239,13 @@ class RWKVGenerator(nn.Module):
             self.cond_fuse.weight[:, :c].copy_(torch.eye(c))
             self.cond_fuse.bias.zero_()
 
+    @torch.no_grad()
+    def standardize_conditioning(self, vectors: torch.Tensor) -> None:
+        """Set the standardisation from sample conditioning vectors (N, cond_in_dim) of training data."""
+        std = vectors.std(dim=0)
+        self.cond_mean.copy_(vectors.mean(dim=0))
+        self.cond_inv_std.copy_(1.0 / std.clamp(min=COND_STD_FLOOR_FRACTION * float(std.mean())))
+
     def empty_state(self, batch_size: int, device=None) -> torch.Tensor:
         """State before any token: zeros, and pp = EMPTY_LOG_SCALE."""
         state = torch.zeros(self.config.n_layer, N_STATE_FIELDS, batch_size, self.config.n_embd,
@@ -244,7 +261,7 @@ class RWKVGenerator(nn.Module):
         if cond is None:
             raise ValueError("this generator is conditioned: pass cond, the (B, cond_in_dim) "
                              "mean of predictor outputs over the blank (jepa.conditioning_vector)")
-        projected = self.cond_proj(cond)
+        projected = self.cond_proj((cond - self.cond_mean) * self.cond_inv_std)
         if x.dim() == 3:
             projected = projected[:, None].expand(-1, x.shape[1], -1)
         return self.cond_fuse(torch.cat([x, projected.to(x.dtype)], dim=-1))
