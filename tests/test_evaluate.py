@@ -169,7 +169,8 @@ def test_end_to_end_with_a_tiny_model_and_its_ablation(tmp_path, tmp_path_factor
     for blank in saved["blanks"]:
         for system in models:
             values = blank["values"][system]
-            assert set(values) == set(evaluate.METRICS) | set(evaluate.NLL_METRICS)
+            conditioning = {evaluate.AVERAGE_CONDITIONING_NLL} if system == "cmi" else set()
+            assert set(values) == set(evaluate.METRICS) | set(evaluate.NLL_METRICS) | conditioning
             assert all(math.isfinite(v) for v in values.values())
             # a random model spreads its probability: near log2(20099) bits per token, far from 0
             assert 5.0 < values["bits_per_token"] < 20.0
@@ -183,6 +184,12 @@ def test_end_to_end_with_a_tiny_model_and_its_ablation(tmp_path, tmp_path_factor
         assert test["n"] == len(differences)
         assert test["mean_difference"] == pytest.approx(float(np.mean(differences)))
         assert test["bootstrap_ci95"][0] <= test["mean_difference"] <= test["bootstrap_ci95"][1]
+    # How much the model reads its conditioning: its own NLL against the average blank's conditioning.
+    [use] = [t for t in saved["tests"] if t["baseline"] == "cmi, average conditioning"]
+    gaps = [b["values"]["cmi"]["bits_per_token"] - b["values"]["cmi"][evaluate.AVERAGE_CONDITIONING_NLL]
+            for b in saved["blanks"]]
+    assert use["n"] == len(gaps) and use["mean_difference"] == pytest.approx(float(np.mean(gaps)))
+    assert any(gap != 0 for gap in gaps), "the tiny model's random fusion reads the conditioning"
     assert not any(t["metric"] in evaluate.NLL_METRICS for t in saved["tests"] if t["baseline"] == "random notes"), \
         "baselines without a model have no NLL to compare"
     table = (tmp_path / "results.md").read_text()

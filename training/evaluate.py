@@ -43,6 +43,9 @@ GROUND_TRUTH = "ground truth"
 METRICS = metrics.CONTEXT_METRICS + ("GC", "onset_F1", "chroma_cos", "PCE_diff")
 """Columns computed for every system; each is judged by |value - ground truth's value| per blank."""
 NLL_METRICS = ("bits_per_token", "bits_per_note")
+AVERAGE_CONDITIONING_NLL = "bits_per_token_average_conditioning"
+"""A conditioned model's bits per token with the training blanks' mean conditioning vector instead
+of the blank's own: how much worse it gets is how much the generator reads the JEPA."""
 MODEL_SYSTEM = "cmi"
 ABLATION_SYSTEM = "cmi w/o JEP-AGA"
 """The unconditioned generator: a system of its own, and the baseline the model must beat."""
@@ -176,8 +179,13 @@ def blank_nll_bits(system, song: Song, blank: Blank, targets: Sequence[int]) -> 
     region = system.region(song, blank.start_qn, blank.end_qn, targets)
     answer_start = len(region.prefix_ids) + 1 + len(region.suffix_ids) + 1
     n_notes = sum(1 for t in region.blank_ids if vocab.is_note(t) and vocab.note_fields(t)[2] > 0)
-    per_token, per_note = metrics.nll_bits(system.logprob_fn, region.ilm_ids(region.blank_ids), answer_start, n_notes)
-    return {"bits_per_token": per_token, "bits_per_note": per_note}
+    ilm_ids = region.ilm_ids(region.blank_ids)
+    per_token, per_note = metrics.nll_bits(system.logprob_fn, ilm_ids, answer_start, n_notes)
+    values = {"bits_per_token": per_token, "bits_per_note": per_note}
+    if getattr(system, "conditioned", False):
+        values[AVERAGE_CONDITIONING_NLL] = metrics.nll_bits(system.average_conditioning_logprob_fn, ilm_ids,
+                                                            answer_start, n_notes)[0]
+    return values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +302,7 @@ def summarise(results: Sequence[BlankResult], system_names: Sequence[str], basel
     aggregates: dict = {}
     for system in [GROUND_TRUTH, *system_names]:
         aggregates[system] = {}
-        for metric in METRICS + NLL_METRICS:
+        for metric in METRICS + NLL_METRICS + (AVERAGE_CONDITIONING_NLL,):
             if metric not in results[0].values[system]:
                 continue
             mean, ci95, n = mean_ci95([r.values[system][metric] for r in results])
@@ -305,6 +313,13 @@ def summarise(results: Sequence[BlankResult], system_names: Sequence[str], basel
     rng = np.random.default_rng(seed)
     tests = []
     for system in system_names:
+        average = nll_values(results, system, AVERAGE_CONDITIONING_NLL)
+        if average is not None:
+            test = paired_test(nll_values(results, system, "bits_per_token"), average, rng)
+            test.update(system=system, baseline=f"{system}, average conditioning", metric="bits_per_token",
+                        significantly_better=bool(test["wilcoxon_p"] < SIGNIFICANCE_LEVEL
+                                                  and test["mean_difference"] < 0))
+            tests.append(test)
         for baseline in baseline_names:
             if baseline == system:
                 continue
@@ -347,7 +362,7 @@ def results_markdown(aggregates: dict, tests: Sequence[dict], protocol: dict) ->
     """Tables of raw values, of distances to the ground truth (with daggers) and of p-values."""
     systems = list(aggregates)
     marked = daggers(tests)
-    extra = [m for m in NLL_METRICS if any(m in aggregates[s] for s in systems)]
+    extra = [m for m in NLL_METRICS + (AVERAGE_CONDITIONING_NLL,) if any(m in aggregates[s] for s in systems)]
     lines = [f"# Objective evaluation: {protocol['n_blanks']} blanks from {protocol['n_songs']} songs of "
              f"`{protocol['data']}`", "",
              f"Seed {protocol['seed']}, {protocol['context_bars']} bars of context each side, blanks of "

@@ -51,10 +51,20 @@ class ModelSystem:
         target_mask[0, len(prefix):len(prefix) + len(blank)] = True
         return self.jepa.conditioning(token_ids, ~target_mask, target_mask)
 
-    @torch.no_grad()
+    @property
+    def conditioned(self) -> bool:
+        return self.jepa is not None
+
     def logprob_fn(self, ilm_ids: Sequence[int], answer_start: int) -> list[float]:
         ilm_ids = [int(t) for t in ilm_ids]
-        cond = self.conditioning(ilm_ids) if self.jepa is not None else None
+        return self._logprobs(ilm_ids, answer_start, self.conditioning(ilm_ids) if self.conditioned else None)
+
+    def average_conditioning_logprob_fn(self, ilm_ids: Sequence[int], answer_start: int) -> list[float]:
+        """logprob_fn with the training blanks' mean conditioning vector in place of the blank's own."""
+        return self._logprobs([int(t) for t in ilm_ids], answer_start, self.generator.cond_mean[None])
+
+    @torch.no_grad()
+    def _logprobs(self, ilm_ids: list[int], answer_start: int, cond) -> list[float]:
         logits, _ = self.generator(torch.tensor([ilm_ids[:-1]]), cond=cond)
         log_probabilities = torch.log_softmax(logits[0].double(), dim=-1)
         targets = torch.tensor(ilm_ids[answer_start:])
