@@ -249,6 +249,18 @@ def test_a_profile_killed_during_saves_always_loads(tmp_path):
     assert not list(store.folder("default").glob(".*.tmp"))
 
 
+def test_a_state_of_another_model_is_refused_once_until_it_changes(tmp_path, caplog):
+    tensors = {"jepa.w": torch.ones(4)}
+    ProfileStore(tmp_path, "old model").save("alice", tensors, steps=3, signals=2, settings_json="{}")
+    store = ProfileStore(tmp_path, "new model")
+    with caplog.at_level("WARNING", logger="cmi_daemon.dil"):
+        assert store.load("alice") is None and store.load("alice") is None
+    assert [r.getMessage() for r in caplog.records].count(
+        f"profile alice: {store.folder('alice') / STATE_FILE} was adapted from another model; using the base model") == 1
+    store.save("alice", tensors, steps=4, signals=3, settings_json="{}")
+    assert store.load("alice").steps == 4, "a new save of this model's state is read"
+
+
 def test_profiles_command_resets_on_disk_when_no_daemon_runs(tmp_path, monkeypatch, capsys):
     from cmi_daemon import cli
 

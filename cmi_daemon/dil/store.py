@@ -44,6 +44,9 @@ class ProfileStore:
     def __init__(self, root: Path, base_id: str):
         self.root = Path(root)
         self.base_id = base_id
+        self._unusable: dict[str, tuple[int, int, int]] = {}
+        """Profile -> (inode, mtime ns, size) of a state file found unusable: not read (nor warned
+        about) again; every save makes a new file (an atomic rename), so a new state is read."""
 
     def folder(self, profile: str) -> Path:
         """A profile's folder; the suffix keeps names such as `..` inside root."""
@@ -71,19 +74,27 @@ class ProfileStore:
     def load(self, profile: str) -> Optional[SavedState]:
         """The saved state, or None when there is none usable (absent, damaged or for another model)."""
         path = self.folder(profile) / STATE_FILE
-        if not path.is_file():
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if self._unusable.get(profile) == version:
             return None
         try:
             data = path.read_bytes()
             metadata = _metadata(data)
             tensors = load(data)
         except (OSError, ValueError, SafetensorError) as error:
-            log.warning("profile %s: ignoring unreadable %s (%s)", profile, path, error)
-            return None
+            return self._refuse(profile, version, f"ignoring unreadable {path} ({error})")
         if metadata.get("format") != STATE_FORMAT or metadata.get("base") != self.base_id:
-            log.warning("profile %s: %s was adapted from another model; using the base model", profile, path)
-            return None
+            return self._refuse(profile, version, f"{path} was adapted from another model; using the base model")
         return SavedState(tensors, int(metadata.get("steps", 0)), int(metadata.get("signals", 0)))
+
+    def _refuse(self, profile: str, version: tuple[int, int, int], reason: str) -> None:
+        self._unusable[profile] = version
+        log.warning("profile %s: %s", profile, reason)
+        return None
 
     def read_log(self, profile: str) -> list[dict]:
         try:
