@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from cmi_daemon import vocab
 from cmi_daemon.errors import MidiFileError
+from cmi_daemon.files import write_bytes_atomic
 from cmi_daemon.tokens import Note, Song, read_midi
 from training import metrics
 from cmi_daemon.annotations import bar_lines_qn
@@ -511,8 +512,8 @@ def run(data_dir: Path, out_dir: Path, systems: Sequence[InfillSystem], baseline
     for index, roll in enumerate(rolls):
         plot_piano_roll(roll, out_dir / f"pianoroll_{index}_{roll.blank.song_id}_qn{roll.blank.start_qn:.0f}.png")
     protocol["wall_time_s"] = round(time.perf_counter() - started, 2)
-    (out_dir / "results.json").write_text(json.dumps(report, indent=1, allow_nan=True))
-    (out_dir / "results.md").write_text(results_markdown(aggregates, tests, protocol))
+    write_bytes_atomic(out_dir / "results.json", json.dumps(report, indent=1, allow_nan=True).encode())
+    write_bytes_atomic(out_dir / "results.md", results_markdown(aggregates, tests, protocol).encode())
     return report
 
 

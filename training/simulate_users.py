@@ -43,6 +43,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from scipy import stats
 
 from cmi_daemon.annotations import bar_lines_qn
 from cmi_daemon.bench import window_song
@@ -52,6 +53,7 @@ from cmi_daemon.dil.examples import Piece, neutral_span, piece, song_with_conten
 from cmi_daemon.dil.learner import base_jepa, served_initializers, trainable_keys
 from cmi_daemon.engine import Engine, InfillOptions
 from cmi_daemon.errors import CMIError
+from cmi_daemon.files import write_bytes_atomic
 from cmi_daemon.tokens import Song, read_midi
 from training import metrics
 from training.baselines import Blank
@@ -282,8 +284,25 @@ def relative(proposed: float, base: float) -> float:
     return (proposed - base) / abs(base) if base else float("nan")
 
 
+PIECE_FIGURES = {"paper": lambda piece_: float(np.mean(piece_["ss"])),
+                 "grounded": lambda piece_: float(piece_["rounds"]),
+                 "random": lambda piece_: float(np.nanmean(piece_["context_fit"]))}
+"""Per user, the figure of one piece that the paired test compares: mean SS, rounds to
+satisfaction, mean context fit."""
+
+
+def paired_p(dil: Sequence[float], off: Sequence[float]) -> Optional[float]:
+    """Two-sided Wilcoxon signed-rank p of paired per-piece figures (1 when they never differ)."""
+    differences = np.subtract(dil, off)
+    differences = differences[np.isfinite(differences)]
+    if len(differences) == 0:
+        return None
+    return 1.0 if np.all(differences == 0) else float(stats.wilcoxon(differences).pvalue)
+
+
 def summarise(runs: dict) -> dict:
-    """Per user and strategy: the per-test figures against `off` and their means."""
+    """Per user and strategy: the per-test figures against `off`, their means, and a paired test
+    over pieces (each piece is the same song, blank and sampling seeds under both systems)."""
     summary = {}
     for user, by_system in runs.items():
         off = by_system.get("off", {})
@@ -291,6 +310,9 @@ def summarise(runs: dict) -> dict:
             if strategy == "off":
                 continue
             common = sorted(set(tests) & set(off))
+            figure = PIECE_FIGURES[user]
+            p_pieces = paired_p([figure(p) for t in common for p in tests[t]["pieces"]],
+                                [figure(p) for t in common for p in off[t]["pieces"]])
             if user == "paper":
                 ius = [relative(tests[t]["mean_ss"], off[t]["mean_ss"]) for t in common]
                 ric = [relative(tests[t]["mean_ic"], off[t]["mean_ic"]) for t in common]
@@ -302,7 +324,8 @@ def summarise(runs: dict) -> dict:
                     "SS_dil": float(np.mean([tests[t]["mean_ss"] for t in common])) if common else None,
                     "SS_off": float(np.mean([off[t]["mean_ss"] for t in common])) if common else None,
                     "IC_dil": float(np.mean([tests[t]["mean_ic"] for t in common])) if common else None,
-                    "IC_off": float(np.mean([off[t]["mean_ic"] for t in common])) if common else None}
+                    "IC_off": float(np.mean([off[t]["mean_ic"] for t in common])) if common else None,
+                    "p_pieces": p_pieces}
             elif user == "grounded":
                 summary[f"{user}/{strategy}"] = {
                     "tests": len(common),
@@ -310,19 +333,24 @@ def summarise(runs: dict) -> dict:
                     "rounds_off_per_test": [off[t]["mean_rounds"] for t in common],
                     "satisfied_dil": sum(p["satisfied"] for t in common for p in tests[t]["pieces"]),
                     "satisfied_off": sum(p["satisfied"] for t in common for p in off[t]["pieces"]),
-                    "pieces": sum(len(tests[t]["pieces"]) for t in common)}
+                    "pieces": sum(len(tests[t]["pieces"]) for t in common), "p_pieces": p_pieces}
             else:
                 dil = [tests[t]["mean_context_fit"] for t in common]
                 base = [off[t]["mean_context_fit"] for t in common]
                 summary[f"{user}/{strategy}"] = {
                     "tests": len(common), "fit_dil_per_test": dil, "fit_off_per_test": base,
                     "worst_difference": float(np.min(np.subtract(dil, base))) if common else None,
-                    "mean_difference": float(np.mean(np.subtract(dil, base))) if common else None}
+                    "mean_difference": float(np.mean(np.subtract(dil, base))) if common else None,
+                    "p_pieces": p_pieces}
     return summary
 
 
 def percent(value: Optional[float]) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{100 * value:+.1f}%"
+
+
+def p_text(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.2g}"
 
 
 def results_markdown(summary: dict, protocol: dict) -> str:
@@ -334,10 +362,12 @@ def results_markdown(summary: dict, protocol: dict) -> str:
              "## Paper protocol (IUS up is better, RIC down is better)", "",
              "IUS and RIC are means of the per-test ratios (as the paper's Figure 3 averages tests); a test "
              "whose baseline SS is near 0 makes its ratio huge, so the pooled IUS (ratio of the mean SS) is "
-             "given too. IC counts rounds + 1 for a piece never satisfied.", "",
-             "| Strategy | IUS (here) | pooled IUS | RIC (here) | SS DIL / off | IC DIL / off | paper Bread IUS / RIC "
-             "| paper LMD IUS / RIC |",
-             "|---|---|---|---|---|---|---|---|"]
+             "given too. IC counts rounds + 1 for a piece never satisfied. p: two-sided Wilcoxon signed-rank "
+             "test over pieces of each piece's mean SS, DIL against off (here and in the tables below, of "
+             "that table's figure).", "",
+             "| Strategy | IUS (here) | pooled IUS | RIC (here) | SS DIL / off | p | IC DIL / off | "
+             "paper Bread IUS / RIC | paper LMD IUS / RIC |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for strategy, label in (("iteration", "Iteration-wise"), ("sample", "Sample-wise"), ("both", "Both")):
         entry = summary.get(f"paper/{strategy}")
         paper = PAPER_TABLE6[label]
@@ -345,7 +375,8 @@ def results_markdown(summary: dict, protocol: dict) -> str:
             continue
         lines.append(f"| {label} | {percent(entry['IUS_mean'])} | {percent(entry['IUS_pooled'])} | "
                      f"{percent(entry['RIC_mean'])} | "
-                     f"{entry['SS_dil']:.3f} / {entry['SS_off']:.3f} | {entry['IC_dil']:.2f} / {entry['IC_off']:.2f} | "
+                     f"{entry['SS_dil']:.3f} / {entry['SS_off']:.3f} | {p_text(entry['p_pieces'])} | "
+                     f"{entry['IC_dil']:.2f} / {entry['IC_off']:.2f} | "
                      f"{paper[0]} / {paper[1]} | {paper[2]} / {paper[3]} |")
     grounded = summary.get("grounded/both")
     if grounded:
@@ -354,14 +385,16 @@ def results_markdown(summary: dict, protocol: dict) -> str:
                   f"| mean rounds to satisfaction (censored at rounds + 1) | {np.mean(grounded['rounds_off_per_test']):.2f} | "
                   f"{np.mean(grounded['rounds_dil_per_test']):.2f} |",
                   f"| pieces satisfied | {grounded['satisfied_off']} / {grounded['pieces']} | "
-                  f"{grounded['satisfied_dil']} / {grounded['pieces']} |"]
+                  f"{grounded['satisfied_dil']} / {grounded['pieces']} |",
+                  f"| p (rounds, over pieces) | | {p_text(grounded['p_pieces'])} |"]
     noisy = summary.get("random/both")
     if noisy:
         lines += ["", "## User with random rejections (no consistent taste)", "",
                   "Context fit: mean of the PD/DD/CD overlaps with past and future (higher fits better).", "",
                   "| | DIL off | DIL both |", "|---|---|---|",
                   f"| mean context fit | {np.mean(noisy['fit_off_per_test']):.4f} | {np.mean(noisy['fit_dil_per_test']):.4f} |",
-                  f"| worst per-test difference (DIL - off) | | {noisy['worst_difference']:+.4f} |"]
+                  f"| worst per-test difference (DIL - off) | | {noisy['worst_difference']:+.4f} |",
+                  f"| p (context fit, over pieces) | | {p_text(noisy['p_pieces'])} |"]
     return "\n".join(lines) + "\n"
 
 
@@ -450,7 +483,7 @@ def main(argv=None) -> None:
                         result = grounded_test(system, cases, test, args.rounds, window, args.seed, args.register_drop)
                     else:
                         result = random_test(system, cases, test, args.rounds, window, args.seed)
-                    path.write_text(json.dumps(result))
+                    write_bytes_atomic(path, json.dumps(result).encode())
                 runs.setdefault(user, {}).setdefault(strategy, {})[test] = result
                 print(f"test {test} {user}/{strategy}: " + ", ".join(
                     f"{k}={v:.3f}" for k, v in result.items() if isinstance(v, float)), flush=True)
@@ -460,8 +493,9 @@ def main(argv=None) -> None:
                 "lr": args.lr, "gamma": GAMMA, "register_drop": args.register_drop, "seed": args.seed,
                 "elapsed_s": time.perf_counter() - started_s}
     suffix = "" if args.loss == "cosine" else f"-{args.loss}"
-    (args.out / f"results{suffix}.json").write_text(json.dumps({"protocol": protocol, "summary": summary}, indent=1))
-    (args.out / f"results{suffix}.md").write_text(results_markdown(summary, protocol))
+    write_bytes_atomic(args.out / f"results{suffix}.json",
+                       json.dumps({"protocol": protocol, "summary": summary}, indent=1).encode())
+    write_bytes_atomic(args.out / f"results{suffix}.md", results_markdown(summary, protocol).encode())
     plot(summary, args.out, suffix)
     print(results_markdown(summary, protocol))
 

@@ -1,0 +1,61 @@
+"""The simulated-user command (training.simulate_users) end to end on the committed fixture songs
+with the tiny random model: every user and strategy runs, the report and plots are written, a
+rerun resumes from the saved runs, and the paired test over pieces is the one reported."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from conftest import POP909_FIXTURES
+from tiny_bundle import tiny_bundle_dir
+from training import simulate_users
+
+
+def test_every_user_and_strategy_runs_writes_the_report_and_resumes(tmp_path, tmp_path_factory, capsys):
+    data = POP909_FIXTURES[0].parent.parent
+    arguments = ["--model", str(tiny_bundle_dir(tmp_path_factory)), "--data", str(data), "--out", str(tmp_path),
+                 "--tests", "2", "--pieces", "1", "--rounds", "2", "--lr", "1e-3"]
+    simulate_users.main(arguments)
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    expected = {f"{user}-{name}-{test:03d}.json" for test in range(2)
+                for user, strategies in simulate_users.USER_STRATEGIES.items()
+                for name in (s if s == "off" else f"{s}-cosine" for s in strategies)}
+    assert set(runs) == expected
+    report = json.loads((tmp_path / "results.json").read_text())
+    summary = report["summary"]
+    assert set(summary) == {"paper/iteration", "paper/sample", "paper/both", "grounded/both", "random/both"}
+    for entry in summary.values():
+        assert entry["tests"] == 2
+    for test in range(2):
+        paper = json.loads((tmp_path / "runs" / f"paper-off-{test:03d}.json").read_text())
+        for piece in paper["pieces"]:
+            assert len(piece["ss"]) == 2 and all(-1.0 <= ss <= 1.0 for ss in piece["ss"])
+            assert 1 <= piece["ic"] <= 3
+    # The reported p is the Wilcoxon test of the per-piece figures, DIL against off.
+    dil = [json.loads((tmp_path / "runs" / f"grounded-both-cosine-{t:03d}.json").read_text()) for t in range(2)]
+    off = [json.loads((tmp_path / "runs" / f"grounded-off-{t:03d}.json").read_text()) for t in range(2)]
+    differences = np.subtract([p["rounds"] for run in dil for p in run["pieces"]],
+                              [p["rounds"] for run in off for p in run["pieces"]])
+    expected_p = 1.0 if np.all(differences == 0) else stats.wilcoxon(differences).pvalue
+    assert summary["grounded/both"]["p_pieces"] == pytest.approx(expected_p)
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| Both |" in markdown and "+20.1% / -43.7%" in markdown and "Grounded user" in markdown
+    assert (tmp_path / "ius_ric_per_test.png").stat().st_size > 1000
+    assert (tmp_path / "grounded_rounds.png").stat().st_size > 1000
+
+    # A rerun finds every (user, system, test) saved and only summarises.
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").iterdir()}
+    capsys.readouterr()
+    simulate_users.main(arguments)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").iterdir()} == before
+    assert json.loads((tmp_path / "results.json").read_text())["summary"] == summary
+
+
+def test_paired_p_is_one_for_identical_figures_and_ignores_missing_ones():
+    assert simulate_users.paired_p([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == 1.0
+    assert simulate_users.paired_p([float("nan")], [1.0]) is None
+    assert simulate_users.paired_p([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [2.0, 3.0, 4.0, 5.0, 6.0, 7.5]) < 0.05
