@@ -7,6 +7,7 @@
 - `adapter`: one profile's trainable JEPA copy, its optimizer and the gradient steps;
 - `store`: profile folders on disk (weights + optimizer state in one safetensors file, the
   interaction log), every write atomic;
+- `settings`: DILSettings, the config file's [dil] section (no torch import);
 - `learner`: the daemon's SignalSink, running the steps on its own low-priority thread and
   handing the adapted weights to the engine.
 """
