@@ -146,7 +146,13 @@ def load_torch_models(bundle: Bundle):
                 for key, tensor in load_file(bundle.file(name)).items()}
 
     generator = RWKVGenerator(bundle.model_config.generator)
-    generator.load_state_dict(fp32_weights(GENERATOR_WEIGHTS))
+    missing, unexpected = generator.load_state_dict(fp32_weights(GENERATOR_WEIGHTS), strict=False)
+    # Bundles exported before the conditioning standardisation have no cond_mean / cond_inv_std;
+    # their graphs do not standardise, which is what the buffers' identity defaults compute.
+    missing = sorted(set(missing) - {"cond_mean", "cond_inv_std"})
+    if missing or unexpected:
+        raise BundleError(f"model bundle {bundle.path}: {GENERATOR_WEIGHTS} does not fit the generator config "
+                          f"(missing {missing[:5]}, unexpected {sorted(unexpected)[:5]})")
     jepa = None
     if bundle.conditioned:
         jepa = JEPA(bundle.model_config.encoder, bundle.model_config.predictor)

@@ -12,9 +12,10 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from cmi_daemon.bundle import (BUNDLE_FORMAT, GENERATOR_WEIGHTS, JEPA_WEIGHTS, MANIFEST_NAME, PREDICTOR_GRAPH,
-                               STEP_GRAPH, BundleError, load_bundle, load_torch_models)
+                               STEP_GRAPH, BundleError, load_bundle, load_torch_models, sha256_of)
 from cmi_daemon.engine import Engine, blank_positions
 from cmi_daemon.model.config import preset
 from cmi_daemon.model.jepa import JEPA
@@ -163,6 +164,24 @@ def test_a_missing_file_is_refused(bundle_copy):
     shutil.rmtree(bundle_copy)
     with pytest.raises(BundleError, match="no such folder"):
         Engine(bundle_copy)
+
+
+def test_a_bundle_from_before_the_conditioning_standardisation_loads_without_it(bundle_copy):
+    path = bundle_copy / GENERATOR_WEIGHTS
+    weights = {k: v for k, v in load_file(str(path)).items() if k not in ("cond_mean", "cond_inv_std")}
+    save_file(weights, str(path), metadata={"weights_dtype": "float16"})
+    manifest_path = bundle_copy / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][GENERATOR_WEIGHTS] = sha256_of(path)
+    manifest_path.write_text(json.dumps(manifest))
+    generator, _ = load_torch_models(load_bundle(bundle_copy))
+    assert torch.count_nonzero(generator.cond_mean) == 0 and torch.all(generator.cond_inv_std == 1)
+    del weights["head.weight"]
+    save_file(weights, str(path), metadata={"weights_dtype": "float16"})
+    manifest["files"][GENERATOR_WEIGHTS] = sha256_of(path)
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="missing \\['head.weight'\\]"):
+        load_torch_models(load_bundle(bundle_copy))
 
 
 @pytest.mark.parametrize("version", ["cmi-bundle-1", "cmi-bundle-99"])
