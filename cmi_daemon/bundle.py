@@ -132,30 +132,35 @@ def load_bundle(path, verify_hashes: bool = True) -> Bundle:
     return Bundle(path, manifest, model_config, tokenizer)
 
 
-def load_torch_models(bundle: Bundle):
-    """(RWKVGenerator, JEPA or None) in eval mode, from the bundle's safetensors (for DIL and NLL).
-
-    The fp16 weights are upcast to fp32: the models compute in fp32, as the ONNX graphs do."""
+def fp32_weights(bundle: Bundle, name: str) -> dict:
+    """A safetensors file of the bundle as a state dict, floating-point tensors upcast to fp32 (the
+    models compute in fp32, as the ONNX graphs do)."""
     from safetensors.torch import load_file
 
+    return {key: tensor.float() if tensor.is_floating_point() else tensor
+            for key, tensor in load_file(bundle.file(name)).items()}
+
+
+def load_torch_jepa(bundle: Bundle):
+    """The bundle's JEPA (context encoder, predictor, target encoder) in fp32, eval mode, frozen."""
     from .model.jepa import JEPA
+
+    jepa = JEPA(bundle.model_config.encoder, bundle.model_config.predictor)
+    jepa.load_state_dict(fp32_weights(bundle, JEPA_WEIGHTS))
+    return jepa.eval().requires_grad_(False)
+
+
+def load_torch_models(bundle: Bundle):
+    """(RWKVGenerator, JEPA or None) in eval mode, from the bundle's safetensors in fp32 (for DIL and NLL)."""
     from .model.rwkv import RWKVGenerator
 
-    def fp32_weights(name: str) -> dict:
-        return {key: tensor.float() if tensor.is_floating_point() else tensor
-                for key, tensor in load_file(bundle.file(name)).items()}
-
     generator = RWKVGenerator(bundle.model_config.generator)
-    missing, unexpected = generator.load_state_dict(fp32_weights(GENERATOR_WEIGHTS), strict=False)
+    missing, unexpected = generator.load_state_dict(fp32_weights(bundle, GENERATOR_WEIGHTS), strict=False)
     # Bundles exported before the conditioning standardisation have no cond_mean / cond_inv_std;
     # their graphs do not standardise, which is what the buffers' identity defaults compute.
     missing = sorted(set(missing) - {"cond_mean", "cond_inv_std"})
     if missing or unexpected:
         raise BundleError(f"model bundle {bundle.path}: {GENERATOR_WEIGHTS} does not fit the generator config "
                           f"(missing {missing[:5]}, unexpected {sorted(unexpected)[:5]})")
-    jepa = None
-    if bundle.conditioned:
-        jepa = JEPA(bundle.model_config.encoder, bundle.model_config.predictor)
-        jepa.load_state_dict(fp32_weights(JEPA_WEIGHTS))
-        jepa.eval().requires_grad_(False)
+    jepa = load_torch_jepa(bundle) if bundle.conditioned else None
     return generator.eval().requires_grad_(False), jepa

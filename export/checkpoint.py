@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from cmi_daemon.bundle import JEPA_WEIGHTS, MANIFEST_NAME, BundleError, load_bundle
+from cmi_daemon.bundle import JEPA_WEIGHTS, MANIFEST_NAME, BundleError, fp32_weights, load_bundle
 from cmi_daemon.model.config import ModelConfig
 
 TRAIN_CHECKPOINT_FORMAT = "cmi-train-1"
@@ -100,16 +100,13 @@ def read_jepa(location) -> tuple[dict, ModelConfig, dict]:
     stage-1 output folder (its best.pt), a stage-1 checkpoint file or a model bundle folder."""
     location = Path(location)
     if (location / MANIFEST_NAME).is_file():
-        from safetensors.torch import load_file
-
         try:
             bundle = load_bundle(location)
         except BundleError as error:
             raise CheckpointError(str(error)) from error
         if not bundle.conditioned:
             raise CheckpointError(f"{location}: an unconditioned bundle has no JEPA")
-        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(bundle.file(JEPA_WEIGHTS)).items()}
-        return state, bundle.model_config, {"bundle": str(location), **(bundle.training or {}).get("jepa", {})}
+        return fp32_weights(bundle, JEPA_WEIGHTS), bundle.model_config, {"bundle": str(location), **(bundle.training or {}).get("jepa", {})}
     path = location / "best.pt" if location.is_dir() else location
     if location.is_dir() and not path.exists():
         raise CheckpointError(f"{location}: no best.pt and no {MANIFEST_NAME}: neither a stage-1 output folder "

@@ -24,11 +24,11 @@ from scipy import stats
 from tqdm import tqdm
 
 from cmi_daemon import vocab
+from cmi_daemon.annotations import bar_lines_qn
 from cmi_daemon.errors import MidiFileError
 from cmi_daemon.files import write_bytes_atomic
 from cmi_daemon.tokens import Note, Song, read_midi
 from training import metrics
-from cmi_daemon.annotations import bar_lines_qn
 from training.baselines import BASELINES, Blank, InfillSystem, notes_in_range
 
 CONTEXT_BARS = 8

@@ -47,10 +47,11 @@ from scipy import stats
 
 from cmi_daemon.annotations import bar_lines_qn
 from cmi_daemon.bench import window_song
+from cmi_daemon.bundle import load_torch_jepa
 from cmi_daemon.dil.adapter import ProfileModel
 from cmi_daemon.dil.settings import DILSettings
 from cmi_daemon.dil.examples import Piece, neutral_span, piece, song_with_content
-from cmi_daemon.dil.learner import base_jepa, served_initializers, trainable_keys
+from cmi_daemon.dil.learner import served_initializers, trainable_keys
 from cmi_daemon.engine import Engine, InfillOptions
 from cmi_daemon.errors import CMIError
 from cmi_daemon.files import write_bytes_atomic
@@ -457,7 +458,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     settings = DILSettings(steps_per_signal=args.steps, lr=args.lr, loss=args.loss)
     engine = Engine(args.model)
-    base = base_jepa(engine)
+    base = load_torch_jepa(engine.bundle)
     evaluator = Evaluator(base)
     window = engine.bundle.tokenizer.context_tokens
     runs_dir = args.out / "runs"

@@ -10,8 +10,9 @@ Signals -> steps:
 After the steps of one signal the profile is saved (store.ProfileStore) and its adapted
 encoder and predictor weights are installed in the engine, which uses them from the profile's
 next infill on; a profile the engine no longer holds (after a restart, or dropped for others)
-is read back from its saved state on its next infill (Learner.saved_graph_weights). The thread waits while an infill runs (engine.idle), runs torch with one
-thread at the lowest CPU priority the platform gives a thread, and never touches the sockets.
+is read back from its saved state on its next infill (Learner.saved_graph_weights). The thread
+waits while an infill runs (engine.idle), runs torch with one thread at the lowest CPU priority
+the platform gives a thread, and never touches the sockets.
 """
 
 from __future__ import annotations
@@ -28,14 +29,13 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from ..bundle import JEPA_WEIGHTS
+from ..bundle import JEPA_WEIGHTS, load_torch_jepa
 from ..device import choose_device
 from ..model.jepa import JEPA
 from .adapter import TRAINED_MODULES, ProfileModel, graph_weight_key, graph_weights
-from .settings import DILSettings
 from .examples import Piece, neutral_span, piece, song_with_content
+from .settings import DILSettings
 from .store import ProfileStore
 
 log = logging.getLogger("cmi_daemon.dil")
@@ -48,15 +48,6 @@ LOWEST_NICE = 19
 PROFILES_IN_MEMORY = 4
 """Profiles whose torch model and optimizer stay loaded; others are read back from disk when needed
 (each is saved after every signal, so dropping one loses nothing)."""
-
-
-def base_jepa(engine) -> JEPA:
-    """The bundle's JEPA in fp32 (weights stored as fp16 are upcast), frozen, on the CPU."""
-    bundle = engine.bundle
-    jepa = JEPA(bundle.model_config.encoder, bundle.model_config.predictor)
-    weights = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(bundle.file(JEPA_WEIGHTS)).items()}
-    jepa.load_state_dict(weights)
-    return jepa.eval().requires_grad_(False)
 
 
 def trainable_keys(base: JEPA, initializers: dict[str, dict]) -> set[str]:
@@ -188,7 +179,7 @@ class Learner:
 
     def _base_jepa(self) -> JEPA:
         if self._base is None:
-            self._base = base_jepa(self.engine)
+            self._base = load_torch_jepa(self.engine.bundle)
             self.initializers = served_initializers(self._base, self.initializers)
             self._trainable = trainable_keys(self._base, self.initializers)
         return self._base
