@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import paths
 from .client import DaemonClient, infill_content, load_connection
+from .device import DEVICES
 from .errors import CMIError
 
 STATUS_TIMEOUT_MS = 3_000
@@ -93,7 +94,9 @@ def add_daemon_commands(commands) -> None:
     start.add_argument("--bind", help="address to listen on (default 127.0.0.1; others need CurveZMQ keys)")
     start.add_argument("--queue-size", type=int, help="infills that may wait before `busy` (default 8)")
     start.add_argument("--timeout-ms", type=int, help="default per-infill timeout (default 60000)")
-    start.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="where the model runs")
+    start.add_argument("--device", choices=DEVICES,
+                       help="where the model runs (default auto: CUDA when usable, else the CPU); a device that "
+                            "cannot be used falls back to the CPU with a warning, and `status` shows the one in use")
     start.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     start.add_argument("--detach", action="store_true", help="run in the background, logging to the log file")
     start.add_argument("--detached-child", action="store_true", help=argparse.SUPPRESS)

@@ -13,7 +13,6 @@ several) may share an engine.
 
 from __future__ import annotations
 
-import ctypes.util
 import os
 import secrets
 import threading
@@ -30,10 +29,12 @@ from safetensors import safe_open
 from . import vocab
 from .bundle import (CONTEXT_ENCODER_GRAPH, GENERATOR_WEIGHTS, PREDICTOR_GRAPH, PREFILL_GRAPH, STEP_GRAPH, Bundle,
                      load_bundle)
+from .device import onnx_providers, quiet_onnx_runtime
 from .dil.graph_weights import float_initializers
 from .errors import CMIError
 from .regions import Region, answer_notes, build_region
 from .sampling import AnswerRows, AnswerState, SamplingOptions, fixed_events, held_keys, requires_note, sample_row
+from .schema import MAX_SEED
 from .tokens import Note, Song
 
 MIN_ANSWER_CAP_TOKENS = 64
@@ -45,7 +46,6 @@ ATT_PP = 3
 PROFILE_SESSIONS_IN_MEMORY = 8
 """DIL profiles whose adapted encoder and predictor sessions stay built; others are rebuilt from
 their saved weights on their next infill."""
-MAX_CANDIDATES = 16
 
 
 class InfillCancelled(CMIError):
@@ -56,16 +56,17 @@ class InfillCancelled(CMIError):
 class InfillOptions:
     n_candidates: int = 1
     seed: Optional[int] = None
-    """Same seed, same notes; None draws one (reported in the result)."""
+    """0..MAX_SEED: same seed, same notes; None draws one (reported in the result). Candidate k is
+    drawn with candidate_seeds(seed, n)[k]: that seed and one candidate draw it again."""
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     max_answer_tokens: Optional[int] = None
     """Cap on sampled answer tokens (default: from the blank's expected length)."""
 
     def __post_init__(self):
-        if not 1 <= self.n_candidates <= MAX_CANDIDATES:
-            raise CMIError(f"{self.n_candidates} candidates asked for: choose 1..{MAX_CANDIDATES}")
-        if self.seed is not None and not 0 <= self.seed < 2 ** 63:
-            raise CMIError(f"seed {self.seed} is out of range: use 0 .. 2**63 - 1")
+        if self.n_candidates < 1:
+            raise CMIError(f"{self.n_candidates} candidates asked for: ask for 1 or more")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise CMIError(f"seed {self.seed} is out of range: use 0..{MAX_SEED}")
 
 
 @dataclass
@@ -78,6 +79,8 @@ class Candidate:
     n_sampled_tokens: int
     decode_ms: float
     """From the start of decoding until this candidate's `<ans>`."""
+    seed: int
+    """The seed its random numbers came from: with one candidate, this seed draws them again."""
 
     @property
     def n_tokens(self) -> int:
@@ -90,6 +93,7 @@ class InfillResult:
     end_qn: float
     target_tracks: tuple[int, ...]
     seed: int
+    """The request's seed (given or drawn): candidate 0's."""
     candidates: list[Candidate]
     n_prompt_tokens: int
     n_blank_tokens: int
@@ -131,13 +135,6 @@ def physical_cores() -> int:
     return max(1, min(usable, len(cores) or usable))
 
 
-def execution_providers() -> list[str]:
-    """CUDA when ONNX Runtime has it and an NVIDIA driver is installed, else CPU."""
-    if "CUDAExecutionProvider" in ort.get_available_providers() and ctypes.util.find_library("cuda"):
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
 def session_options(intra_op_threads: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -165,7 +162,7 @@ class Engine:
     def __init__(self, bundle_dir, intra_op_threads: Optional[int] = None, providers: Optional[Sequence[str]] = None):
         self.bundle: Bundle = load_bundle(bundle_dir)
         self.config = self.bundle.model_config
-        self.providers = list(providers or execution_providers())
+        self.providers = list(providers or onnx_providers())
         self.intra_op_threads = intra_op_threads or default_intra_op_threads()
         options = session_options(self.intra_op_threads)
 
@@ -174,7 +171,11 @@ class Engine:
             # found relative to the graph file; the fp16 -> fp32 Casts are folded at session creation.
             return ort.InferenceSession(str(self.bundle.file(name)), options, providers=self.providers)
 
-        self.step_session = session(STEP_GRAPH)
+        with quiet_onnx_runtime():
+            self.step_session = session(STEP_GRAPH)
+        self.providers = self.step_session.get_providers()
+        """The providers really in use (a provider that failed to load is not among them): every
+        other session asks for these."""
         self.prefill_session = session(PREFILL_GRAPH)
         self.encoder_session = session(CONTEXT_ENCODER_GRAPH) if self.bundle.conditioned else None
         self.predictor_session = session(PREDICTOR_GRAPH) if self.bundle.conditioned else None
@@ -344,7 +345,7 @@ class Engine:
 
     def _infill(self, song, start_qn, end_qn, target_tracks, options, cancel, progress, profile) -> InfillResult:
         started = time.perf_counter()
-        seed = options.seed if options.seed is not None else secrets.randbits(63)
+        seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
         region = self.region(song, start_qn, end_qn, target_tracks)
         n_blank = max(1, min(region.expected_answer_tokens(), self.bundle.tokenizer.context_tokens
                              - len(region.prefix_ids) - len(region.suffix_ids)))
@@ -365,8 +366,9 @@ class Engine:
                                progress)
         decode_done = time.perf_counter()
 
+        seeds = candidate_seeds(seed, options.n_candidates)
         candidates = [Candidate(index, answer_notes(song, region, answer.answer_ids), answer.answer_ids,
-                                answer.n_sampled, round((done_at - prefill_done) * 1000.0, 2))
+                                answer.n_sampled, round((done_at - prefill_done) * 1000.0, 2), seeds[index])
                       for index, (answer, done_at) in enumerate(answers)]
         timings_ms = {name: round(seconds * 1000.0, 2) for name, seconds in (
             ("region", region_done - started), ("conditioning", conditioning_done - region_done),
@@ -380,7 +382,7 @@ class Engine:
         events = fixed_events(region)
         need_note = requires_note(region)
         answers = [AnswerState(rows, region.n_steps, events, need_note, cap, held) for _ in range(n)]
-        rngs = [np.random.default_rng([seed, index]) for index in range(n)]
+        rngs = [np.random.default_rng(candidate_seed) for candidate_seed in candidate_seeds(seed, n)]
         done_at = [0.0] * n
         active = list(range(n))
         logits = np.repeat(logits, n, axis=0)
@@ -414,6 +416,11 @@ class Engine:
             if active:
                 logits, state = self.step(np.array(next_tokens), np.ascontiguousarray(state), head_rows, cond)
         return list(zip(answers, done_at))
+
+
+def candidate_seeds(seed: int, n_candidates: int) -> list[int]:
+    """The seed of each candidate of a request: seed, seed + 1, ... (wrapping past MAX_SEED)."""
+    return [(seed + index) % (MAX_SEED + 1) for index in range(n_candidates)]
 
 
 def _check_cancel(cancel: Optional[CancelCallback]) -> None:

@@ -3,12 +3,14 @@ and the DIL learner (cmi_daemon.dil) into its SignalSink when given a folder for
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from . import engine as engine_module
-from . import paths
+from . import paths, schema
+from .device import dil_device, onnx_device, onnx_device_problem, onnx_providers
 from .dil.settings import DILSettings
 from .engine import Engine, InfillOptions
 from .sampling import SamplingOptions
@@ -16,10 +18,29 @@ from .schema import InfillRequest
 from .server import InfillCancelled, InfillResult, ProgressCallback
 from .settings import Settings
 
-_PROVIDERS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-}
+log = logging.getLogger("cmi_daemon.engine_backend")
+
+
+def load_engine(model_dir: Path, device: str = "auto") -> Engine:
+    """The engine on the requested device, or on the CPU with one warning when that device cannot
+    be used (its providers say what it really runs on)."""
+    engine = Engine(model_dir, providers=onnx_providers(device))
+    problem = onnx_device_problem(device, engine.providers)
+    if problem is not None:
+        log.warning(problem)
+    return engine
+
+
+def engine_options(options: schema.InfillOptions) -> InfillOptions:
+    """Validated request options -> the engine's, each option left out taking the engine's default."""
+    defaults = SamplingOptions()
+    sampling = SamplingOptions(
+        temperature=defaults.temperature if options.temperature is None else options.temperature,
+        top_p=defaults.top_p if options.top_p is None else options.top_p,
+        top_k=defaults.top_k if options.top_k is None else options.top_k,
+        repetition_penalty=(defaults.repetition_penalty if options.repetition_penalty is None
+                            else options.repetition_penalty))
+    return InfillOptions(n_candidates=options.candidates, seed=options.seed, sampling=sampling)
 
 
 class EngineBackend:
@@ -27,15 +48,19 @@ class EngineBackend:
 
     def __init__(self, model_dir: Path, device: str = "auto", dil_dir: Optional[Path] = None,
                  dil_settings: DILSettings = DILSettings()):
-        providers = _PROVIDERS.get(device) or engine_module.execution_providers()
-        self.engine = Engine(model_dir, providers=providers)
+        self.engine = load_engine(model_dir, device)
         self.model_dir = Path(model_dir)
         self.signal_sink = None
         """The DIL learner (the server's SignalSink) when dil_dir is given, DIL is enabled and the model
         is conditioned."""
+        self.dil_device: Optional[str] = None
         if dil_dir is not None and dil_settings.enabled and self.engine.bundle.conditioned:
             from .dil.learner import Learner
-            self.signal_sink = Learner(self.engine, Path(dil_dir), dil_settings)
+            torch_device, problem = dil_device(device)
+            if problem is not None:
+                log.warning(problem)
+            self.dil_device = str(torch_device)
+            self.signal_sink = Learner(self.engine, Path(dil_dir), dil_settings, device=torch_device)
 
     def describe(self) -> dict:
         bundle = self.engine.bundle
@@ -43,7 +68,9 @@ class EngineBackend:
         return {
             "name": self.model_dir.name,
             "path": str(self.model_dir),
-            "device": "cuda" if self.engine.providers[0].startswith("CUDA") else "cpu",
+            "device": onnx_device(self.engine.providers),
+            "providers": list(self.engine.providers),
+            "dil_device": self.dil_device,
             "conditioned": bool(bundle.conditioned),
             "context_tokens": int(bundle.tokenizer.context_tokens),
             "layers": int(generator.n_layer),
@@ -53,24 +80,18 @@ class EngineBackend:
 
     def infill(self, request: InfillRequest, progress: ProgressCallback,
                should_stop: Callable[[], bool]) -> InfillResult:
-        options = request.options
-        defaults = SamplingOptions()
-        sampling = SamplingOptions(
-            temperature=defaults.temperature if options.temperature is None else options.temperature,
-            top_p=defaults.top_p if options.top_p is None else options.top_p,
-            top_k=defaults.top_k if options.top_k is None else options.top_k)
-        engine_options = InfillOptions(n_candidates=options.candidates, seed=options.seed, sampling=sampling)
         started_s = time.perf_counter()
         try:
             result = self.engine.infill(request.song, request.start_qn, request.end_qn, request.target_tracks,
-                                        engine_options, cancel=should_stop,
+                                        engine_options(request.options), cancel=should_stop,
                                         progress=lambda fraction: progress(fraction, "decode"),
-                                        profile=options.profile)
+                                        profile=request.options.profile)
         except engine_module.InfillCancelled as error:
             raise InfillCancelled(str(error)) from None
         timings_ms = dict(result.timings_ms)
         timings_ms["infill"] = round((time.perf_counter() - started_s) * 1000.0, 3)
-        return InfillResult([candidate.notes for candidate in result.candidates], timings_ms)
+        return InfillResult([candidate.notes for candidate in result.candidates], timings_ms,
+                            [candidate.seed for candidate in result.candidates])
 
 
 def load_engine_backend(model_dir: Path, settings: Settings) -> EngineBackend:

@@ -22,6 +22,9 @@ MAX_NAME_CHARS = 256
 MAX_SEED = 2 ** 32 - 1
 MAX_TOP_K = 100_000
 MAX_TEMPERATURE = 5.0
+MAX_REPETITION_PENALTY = 10.0
+"""In logit units per earlier use of a note-on: beyond about 10 a repeated note is never drawn anyway."""
+MAX_PROFILE_CHARS = 64
 MAX_METER_NUMERATOR = 64
 METER_DENOMINATORS = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_PROFILE = "default"
@@ -43,6 +46,7 @@ class InfillOptions:
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     top_k: Optional[int] = None
+    repetition_penalty: Optional[float] = None
     seed: Optional[int] = None
     profile: str = DEFAULT_PROFILE
 
@@ -215,7 +219,7 @@ def parse_infill(content: dict, limits: Limits, warnings: list[str]) -> InfillRe
     meter = _parse_meter(reader, limits)
     start_qn, end_qn = _parse_range(reader, limits)
     targets = _parse_targets(reader, len(tracks), limits)
-    options = _parse_options(reader.get("options", False), limits, warnings)
+    options = parse_options(reader.get("options", False), limits, warnings)
     timeout_ms = reader.integer("timeout_ms", 1, limits.max_timeout_ms, required=False)
     reader.finish()
     song = Song(tracks=tracks, tempo_map=tempo_map, meter=meter)
@@ -308,21 +312,31 @@ def _parse_targets(reader: _Reader, n_tracks: int, limits: Limits) -> tuple[int,
     return targets
 
 
-def _parse_options(value: Any, limits: Limits, warnings: list[str]) -> InfillOptions:
+def parse_options(value: Any, limits: Limits, warnings: list[str], path: str = "content.options") -> InfillOptions:
+    """An infill's options map; also what `cmi-daemon infill` checks its flags with, offline too."""
     if value is None:
         return InfillOptions()
-    reader = _Reader(value, "content.options", warnings)
+    reader = _Reader(value, path, warnings)
     options = InfillOptions(
         candidates=reader.integer("candidates", 1, limits.max_candidates, required=False, default=1),
         temperature=reader.number("temperature", 0.0, MAX_TEMPERATURE, required=False),
         top_p=reader.number("top_p", 0.0, 1.0, low_open=True, required=False),
         top_k=reader.integer("top_k", 0, MAX_TOP_K, required=False),
+        repetition_penalty=reader.number("repetition_penalty", 0.0, MAX_REPETITION_PENALTY, required=False),
         seed=reader.integer("seed", 0, MAX_SEED, required=False),
-        profile=reader.string("profile", required=False, max_chars=64, pattern=PROFILE_PATTERN,
+        profile=reader.string("profile", required=False, max_chars=MAX_PROFILE_CHARS, pattern=PROFILE_PATTERN,
                               default=DEFAULT_PROFILE),
     )
     reader.finish()
     return options
+
+
+def fixed_limits() -> dict:
+    """The bounds the protocol fixes (no config key changes them), reported by `hello` with the Limits."""
+    return {"max_session_chars": MAX_SESSION_CHARS, "max_track_name_chars": MAX_NAME_CHARS,
+            "max_profile_chars": MAX_PROFILE_CHARS, "max_meter_numerator": MAX_METER_NUMERATOR,
+            "max_temperature": MAX_TEMPERATURE, "max_top_k": MAX_TOP_K,
+            "max_repetition_penalty": MAX_REPETITION_PENALTY, "max_seed": MAX_SEED}
 
 
 def parse_feedback(content: dict, warnings: list[str]) -> tuple[str, str, int]:
@@ -349,7 +363,8 @@ def parse_profiles(content: dict, warnings: list[str]) -> tuple[str, Optional[st
     action = reader.string("action", required=False, max_chars=16, default="list")
     if action not in ("list", "reset"):
         raise ProtocolError("invalid_field", "content.action must be list or reset", "content.action")
-    name = reader.string("name", required=action == "reset", max_chars=64, pattern=PROFILE_PATTERN)
+    name = reader.string("name", required=action == "reset", max_chars=MAX_PROFILE_CHARS,
+                         pattern=PROFILE_PATTERN)
     reader.finish()
     return action, name
 

@@ -52,10 +52,12 @@ class InfillCancelled(Exception):
 
 @dataclass
 class InfillResult:
-    """Candidates (target track index -> notes in QN, one dict per candidate) and timings in ms."""
+    """Candidates (target track index -> notes in QN, one dict per candidate), timings in ms, and the
+    seed each candidate was drawn with (that seed and one candidate give it again)."""
 
     candidates: list[dict[int, list[Note]]]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=list)
 
 
 class InfillBackend(Protocol):
@@ -419,7 +421,7 @@ class Daemon:
             "model": self.model_info,
             "device": str(self.model_info.get("device", "cpu")),
             "capabilities": list(protocol.MESSAGE_TYPES),
-            "limits": {**self.limits.as_dict(), "queue_size": self.settings.queue_size,
+            "limits": {**self.limits.as_dict(), **schema.fixed_limits(), "queue_size": self.settings.queue_size,
                        "request_timeout_ms": self.settings.request_timeout_ms},
         }
 
@@ -562,10 +564,14 @@ class Daemon:
         timings_ms.update(queue=round(1000 * (job.started_s - job.received_s), 3),
                           infill=timings_ms.get("infill", round(1000 * (now_s - job.started_s), 3)),
                           total=round(1000 * (now_s - job.received_s), 3))
+        reported = len(result.seeds) == len(candidates)
+        seeds = [int(seed) for seed in result.seeds] if reported else [None] * len(candidates)
         content = {
             "session": request.session,
             "range": [request.start_qn, request.end_qn],
-            "candidates": [_candidate_content(c, request.target_tracks) for c in candidates],
+            "seed": seeds[0] if seeds else None,
+            "candidates": [{"seed": seed, **_candidate_content(c, request.target_tracks)}
+                           for c, seed in zip(candidates, seeds)],
             "timings_ms": timings_ms,
             "model": str(self.model_info.get("name", "")),
         }

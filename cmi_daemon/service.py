@@ -228,7 +228,8 @@ def format_status(status: dict, connection: dict) -> str:
     lines = [
         f"state: {status.get('state')}  (PID {status.get('pid')}, {connection.get('request_endpoint')})",
         f"model: {model.get('name', '?')}  ({model.get('path', '?')})",
-        f"device: {status.get('device')}",
+        f"device: {status.get('device')}  (ONNX Runtime providers: {', '.join(model.get('providers') or ['?'])}; "
+        f"DIL learns on: {model.get('dil_device') or 'nothing, DIL is off'})",
         f"uptime: {float(status.get('uptime_s', 0)):.0f} s",
         f"queue: {status.get('queue_length')} / {status.get('queue_capacity')}  running: {status.get('running')}",
         f"requests served: {status.get('requests_served')}  failed: {status.get('requests_failed')}  "

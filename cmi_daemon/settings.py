@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .device import DEVICES
 from .dil.settings import DILSettings
 from .errors import CMIError
 from .protocol import Limits
@@ -53,7 +54,6 @@ else:
 
 DEFAULT_PORT = 47110
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 class ConfigError(CMIError):
