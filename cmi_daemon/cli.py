@@ -11,7 +11,7 @@ from pathlib import Path
 from . import __version__, vocab
 from .daemon_commands import add_daemon_commands, infill_via_daemon
 from .errors import CMIError
-from .tokens import read_midi, tokenize, write_midi
+from .tokens import read_midi, tokenize
 
 
 def _format_duration(seconds: float) -> str:
@@ -82,7 +82,7 @@ def command_infill(args) -> int:
     from .engine import Engine, InfillOptions
     from .sampling import SamplingOptions
 
-    song = read_midi(args.file)
+    midi, song = offline.read_input(args.file)
     if args.list_tracks:
         print("\n".join(offline.track_lines(song)))
         return 0
@@ -96,11 +96,10 @@ def command_infill(args) -> int:
     except ValueError as error:
         raise CMIError(str(error)) from error
     options = InfillOptions(n_candidates=args.candidates, seed=args.seed, sampling=sampling)
+    paths = offline.output_paths(args.file, args.output, options.n_candidates, args.force)
     engine = Engine(args.model or offline.default_model_dir())
     result = engine.infill(song, start_qn, end_qn, targets, options)
-    paths = offline.candidate_paths(Path(args.output), len(result.candidates))
-    for candidate, path in zip(result.candidates, paths):
-        write_midi(offline.song_with_notes(song, start_qn, end_qn, candidate.notes), path)
+    offline.write_candidates(midi, str(args.file), start_qn, end_qn, [c.notes for c in result.candidates], paths)
 
     out = sys.stderr if args.json else sys.stdout
     print(f"{args.file}: bars {first_bar}-{last_bar} (QN {start_qn:g}-{end_qn:g}), tracks "
@@ -241,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     infill.add_argument("--bars", help="bars to infill, counted from 1: 9-12 or 9")
     infill.add_argument("--tracks", help="tracks to infill, numbered from 1 as --list-tracks shows (default: all with notes)")
     infill.add_argument("-o", "--output", help="output .mid; candidate k > 1 goes to OUT-k.mid")
+    infill.add_argument("--force", action="store_true",
+                        help="overwrite output files that exist (the input file too); refused without it")
     infill.add_argument("--candidates", type=int, default=1, help="number of candidates (default 1)")
     infill.add_argument("--seed", type=int, help="same seed, same notes (default: random, printed)")
     infill.add_argument("--temperature", type=float, default=1.0)

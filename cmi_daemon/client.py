@@ -16,6 +16,7 @@ import zmq
 
 from . import paths, protocol
 from .errors import CMIError
+from .notes import normalize_notes
 
 DEFAULT_TIMEOUT_MS = 10_000
 INFILL_TIMEOUT_MARGIN_MS = 5_000
@@ -193,14 +194,15 @@ def reply_content(reply: dict) -> dict:
 
 def infill_content(song: Any, start_qn: float, end_qn: float, targets: Iterable[int], session: str,
                    options: Optional[dict] = None) -> dict:
-    """The content of an `infill` request for a song (anything shaped like cmi_daemon.tokens.Song)."""
+    """The content of an `infill` request for a song (anything shaped like cmi_daemon.tokens.Song), its
+    notes under the degenerate-note rule (`notes.normalize_notes`) as the daemon reads them."""
     tempo_map, meter = song.tempo_map, song.meter
     return {
         "session": session,
         "tracks": [{"name": track.name, "program": int(track.program), "drum": bool(track.is_drum),
                     "channel": track.channel,
                     "notes": [[float(n.start_qn), float(n.duration_qn), int(n.pitch), int(n.velocity)]
-                              for n in track.notes]}
+                              for n in normalize_notes(track.notes)[0]]}
                    for track in song.tracks],
         "tempo": [[float(qn), float(bpm)] for qn, bpm in zip(tempo_map.start_qn, tempo_map.bpm)],
         "time_signatures": [[float(s.start_qn), int(s.numerator), int(s.denominator)] for s in meter.signatures],

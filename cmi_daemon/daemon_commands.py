@@ -59,11 +59,11 @@ def command_status(args) -> int:
 def infill_via_daemon(args) -> int:
     """`cmi-daemon infill --daemon`: the running daemon infills the file instead of this process."""
     from . import offline
-    from .tokens import Note, read_midi, write_midi
+    from .tokens import Note
 
     if args.model:
         raise CMIError("--model does not apply with --daemon: the daemon uses the model it was started with")
-    song = read_midi(args.file)
+    midi, song = offline.read_input(args.file)
     if args.bars is None or args.output is None:
         raise CMIError("infill needs --bars and -o OUT.mid (or --list-tracks to see the tracks)")
     first_bar, last_bar, start_qn, end_qn = offline.parse_bars(args.bars, song)
@@ -72,12 +72,13 @@ def infill_via_daemon(args) -> int:
                "top_p": args.top_p, "top_k": args.top_k}
     content = infill_content(song, start_qn, end_qn, targets, f"{Path(args.file).name}:{start_qn:g}-{end_qn:g}",
                              {k: v for k, v in options.items() if v is not None})
+    output_paths = offline.output_paths(args.file, args.output, args.candidates, args.force)
     with DaemonClient() as client:
         reply = client.infill(content)
-    output_paths = offline.candidate_paths(Path(args.output), len(reply["candidates"]))
-    for candidate, path in zip(reply["candidates"], output_paths):
-        notes = {entry["track"]: [Note(*note) for note in entry["notes"]] for entry in candidate["tracks"]}
-        write_midi(offline.song_with_notes(song, start_qn, end_qn, notes), path)
+    output_paths = output_paths[:len(reply["candidates"])]
+    offline.write_candidates(midi, str(args.file), start_qn, end_qn,
+                             [{entry["track"]: [Note(*note) for note in entry["notes"]] for entry in candidate["tracks"]}
+                              for candidate in reply["candidates"]], output_paths)
     print(f"{args.file}: bars {first_bar}-{last_bar} (QN {start_qn:g}-{end_qn:g}) infilled by the daemon "
           f"({reply['model']}) in {reply['timings_ms']['total']:.0f} ms -> "
           + ", ".join(str(p) for p in output_paths), file=sys.stderr if args.json else sys.stdout)

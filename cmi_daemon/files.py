@@ -7,13 +7,16 @@ import secrets
 from pathlib import Path
 
 
-def write_bytes_atomic(path, data: bytes, mode: int | None = None) -> None:
+def write_bytes_atomic(path, data: bytes, mode: int | None = None, make_folders: bool = True) -> None:
     """Write data to path through a temporary file in the same folder, fsync, then rename.
 
     The file gets `mode`, or the permissions a plain open() would give it (0o666 less the umask).
+    Missing folders are made, unless make_folders is false (FileNotFoundError then). A symbolic
+    link at path is replaced, not followed: pass the resolved path to replace the file it names.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_folders:
+        path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
                      0o666 if mode is None else mode)

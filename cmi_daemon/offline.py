@@ -2,18 +2,25 @@
 
 Bars are counted from 1 with the file's own time signatures; tracks are numbered from 1 in the
 order `cmi-daemon infill FILE --list-tracks` prints. With several candidates, candidate 1 goes
-to the output path and candidate k to `<stem>-k<suffix>` next to it.
+to the output path and candidate k to `<stem>-k<suffix>` next to it. Each is a copy of the input
+file with only the replaced notes changed (`midi_edit`), written atomically; no existing file, the
+input least of all, is overwritten without --force, and every output path is checked before the
+model runs.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
+import mido
+
+from . import midi_edit
 from .errors import CMIError
-from .tokens import Note, Song
+from .files import write_bytes_atomic
+from .tokens import Note, Song, open_midi, read_midi
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "default"
 _BARS = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*$")
@@ -73,20 +80,59 @@ def track_lines(song: Song) -> list[str]:
     return lines
 
 
-def song_with_notes(song: Song, start_qn: float, end_qn: float, new_notes: dict[int, list[Note]]) -> Song:
-    """The song with each named track's notes that start in [start_qn, end_qn) replaced by new_notes."""
-    tracks = []
-    for index, track in enumerate(song.tracks):
-        if index in new_notes:
-            kept = [n for n in track.notes if not start_qn <= n.start_qn < end_qn]
-            track = replace(track, notes=sorted(kept + list(new_notes[index])))
-        tracks.append(track)
-    return replace(song, tracks=tracks)
+def read_input(path) -> tuple[mido.MidiFile, Song]:
+    """The input file, parsed once: as MIDI messages (to write the infill into) and as a Song."""
+    midi = open_midi(path, str(path))
+    return midi, read_midi(midi, str(path))
 
 
 def candidate_paths(out_path: Path, n_candidates: int) -> list[Path]:
     """out.mid, out-2.mid, out-3.mid ..."""
     return [out_path] + [out_path.with_name(f"{out_path.stem}-{k}{out_path.suffix}") for k in range(2, n_candidates + 1)]
+
+
+def output_paths(input_path, output, n_candidates: int, force: bool) -> list[Path]:
+    """The candidates' paths (candidate_paths), checked before any work is done.
+
+    Refused: a folder; a folder that does not exist or cannot be written to; anything but a
+    regular file where one exists; and, unless force, the input file (through any link or
+    spelling) or any other existing file. Paths are compared as the files they name.
+    """
+    paths = candidate_paths(Path(output), max(1, n_candidates))
+    named: dict[Path, Path] = {}
+    for number, path in enumerate(paths, start=1):
+        what = f"-o {path}" if number == 1 else f"{path} (candidate {number})"
+        target = Path(os.path.realpath(path))
+        if target.is_dir():
+            raise CMIError(f"{what} is a folder: name the .mid file to write")
+        if not target.parent.is_dir():
+            raise CMIError(f"{what}: {path.parent} is a file, not a folder" if target.parent.exists() else
+                           f"{what}: the folder {path.parent} does not exist")
+        if not os.access(target.parent, os.W_OK | os.X_OK):
+            raise CMIError(f"{what}: no permission to write in the folder {path.parent}")
+        if target in named:
+            raise CMIError(f"{what} is the same file as {named[target]}")
+        named[target] = path
+        if target.exists():
+            if not target.is_file():
+                raise CMIError(f"{what} exists and is not a regular file")
+            if not force:
+                same = os.path.exists(input_path) and os.path.samefile(target, input_path)
+                raise CMIError(f"{what} is the input file; pass --force to overwrite it" if same else
+                               f"{what} exists; pass --force to overwrite it")
+    return paths
+
+
+def write_candidates(midi: mido.MidiFile, label: str, start_qn: float, end_qn: float,
+                     candidates: Sequence[Mapping[int, Sequence[Note]]], paths: Sequence[Path]) -> None:
+    """Each candidate's new notes (track index -> notes) written into a copy of midi at its path,
+    atomically; a link at the path is followed and the file it names replaced."""
+    for notes, path in zip(candidates, paths):
+        data = midi_edit.replaced_midi_bytes(midi, start_qn, end_qn, notes, label)
+        try:
+            write_bytes_atomic(os.path.realpath(path), data, make_folders=False)
+        except OSError as error:
+            raise CMIError(f"cannot write {path}: {error.strerror or error}") from error
 
 
 def notes_json(notes: Sequence[Note]) -> list[dict]:

@@ -25,6 +25,8 @@ ERROR_CODES = (
     "bad_message", "bad_signature", "unsupported_version", "unknown_type", "invalid_field",
     "too_large", "busy", "timeout", "cancelled", "not_found", "shutting_down", "internal",
 )
+MALFORMED_CODES = ("bad_message", "bad_signature", "unsupported_version", "unknown_type", "invalid_field", "too_large")
+"""The codes of a message the daemon cannot take as written (`status` counts them as messages_rejected)."""
 
 
 class ProtocolError(Exception):

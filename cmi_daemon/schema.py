@@ -14,7 +14,8 @@ from typing import Any, Optional
 from .errors import TimeMapError
 from .protocol import MESSAGE_TYPES, PROTOCOL_VERSION, Limits, ProtocolError, version_compatible
 from .tempo import Meter, TempoMap
-from .tokens import Note, Song, Track
+from .notes import Note, normalize_notes
+from .tokens import Song, Track
 
 MAX_ID_CHARS = 64
 MAX_SESSION_CHARS = 256
@@ -200,11 +201,11 @@ def parse_envelope(body: Any) -> Envelope:
     if message_type not in MESSAGE_TYPES:
         raise ProtocolError("unknown_type", f"unknown message type {message_type[:40]!r}; "
                             f"known: {', '.join(MESSAGE_TYPES)}", "message.type")
-    content = reader.get("content", True)
+    content = reader.get("content", False)
     if not isinstance(content, dict):
-        raise ProtocolError("bad_message", "message.content must be a map", "content")
+        raise ProtocolError("bad_message", "message.content is missing or not a map", "message.content")
     reader.finish()
-    return Envelope(request_id, message_type, content, tuple(w.replace("message.", "", 1) for w in warnings))
+    return Envelope(request_id, message_type, content, tuple(warnings))
 
 
 def parse_infill(content: dict, limits: Limits, warnings: list[str]) -> InfillRequest:
@@ -236,14 +237,14 @@ def _parse_track(value: Any, path: str, limits: Limits, note_budget: list[int], 
     note_budget[0] -= len(note_values)
     notes = [_parse_note(note, f"{path}.notes[{i}]", limits.max_position_qn) for i, note in enumerate(note_values)]
     reader.finish()
-    return Track(name=name, program=program, is_drum=is_drum, notes=notes, channel=channel)
+    return Track(name=name, program=program, is_drum=is_drum, notes=normalize_notes(notes)[0], channel=channel)
 
 
 def _parse_note(value: Any, path: str, max_position_qn: float) -> Note:
     if not isinstance(value, list) or len(value) != 4:
         raise ProtocolError("invalid_field", f"{path} must be [start_qn, duration_qn, pitch, velocity]", path)
     start_qn = check_number(value[0], f"{path}[0]", 0.0, max_position_qn)
-    duration_qn = check_number(value[1], f"{path}[1]", 0.0, max_position_qn, low_open=True)
+    duration_qn = check_number(value[1], f"{path}[1]", 0.0, max_position_qn)
     pitch = check_int(value[2], f"{path}[2]", 0, 127)
     velocity = check_int(value[3], f"{path}[3]", 1, 127)
     return Note(start_qn, duration_qn, pitch, velocity)
@@ -290,8 +291,10 @@ def _parse_meter(reader: _Reader, limits: Limits) -> Meter:
 
 
 def _parse_range(reader: _Reader, limits: Limits) -> tuple[float, float]:
-    values = reader.array("range", 2, min_items=2)
+    values = reader.get("range", True)
     path = reader.child("range")
+    if not isinstance(values, list) or len(values) != 2:
+        raise ProtocolError("invalid_field", f"{path} must be [start_qn, end_qn]", path)
     start_qn = check_number(values[0], f"{path}[0]", 0.0, limits.max_position_qn)
     end_qn = check_number(values[1], f"{path}[1]", 0.0, limits.max_position_qn)
     if end_qn <= start_qn:

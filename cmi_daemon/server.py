@@ -370,24 +370,23 @@ class Daemon:
             envelope = schema.parse_envelope(body)
             warnings.extend(envelope.warnings)
             content = self._answer(identity, envelope, warnings)
-        except ProtocolError as error:
-            self.counters["messages_rejected"] += 1
-            request_id = envelope.request_id if envelope else schema.peek_request_id(body)
-            message_type = envelope.message_type if envelope else None
-            if envelope is not None and envelope.message_type == "infill":
-                self.counters["requests_failed"] += 1
-            self._send(identity, protocol.reply_envelope(request_id, message_type, error=error,
-                                                         warnings=tuple(warnings)))
-            return
+        except ProtocolError as caught:
+            error = caught
         except Exception:  # never let one message end the daemon
             log.exception("fault while answering a message")
-            self._send(identity, protocol.reply_envelope(
-                envelope.request_id if envelope else None, envelope.message_type if envelope else None,
-                error=ProtocolError("internal", "the daemon failed on this message; see its log")))
+            error = ProtocolError("internal", "the daemon failed on this message; see its log")
+        else:
+            if content is not None:
+                self._send(identity, protocol.reply_envelope(envelope.request_id, envelope.message_type,
+                                                             content, warnings=tuple(warnings)))
             return
-        if content is not None:
-            self._send(identity, protocol.reply_envelope(envelope.request_id, envelope.message_type,
-                                                         content, warnings=tuple(warnings)))
+        if error.code in protocol.MALFORMED_CODES:
+            self.counters["messages_rejected"] += 1
+        if envelope is not None and envelope.message_type == "infill":
+            self.counters["requests_failed"] += 1
+        request_id = envelope.request_id if envelope else schema.peek_request_id(body)
+        message_type = envelope.message_type if envelope else None
+        self._send(identity, protocol.reply_envelope(request_id, message_type, error=error, warnings=tuple(warnings)))
 
     def _checked_body(self, payload: list[bytes]) -> Any:
         if len(payload) != 2:
@@ -453,7 +452,7 @@ class Daemon:
 
     def _on_shutdown(self, identity, envelope, warnings) -> dict:
         schema.parse_empty(envelope.content, warnings)
-        self.request_stop()
+        self._begin_stop()  # before the reply goes out: every request after it is refused
         return {"stopping": True}
 
     def _on_profiles(self, identity, envelope, warnings) -> dict:

@@ -58,6 +58,9 @@ class Track:
     is_drum: bool
     notes: list[Note]
     channel: Optional[int] = None
+    midi_track: Optional[int] = None
+    """Read from a file: the index of the MIDI track holding the notes' note-ons. Its notes are the
+    ones that track played on `channel` while the channel's program was `program`."""
 
     @property
     def instrument_bin(self) -> Optional[int]:
@@ -107,8 +110,15 @@ def read_midi(source: Union[str, Path, bytes, mido.MidiFile], label: Optional[st
 
     Raises MidiFileError naming the file and what is wrong with it.
     """
+    return read_midi_note_ons(source, label)[0]
+
+
+def read_midi_note_ons(source: Union[str, Path, bytes, mido.MidiFile],
+                       label: Optional[str] = None) -> tuple[Song, list[list[int]]]:
+    """read_midi, and where each note starts in the file: for each track, the position of each of
+    its notes' note-on message in MIDI track `track.midi_track`, in the order of `track.notes`."""
     label = label or (str(source) if isinstance(source, (str, Path)) else "<midi data>")
-    midi = _open_midi(source, label)
+    midi = open_midi(source, label)
     if midi.type == 2:
         raise MidiFileError(label, "type 2 MIDI files (independent sequences) are not supported")
     if not midi.ticks_per_beat or midi.ticks_per_beat <= 0:
@@ -131,14 +141,14 @@ def read_midi(source: Union[str, Path, bytes, mido.MidiFile], label: Optional[st
 
     tempo_changes, signature_changes = [], []
     reader = _ChannelStateReader(ticks_per_qn)
-    for tick, track_index, _, message in timeline:
+    for tick, track_index, order, message in timeline:
         kind = message.type
         if kind == "set_tempo":
             tempo_changes.append((tick / ticks_per_qn, 60_000_000.0 / message.tempo))
         elif kind == "time_signature":
             signature_changes.append((tick / ticks_per_qn, message.numerator, message.denominator))
         elif not message.is_meta:
-            reader.feed(tick, track_index, message)
+            reader.feed(tick, track_index, order, message)
     reader.close_all(end_tick)
 
     try:
@@ -147,15 +157,18 @@ def read_midi(source: Union[str, Path, bytes, mido.MidiFile], label: Optional[st
     except TimeMapError as error:
         raise MidiFileError(label, str(error)) from error
 
-    tracks = []
-    for (track_index, channel, program), notes in sorted(reader.notes.items()):
-        notes.sort()
+    tracks, note_ons = [], []
+    for (track_index, channel, program), found in sorted(reader.notes.items()):
+        found.sort()
         name = track_names.get(track_index) or f"track {track_index + 1} channel {channel + 1}"
-        tracks.append(Track(name, program, channel == DRUM_CHANNEL, notes, channel))
-    return Song(tracks, tempo_map, meter, ticks_per_qn, reader.drops)
+        tracks.append(Track(name, program, channel == DRUM_CHANNEL, [note for note, _ in found], channel,
+                            track_index))
+        note_ons.append([position for _, position in found])
+    return Song(tracks, tempo_map, meter, ticks_per_qn, reader.drops), note_ons
 
 
-def _open_midi(source, label: str) -> mido.MidiFile:
+def open_midi(source: Union[str, Path, bytes, mido.MidiFile], label: str) -> mido.MidiFile:
+    """The parsed MIDI file; MidiFileError naming it (label) and the problem when it cannot be read."""
     if isinstance(source, mido.MidiFile):
         return source
     try:
@@ -185,16 +198,17 @@ class _ChannelStateReader:
         self.volume = [127] * 16
         self.expression = [127] * 16
         self.pedal_down = [False] * 16
-        self.open: dict[tuple[int, int], tuple[int, int, int, int]] = {}
-        """(channel, pitch) -> (start_tick, velocity, program, track_index)."""
+        self.open: dict[tuple[int, int], tuple[int, int, int, int, int]] = {}
+        """(channel, pitch) -> (start_tick, velocity, program, track_index, note-on's position in its track)."""
         self.released_under_pedal: set[tuple[int, int]] = set()
-        self.notes: dict[tuple[int, int, int], list[Note]] = {}
+        self.notes: dict[tuple[int, int, int], list[tuple[Note, int]]] = {}
+        """(track_index, channel, program) -> (note, its note-on's position in the track)."""
         self.drops: Counter = Counter()
 
-    def feed(self, tick: int, track_index: int, message) -> None:
+    def feed(self, tick: int, track_index: int, position: int, message) -> None:
         kind = message.type
         if kind == "note_on" and message.velocity > 0:
-            self._note_on(tick, track_index, message.channel, message.note, message.velocity)
+            self._note_on(tick, track_index, position, message.channel, message.note, message.velocity)
         elif kind in ("note_on", "note_off"):
             key = (message.channel, message.note)
             if key in self.open:
@@ -207,7 +221,7 @@ class _ChannelStateReader:
         elif kind == "control_change":
             self._control(tick, message.channel, message.control, message.value)
 
-    def _note_on(self, tick, track_index, channel, pitch, velocity):
+    def _note_on(self, tick, track_index, position, channel, pitch, velocity):
         key = (channel, pitch)
         if key in self.open:  # re-struck while sounding (often under the pedal): end the old one
             self._close(key, tick)
@@ -216,7 +230,7 @@ class _ChannelStateReader:
         if vocab.velocity_to_bin(velocity) == 0:
             self.drops["silenced by CC7 volume / CC11 expression"] += 1
             return
-        self.open[key] = (tick, velocity, self.program[channel], track_index)
+        self.open[key] = (tick, velocity, self.program[channel], track_index, position)
 
     def _control(self, tick, channel, control, value):
         if control == VOLUME_CONTROL:
@@ -233,11 +247,11 @@ class _ChannelStateReader:
                 self._close(key, tick)
 
     def _close(self, key, tick):
-        start_tick, velocity, program, track_index = self.open.pop(key)
+        start_tick, velocity, program, track_index, position = self.open.pop(key)
         self.released_under_pedal.discard(key)
         channel, pitch = key
         note = Note(start_tick / self.ticks_per_qn, (tick - start_tick) / self.ticks_per_qn, pitch, velocity)
-        self.notes.setdefault((track_index, channel, program), []).append(note)
+        self.notes.setdefault((track_index, channel, program), []).append((note, position))
 
     def close_all(self, tick):
         for key in sorted(self.open):

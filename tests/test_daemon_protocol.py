@@ -49,7 +49,7 @@ def _parse_error(mutate) -> ProtocolError:
     (lambda c: c["tracks"][0]["notes"][3].__setitem__(0, math.nan), "invalid_field", "content.tracks[0].notes[3][0]"),
     (lambda c: c["tracks"][0]["notes"][3].__setitem__(0, math.inf), "invalid_field", "content.tracks[0].notes[3][0]"),
     (lambda c: c["tracks"][0]["notes"][3].__setitem__(0, -1.0), "invalid_field", "content.tracks[0].notes[3][0]"),
-    (lambda c: c["tracks"][1]["notes"][0].__setitem__(1, 0.0), "invalid_field", "content.tracks[1].notes[0][1]"),
+    (lambda c: c["tracks"][1]["notes"][0].__setitem__(1, -0.5), "invalid_field", "content.tracks[1].notes[0][1]"),
     (lambda c: c["tracks"][0]["notes"][2].__setitem__(2, 128), "invalid_field", "content.tracks[0].notes[2][2]"),
     (lambda c: c["tracks"][0]["notes"][2].__setitem__(3, 0), "invalid_field", "content.tracks[0].notes[2][3]"),
     (lambda c: c["tracks"][0]["notes"][2].__setitem__(2, 60.0), "invalid_field", "content.tracks[0].notes[2][2]"),
@@ -62,6 +62,8 @@ def _parse_error(mutate) -> ProtocolError:
     (lambda c: c.__setitem__("range", [8.0, 8.0]), "invalid_field", "content.range"),
     (lambda c: c.__setitem__("range", [0.0, 1000.0]), "too_large", "content.range"),
     (lambda c: c.__setitem__("range", [0.0]), "invalid_field", "content.range"),
+    (lambda c: c.__setitem__("range", [8.0, 12.0, 16.0]), "invalid_field", "content.range"),
+    (lambda c: c.__setitem__("range", "8-12"), "invalid_field", "content.range"),
     (lambda c: c.__setitem__("targets", [2]), "invalid_field", "content.targets[0]"),
     (lambda c: c.__setitem__("targets", [0, 0]), "invalid_field", "content.targets"),
     (lambda c: c.__setitem__("tempo", [[0, 0.5]]), "invalid_field", "content.tempo[0][1]"),
@@ -98,18 +100,25 @@ def test_unknown_fields_are_ignored_with_a_warning():
     assert request.song.tempo_map.bpm == (120.0, 100.0)
 
 
-@pytest.mark.parametrize("body, code", [
-    ([1, 2], "bad_message"),
-    ({"protocol": "2.0", "id": "1", "type": "status", "content": {}}, "unsupported_version"),
-    ({"protocol": "1.0", "id": "", "type": "status", "content": {}}, "bad_message"),
-    ({"protocol": "1.0", "id": "1", "type": "reboot", "content": {}}, "unknown_type"),
-    ({"protocol": "1.0", "id": "1", "type": "status"}, "invalid_field"),
-    ({"protocol": "1.0", "id": "1", "type": "status", "content": []}, "bad_message"),
+@pytest.mark.parametrize("body, code, field", [
+    ([1, 2], "bad_message", None),
+    ({"id": "1", "type": "status", "content": {}}, "bad_message", "message.protocol"),
+    ({"protocol": "2.0", "id": "1", "type": "status", "content": {}}, "unsupported_version", "message.protocol"),
+    ({"protocol": "1.0", "id": "", "type": "status", "content": {}}, "bad_message", "message.id"),
+    ({"protocol": "1.0", "id": "1", "type": 5, "content": {}}, "bad_message", "message.type"),
+    ({"protocol": "1.0", "id": "1", "type": "reboot", "content": {}}, "unknown_type", "message.type"),
+    ({"protocol": "1.0", "id": "1", "type": "status"}, "bad_message", "message.content"),
+    ({"protocol": "1.0", "id": "1", "type": "status", "content": []}, "bad_message", "message.content"),
 ])
-def test_bad_envelopes(body, code):
+def test_bad_envelopes(body, code, field):
     with pytest.raises(ProtocolError) as caught:
         schema.parse_envelope(msgpack.unpackb(msgpack.packb(body)))
-    assert caught.value.code == code
+    assert (caught.value.code, caught.value.field) == (code, field)
+
+
+def test_unknown_envelope_fields_are_named_by_their_message_path():
+    body = {**protocol.request_envelope("1", "status", {}), "colour": "blue"}
+    assert schema.parse_envelope(body).warnings == ("message.colour: unknown field, ignored",)
 
 
 def test_settings_from_toml_and_flags(tmp_path):

@@ -223,6 +223,56 @@ def test_shutdown_cancels_queued_infills_and_refuses_new_ones():
         assert client.receive(running)["ok"], "the running infill finishes within the grace period"
 
 
+def test_an_infill_read_after_shutdown_is_refused_not_taken():
+    # Both requests wait in the socket before the loop starts, so it reads them in one turn.
+    daemon = Daemon(StandInBackend(), Settings(port=0))
+    client = _client(daemon)
+    shutdown = client.send("shutdown", {})
+    infill = client.send("infill", infill_request())
+    assert daemon.router.poll(5000)
+    time.sleep(0.2)
+    thread = threading.Thread(target=daemon.serve, name="daemon-under-test")
+    thread.start()
+    try:
+        assert client.receive(shutdown)["content"] == {"stopping": True}
+        reply = client.receive(infill)
+        assert (reply["ok"], reply.get("error", {}).get("code")) == (False, "shutting_down")
+    finally:
+        client.close()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def test_a_duplicate_in_flight_id_gets_an_error_carrying_that_id():
+    with threaded_daemon(StandInBackend(delay_s=0.5)) as daemon, _client(daemon) as client:
+        socket = _raw_socket(daemon)
+        frames = protocol.signed_frames(daemon.key, protocol.request_envelope("same", "infill", infill_request()))
+        socket.send_multipart(frames)
+        socket.send_multipart(frames)
+        duplicate, first = _raw_reply(socket, daemon.key), _raw_reply(socket, daemon.key)
+        assert (duplicate["id"], duplicate["type"], duplicate["error"]["code"], duplicate["error"]["field"]) == \
+            ("same", "infill_reply", "invalid_field", "message.id")
+        assert (first["id"], first["ok"]) == ("same", True)
+        socket.close()
+
+
+def test_status_counts_malformed_messages_and_failed_infills():
+    with threaded_daemon(StandInBackend()) as daemon, _client(daemon) as client:
+        socket = _raw_socket(daemon)
+        socket.send_multipart([b"0" * 64, b"body"])
+        assert _raw_reply(socket, daemon.key)["error"]["code"] == "bad_signature"
+        socket.close()
+        with pytest.raises(DaemonError, match="invalid_field"):
+            client.infill(dict(infill_request(), targets=[5]))
+        with pytest.raises(DaemonError, match="not_found"):
+            client.feedback("no-such-session", "accept")
+        with pytest.raises(DaemonError, match="not_found"):
+            client.profiles(reset="nobody")
+        client.infill(infill_request())
+        status = client.status()
+        assert (status["messages_rejected"], status["requests_failed"], status["requests_served"]) == (2, 1, 1)
+
+
 def test_binding_off_loopback_needs_curve():
     with pytest.raises(CMIError, match="only loopback"):
         Daemon(StandInBackend(), Settings(port=0, bind_address="0.0.0.0"))

@@ -1,0 +1,123 @@
+"""New notes written into the MIDI file they were made for, every other event of it as it was.
+
+An infill replaces the notes of some tracks that start in [start_qn, end_qn). The file is not
+rebuilt from its Song (that would lose controllers, fold the pedal into note lengths, rename and
+reorder tracks): the note-on and note-off messages of exactly the replaced notes are taken out of
+the original `mido.MidiFile`, and the new notes go into the MIDI track and channel the replaced
+ones came from (`Track.midi_track`, `Track.channel`), at ticks of the file's own ticks per quarter
+note. Controllers (the sustain pedal too), pitch bend, aftertouch, program changes, meta and sysex
+events, the other notes with their own note-offs, the tracks' order and names, the time division
+and the file type are written back unchanged.
+
+Pairing: a note-off (or a note-on of velocity 0) ends the oldest sounding note-on of its channel
+and pitch in its track, so a replaced note takes its own note-off with it and a kept note, one
+started before the range included, keeps its note-off. At one tick of a track, new note-offs come
+before the file's events there and new note-ons after them: a note ending where the next one of
+its pitch starts never ends that one, and a program change or controller at the tick applies to
+the new note as it did to the old ones; a new note of length 0 ends just after it starts. New
+note-offs are written in the track's own style (note-on velocity 0 or note-off), and the track
+ends where it ended or after its last new note-off, whichever is later.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict, deque
+from typing import Mapping, Sequence
+
+import mido
+
+from .errors import MidiFileError
+from .tokens import Note, read_midi_note_ons
+
+# Order of the events at one tick of a track.
+_NEW_OFF, _FILE_EVENT, _NEW_ON, _NEW_ZERO_LENGTH_OFF = range(4)
+
+
+def replace_notes(midi: mido.MidiFile, start_qn: float, end_qn: float,
+                  new_notes: Mapping[int, Sequence[Note]], label: str = "<midi data>") -> mido.MidiFile:
+    """A copy of midi in which the notes of each track named in new_notes (an index into
+    read_midi(midi).tracks) that start in [start_qn, end_qn) are replaced by that track's new notes."""
+    song, note_ons = read_midi_note_ons(midi, label)
+    ticks_per_qn = midi.ticks_per_beat
+    first_tick, last_tick = _range_ticks(start_qn, end_qn, ticks_per_qn)
+    removed: dict[int, set[int]] = defaultdict(set)
+    added: dict[int, list[tuple[int, int, Note]]] = defaultdict(list)
+    for index, notes in new_notes.items():
+        track = song.tracks[index]
+        removed[track.midi_track].update(position for note, position in zip(track.notes, note_ons[index])
+                                         if start_qn <= note.start_qn < end_qn)
+        for note in notes:
+            on_tick = min(max(round(note.start_qn * ticks_per_qn), first_tick), last_tick)
+            off_tick = max(on_tick, round((note.start_qn + note.duration_qn) * ticks_per_qn))
+            added[track.midi_track].append((on_tick, off_tick, track.channel, note))
+    edited = mido.MidiFile(type=midi.type, ticks_per_beat=ticks_per_qn, charset=midi.charset)
+    for index, track in enumerate(midi.tracks):
+        edited.tracks.append(_edited_track(track, removed[index], added[index]) if index in removed else track)
+    return edited
+
+
+def replaced_midi_bytes(midi: mido.MidiFile, start_qn: float, end_qn: float,
+                        new_notes: Mapping[int, Sequence[Note]], label: str = "<midi data>") -> bytes:
+    """replace_notes, as the bytes of a Standard MIDI File."""
+    edited = replace_notes(midi, start_qn, end_qn, new_notes, label)
+    buffer = io.BytesIO()
+    try:
+        edited.save(file=buffer)
+    except (ValueError, TypeError) as error:
+        raise MidiFileError(label, f"the infilled file cannot be written: {error}") from error
+    return buffer.getvalue()
+
+
+def _range_ticks(start_qn: float, end_qn: float, ticks_per_qn: int) -> tuple[int, int]:
+    """The first and last tick whose QN (tick / ticks_per_qn, as read_midi computes it) is in the range."""
+    first = max(0, int(start_qn * ticks_per_qn) - 1)
+    while first / ticks_per_qn < start_qn:
+        first += 1
+    last = int(end_qn * ticks_per_qn) + 1
+    while last / ticks_per_qn >= end_qn:
+        last -= 1
+    return first, max(first, last)
+
+
+def _is_note_off(message) -> bool:
+    return message.type == "note_off" or (message.type == "note_on" and message.velocity == 0)
+
+
+def _edited_track(track: mido.MidiTrack, removed_note_ons: set[int],
+                  added: list[tuple[int, int, int, Note]]) -> mido.MidiTrack:
+    """The track without the note-ons at removed_note_ons and their note-offs, with the added notes."""
+    events = []  # (tick, order at the tick, sequence, message)
+    sounding: dict[tuple[int, int], deque[int]] = defaultdict(deque)
+    tick = end_tick = 0
+    off_as_note_on = False
+    for position, message in enumerate(track):
+        tick += message.time
+        if message.type == "end_of_track":
+            end_tick = tick
+            continue
+        if message.type in ("note_on", "note_off"):
+            key = (message.channel, message.note)
+            if not _is_note_off(message):
+                sounding[key].append(position)
+                if position in removed_note_ons:
+                    continue
+            else:
+                off_as_note_on = off_as_note_on or message.type == "note_on"
+                if sounding[key] and sounding[key].popleft() in removed_note_ons:
+                    continue
+        events.append((tick, _FILE_EVENT, position, message))
+    off_type = "note_on" if off_as_note_on else "note_off"
+    for sequence, (on_tick, off_tick, channel, note) in enumerate(sorted(added)):
+        events.append((on_tick, _NEW_ON, sequence, mido.Message(
+            "note_on", channel=channel, note=note.pitch, velocity=max(1, min(127, note.velocity)))))
+        events.append((off_tick, _NEW_OFF if off_tick > on_tick else _NEW_ZERO_LENGTH_OFF, sequence,
+                       mido.Message(off_type, channel=channel, note=note.pitch, velocity=0)))
+    events.sort(key=lambda event: event[:3])
+    edited = mido.MidiTrack()
+    previous = 0
+    for tick, _, _, message in events:
+        edited.append(message.copy(time=tick - previous))
+        previous = tick
+    edited.append(mido.MetaMessage("end_of_track", time=max(0, end_tick - previous)))
+    return edited
