@@ -5,7 +5,8 @@ rebuilt from its Song (that would lose controllers, fold the pedal into note len
 reorder tracks): the note-on and note-off messages of exactly the replaced notes are taken out of
 the original `mido.MidiFile`, and the new notes go into the MIDI track and channel the replaced
 ones came from (`Track.midi_track`, `Track.channel`), at ticks of the file's own ticks per quarter
-note. Controllers (the sustain pedal too), pitch bend, aftertouch, program changes, meta and sysex
+note, with the note-on velocity that the channel's CC7 volume and CC11 expression there scale to the
+note's velocity, as read_midi scales them (127 where no velocity is loud enough). Controllers (the sustain pedal too), pitch bend, aftertouch, program changes, meta and sysex
 events, the other notes with their own note-offs, the tracks' order and names, the time division
 and the file type are written back unchanged.
 
@@ -21,14 +22,16 @@ ends where it ended or after its last new note-off, whichever is later.
 
 from __future__ import annotations
 
+import bisect
 import io
+import math
 from collections import defaultdict, deque
 from typing import Mapping, Sequence
 
 import mido
 
 from .errors import MidiFileError
-from .tokens import Note, read_midi_note_ons
+from .tokens import EXPRESSION_CONTROL, VOLUME_CONTROL, Note, mixed_velocity, read_midi_note_ons
 
 # Order of the events at one tick of a track.
 _NEW_OFF, _FILE_EVENT, _NEW_ON, _NEW_ZERO_LENGTH_OFF = range(4)
@@ -41,8 +44,9 @@ def replace_notes(midi: mido.MidiFile, start_qn: float, end_qn: float,
     song, note_ons = read_midi_note_ons(midi, label)
     ticks_per_qn = midi.ticks_per_beat
     first_tick, last_tick = _range_ticks(start_qn, end_qn, ticks_per_qn)
+    levels = _levels(midi)
     removed: dict[int, set[int]] = defaultdict(set)
-    added: dict[int, list[tuple[int, int, Note]]] = defaultdict(list)
+    added: dict[int, list[tuple[int, int, int, int, int]]] = defaultdict(list)
     for index, notes in new_notes.items():
         track = song.tracks[index]
         removed[track.midi_track].update(position for note, position in zip(track.notes, note_ons[index])
@@ -50,7 +54,10 @@ def replace_notes(midi: mido.MidiFile, start_qn: float, end_qn: float,
         for note in notes:
             on_tick = min(max(round(note.start_qn * ticks_per_qn), first_tick), last_tick)
             off_tick = max(on_tick, round((note.start_qn + note.duration_qn) * ticks_per_qn))
-            added[track.midi_track].append((on_tick, off_tick, track.channel, note))
+            volume, expression = _levels_at(levels, track.channel, on_tick, track.midi_track)
+            velocity = next((raw for raw in range(1, 128) if mixed_velocity(raw, volume, expression) >= note.velocity),
+                            127)
+            added[track.midi_track].append((on_tick, off_tick, track.channel, note.pitch, velocity))
     edited = mido.MidiFile(type=midi.type, ticks_per_beat=ticks_per_qn, charset=midi.charset)
     for index, track in enumerate(midi.tracks):
         edited.tracks.append(_edited_track(track, removed[index], added[index]) if index in removed else track)
@@ -80,13 +87,40 @@ def _range_ticks(start_qn: float, end_qn: float, ticks_per_qn: int) -> tuple[int
     return first, max(first, last)
 
 
+def _levels(midi: mido.MidiFile) -> dict[int, tuple[list[tuple[int, int, int]], list[tuple[int, int]]]]:
+    """Per channel: the places (tick, track, position: read_midi's timeline order) of its CC7 and CC11
+    events, and the (volume, expression) in force after each."""
+    changes = []
+    for track_index, track in enumerate(midi.tracks):
+        tick = 0
+        for position, message in enumerate(track):
+            tick += message.time
+            if message.type == "control_change" and message.control in (VOLUME_CONTROL, EXPRESSION_CONTROL):
+                changes.append(((tick, track_index, position), message.channel, message.control, message.value))
+    levels: dict[int, tuple[list, list]] = defaultdict(lambda: ([], []))
+    state: dict[int, list[int]] = defaultdict(lambda: [127, 127])
+    for place, channel, control, value in sorted(changes):
+        state[channel][control == EXPRESSION_CONTROL] = value
+        levels[channel][0].append(place)
+        levels[channel][1].append(tuple(state[channel]))
+    return levels
+
+
+def _levels_at(levels, channel: int, tick: int, track_index: int) -> tuple[int, int]:
+    """(volume, expression) of the channel for a note-on written after the track's events at tick."""
+    places, values = levels.get(channel, ((), ()))
+    found = bisect.bisect_right(places, (tick, track_index, math.inf))
+    return values[found - 1] if found else (127, 127)
+
+
 def _is_note_off(message) -> bool:
     return message.type == "note_off" or (message.type == "note_on" and message.velocity == 0)
 
 
 def _edited_track(track: mido.MidiTrack, removed_note_ons: set[int],
-                  added: list[tuple[int, int, int, Note]]) -> mido.MidiTrack:
-    """The track without the note-ons at removed_note_ons and their note-offs, with the added notes."""
+                  added: list[tuple[int, int, int, int, int]]) -> mido.MidiTrack:
+    """The track without the note-ons at removed_note_ons and their note-offs, with the added notes
+    (on tick, off tick, channel, pitch, note-on velocity)."""
     events = []  # (tick, order at the tick, sequence, message)
     sounding: dict[tuple[int, int], deque[int]] = defaultdict(deque)
     tick = end_tick = 0
@@ -108,11 +142,11 @@ def _edited_track(track: mido.MidiTrack, removed_note_ons: set[int],
                     continue
         events.append((tick, _FILE_EVENT, position, message))
     off_type = "note_on" if off_as_note_on else "note_off"
-    for sequence, (on_tick, off_tick, channel, note) in enumerate(sorted(added)):
-        events.append((on_tick, _NEW_ON, sequence, mido.Message(
-            "note_on", channel=channel, note=note.pitch, velocity=max(1, min(127, note.velocity)))))
+    for sequence, (on_tick, off_tick, channel, pitch, velocity) in enumerate(sorted(added)):
+        events.append((on_tick, _NEW_ON, sequence, mido.Message("note_on", channel=channel, note=pitch,
+                                                                velocity=velocity)))
         events.append((off_tick, _NEW_OFF if off_tick > on_tick else _NEW_ZERO_LENGTH_OFF, sequence,
-                       mido.Message(off_type, channel=channel, note=note.pitch, velocity=0)))
+                       mido.Message(off_type, channel=channel, note=pitch, velocity=0)))
     events.sort(key=lambda event: event[:3])
     edited = mido.MidiTrack()
     previous = 0

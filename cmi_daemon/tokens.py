@@ -189,6 +189,11 @@ def open_midi(source: Union[str, Path, bytes, mido.MidiFile], label: str) -> mid
         raise MidiFileError(label, f"corrupt MIDI data ({type(error).__name__}: {error})") from error
 
 
+def mixed_velocity(velocity: int, volume: int, expression: int) -> int:
+    """A note-on's velocity as read_midi takes it: scaled by its channel's CC7 volume and CC11 expression."""
+    return min(127, math.ceil(velocity * (volume / 127.0) * (expression / 127.0) - 1e-9))
+
+
 class _ChannelStateReader:
     """Turns channel messages into notes: programs, volume, expression and sustain per channel."""
 
@@ -225,8 +230,7 @@ class _ChannelStateReader:
         key = (channel, pitch)
         if key in self.open:  # re-struck while sounding (often under the pedal): end the old one
             self._close(key, tick)
-        mixed = velocity * (self.volume[channel] / 127.0) * (self.expression[channel] / 127.0)
-        velocity = min(127, math.ceil(mixed - 1e-9))
+        velocity = mixed_velocity(velocity, self.volume[channel], self.expression[channel])
         if vocab.velocity_to_bin(velocity) == 0:
             self.drops["silenced by CC7 volume / CC11 expression"] += 1
             return

@@ -103,3 +103,27 @@ def test_the_track_ends_after_its_last_new_note():
     track = edited.tracks[song.tracks[MELODY].midi_track]
     assert track[-1].type == "end_of_track"
     assert sum(m.time for m in track) == round(end_qn * midi.ticks_per_beat)
+
+
+def test_new_notes_sound_as_loud_as_asked_under_the_channel_volume():
+    """With CC7 volume and CC11 expression set (as many files do at their start), the new notes are
+    written louder so that they read back, as the model heard the kept ones, at their velocity."""
+    path = POP909_FIXTURES[0]
+    midi = mido.MidiFile(path)
+    melody = midi.tracks[1]
+    assert melody.name == "MELODY"
+    melody.insert(1, mido.Message("control_change", channel=0, control=7, value=90, time=0))
+    melody.insert(2, mido.Message("control_change", channel=0, control=11, value=100, time=0))
+    song = read_midi(midi)
+    start_qn, end_qn = song.meter.bar_range_qn(9, 12)
+    new = _previous_bars_moved_in(song, MELODY, start_qn, end_qn)
+    edited = _edit(midi, start_qn, end_qn, {MELODY: new})
+
+    tpq = midi.ticks_per_beat
+    start_tick, end_tick = round(start_qn * tpq), round(end_qn * tpq)
+    read_back = [n for n in read_midi(edited).tracks[MELODY].notes if start_qn <= n.start_qn < end_qn]
+    assert sorted((on, p, v) for on, _, p, v in _ticks(read_back, tpq)) == sorted(
+        (on, p, v) for on, _, p, v in _ticks(new, tpq))
+    written = [m.velocity for tick, m in events(edited.tracks[1])
+               if m.type == "note_on" and m.velocity and start_tick <= tick < end_tick]
+    assert len(written) == len(new) and max(written) > max(n.velocity for n in new)
