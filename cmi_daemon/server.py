@@ -421,7 +421,8 @@ class Daemon:
             "device": str(self.model_info.get("device", "cpu")),
             "capabilities": list(protocol.MESSAGE_TYPES),
             "limits": {**self.limits.as_dict(), **schema.fixed_limits(), "queue_size": self.settings.queue_size,
-                       "request_timeout_ms": self.settings.request_timeout_ms},
+                       "request_timeout_ms": self.settings.request_timeout_ms,
+                       "context_bars": protocol.CONTEXT_BARS},
         }
 
     def _on_status(self, identity, envelope, warnings) -> dict:

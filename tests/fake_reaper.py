@@ -9,9 +9,17 @@ MIDI_Sort; ticks per quarter note per take, converted only through the MIDI_* fu
 recorded undo blocks and PreventUIRefresh balance; start == end when there is no time
 selection; 0-based measures in TimeMap_GetMeasureInfo and 1-based from TimeMap_QNToMeasures.
 
+The Python wrapper's own bugs are reproduced too (daw-apis.md section A): every handle argument
+is checked by the wrapper before the call, so a stale (deleted) handle reaches REAPER as NULL and
+answers NULL results (a zero-address handle, a failed MIDI_GetHash, 0 from *_Info_Value), while
+RPR_ValidatePtr2 answers 0 for every pointer; MIDI_GetHash's buffer comes back through the
+wrapper's UTF-8 decode (up to the first NUL byte), which raises UnicodeDecodeError for a hash
+that is not UTF-8.
+
 Assumptions where REAPER's behaviour is not documented: a take's ticks map to project QN as
 item_qn + ppq / ticks_per_qn (start offset 0, playrate 1); tempo markers are steps (no ramps);
-MIDI_GetHash is a digest of the notes.
+MIDI_GetHash is a digest of the notes, as hex text, or (a take's `binary_hash`) as raw bytes
+that are not UTF-8.
 """
 
 from __future__ import annotations
@@ -73,6 +81,8 @@ class FakeTake:
     start_offset_s: float = 0.0
     playrate: float = 1.0
     midi: bool = True
+    binary_hash: bool = False
+    """MIDI_GetHash answers raw digest bytes (led by 0xFF, never UTF-8) instead of hex text."""
 
 
 @dataclass
@@ -404,7 +414,9 @@ class FakeReaper:
         return (1, tk, parmname, resolved.guid, setNewValue)
 
     def RPR_ValidatePtr2(self, proj, pointer, ctypename):
-        return 1 if self._resolve(pointer, ctypename.rstrip("*")) is not None else 0
+        """0 for every pointer, as from REAPER's Python: the wrapper packs `pointer` as "void*", a type
+        ValidatePtr does not know, so ValidatePtr2 always receives NULL."""
+        return 0
 
     # ----- ReaScript API: MIDI -----
 
@@ -462,8 +474,10 @@ class FakeReaper:
         if not resolved:
             return (0, take, notesonly, "", hashOut_sz)
         content = repr(resolved.notes) + ("" if notesonly else repr(resolved.ccs))
-        digest = hashlib.sha1(content.encode("utf-8")).hexdigest().upper()
-        return (1, take, notesonly, digest[:max(0, hashOut_sz - 1)], hashOut_sz)
+        digest = hashlib.sha1(content.encode("utf-8"))
+        raw = b"\xff" + digest.digest() if resolved.binary_hash else digest.hexdigest().upper().encode("ascii")
+        buffer = raw[:max(0, hashOut_sz - 1)].split(b"\0")[0]
+        return (1, take, notesonly, buffer.decode(), hashOut_sz)
 
     def RPR_MIDI_GetPPQPosFromProjQN(self, take, projqn):
         resolved = self._take(take)

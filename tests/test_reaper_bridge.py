@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import zmq
 
-from cmi_daemon import cli, install_reaper
+from cmi_daemon import cli, install_reaper, paths, protocol
 from cmi_daemon.errors import CMIError
 from cmi_daemon.offline import default_model_dir
 from cmi_daemon.tokens import read_midi
 
 from conftest import FIXTURES
-from daemon_support import REPO, client_for, start_daemon_process
+from daemon_support import REPO, StandInBackend, client_for, start_daemon_process, threaded_daemon
 from fake_reaper import FakeReaper
 
 BRIDGE = REPO / "bridges" / "reaper"
@@ -199,23 +199,115 @@ def test_repeat_is_the_same_session_and_accept_sends_feedback(reaper, song_proje
     assert len(reaper.undo_log) == 4, "accepting edits nothing"
 
 
+def edit_in_flight(reaper: FakeReaper, take) -> None:
+    """A note added to the take in the range, as the musician would while the daemon works."""
+    api = sys.modules["reaper_python"]
+    start_ppq = api.RPR_MIDI_GetPPQPosFromProjQN(reaper.handle(take), RANGE_START_QN + 1.0)
+    api.RPR_MIDI_InsertNote(reaper.handle(take), 0, 0, start_ppq, start_ppq + 480, 0, 72, 100, 0)
+    reaper.edits_outside_undo = 0
+
+
+def assert_refused_for_melody(reaper: FakeReaper, takes: dict, before: dict, change: str) -> None:
+    """One message naming the melody take and how it changed (the untouched piano take is not named);
+    nothing written, no session recorded."""
+    assert len(reaper.message_boxes) == 1, reaper.message_boxes
+    message = reaper.message_boxes[0][0]
+    assert f"MELODY ({change})" in message and "PIANO" not in message and "nothing was changed" in message
+    assert_nothing_changed(reaper, takes, before)
+    assert ("CMI", "last_session") not in reaper.ext_state
+
+
+def test_the_fake_answers_as_reapers_python_wrapper(reaper, song_project):
+    """ValidatePtr2 is False for every pointer; a deleted take answers NULL results; a hash that is not
+    UTF-8 raises in the wrapper's decode."""
+    api = reaper.module()
+    melody = song_project["MELODY"]
+    handle = reaper.handle(melody)
+    assert api.RPR_ValidatePtr2(0, handle, "MediaItem_Take*") == 0
+    ok, _, _, text_hash, _ = api.RPR_MIDI_GetHash(handle, 1, "", 64)
+    assert ok == 1 and text_hash
+    melody.binary_hash = True
+    with pytest.raises(UnicodeDecodeError):
+        api.RPR_MIDI_GetHash(handle, 1, "", 64)
+    reaper.delete_item(melody.item)
+    assert api.RPR_GetMediaItemTake_Item(handle) == reaper.null("MediaItem")
+    assert api.RPR_MIDI_GetHash(handle, 1, "", 64)[0] == 0
+    assert api.RPR_GetMediaItemTakeInfo_Value(handle, "D_PLAYRATE") == 0.0
+
+
 def test_a_take_edited_in_flight_is_left_alone(reaper, song_project, daemon_home, monkeypatch):
     monkeypatch.setenv("CMI_HOME", str(daemon_home))
-    melody = song_project["MELODY"]
     reaper.run_script(INFILL_SCRIPT)
-    api = sys.modules["reaper_python"]
-    start_ppq = api.RPR_MIDI_GetPPQPosFromProjQN(reaper.handle(melody), RANGE_START_QN + 1.0)
-    api.RPR_MIDI_InsertNote(reaper.handle(melody), 0, 0, start_ppq, start_ppq + 480, 0, 72, 100, 0)
+    edit_in_flight(reaper, song_project["MELODY"])
     edited = snapshot(reaper, song_project)
-    reaper.edits_outside_undo = 0
 
     drive(reaper)
 
-    assert len(reaper.message_boxes) == 1
-    message = reaper.message_boxes[0][0]
-    assert "MELODY" in message and "nothing was changed" in message
-    assert_nothing_changed(reaper, song_project, edited)
-    assert ("CMI", "last_session") not in reaper.ext_state
+    assert_refused_for_melody(reaper, song_project, edited, "edited")
+
+
+def test_a_take_deleted_in_flight_is_noticed_and_nothing_is_written(reaper, song_project, daemon_home,
+                                                                    monkeypatch):
+    monkeypatch.setenv("CMI_HOME", str(daemon_home))
+    reaper.run_script(INFILL_SCRIPT)
+    melody = song_project.pop("MELODY")
+    reaper.delete_item(melody.item)
+    before = snapshot(reaper, song_project)
+
+    drive(reaper)
+
+    assert_refused_for_melody(reaper, song_project, before, "deleted")
+
+
+@pytest.mark.parametrize("case", ["not UTF-8 throughout", "not UTF-8 throughout, edited",
+                                  "not UTF-8 once edited"])
+def test_a_midi_hash_reapers_python_cannot_decode(reaper, song_project, daemon_home, monkeypatch, case):
+    """The melody take's hash fails the wrapper's UTF-8 decode: its notes tell whether it changed, and
+    a hash that decoded at the request and does not at the reply is a changed one."""
+    monkeypatch.setenv("CMI_HOME", str(daemon_home))
+    melody = song_project["MELODY"]
+    melody.binary_hash = case.endswith("throughout") or case.endswith("throughout, edited")
+    before = {name: split_by_range(reaper, take) for name, take in song_project.items()}
+
+    reaper.run_script(INFILL_SCRIPT)
+    if case.endswith("edited"):
+        edit_in_flight(reaper, melody)
+        melody.binary_hash = True
+    edited = snapshot(reaper, song_project)
+    drive(reaper)
+
+    if case.endswith("edited"):
+        assert_refused_for_melody(reaper, song_project, edited, "edited")
+        return
+    assert reaper.message_boxes == [], reaper.message_boxes
+    assert len(reaper.undo_log) == 2
+    for name in ("MELODY", "PIANO"):
+        assert split_by_range(reaper, song_project[name])[0] == before[name][0]
+    assert any(f"{RANGE_LABEL} infilled" in line for line in reaper.console), reaper.console
+
+
+@pytest.fixture
+def small_limits_home(tmp_path, monkeypatch):
+    """CMI_HOME of a daemon (stand-in model) whose limits allow 4 QN and one track."""
+    limits = protocol.Limits(max_range_qn=4.0, max_tracks=1)
+    with threaded_daemon(StandInBackend(), limits=limits) as daemon:
+        paths.write_connection_file(tmp_path / "state" / "connection.json", daemon.connection_info())
+        monkeypatch.setenv("CMI_HOME", str(tmp_path))
+        yield tmp_path
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("range", "is 9 quarter notes long; the CMI daemon infills at most 4 at once"),
+    ("tracks", "2 MIDI items are selected; the CMI daemon infills at most 1 at once"),
+])
+def test_the_daemons_limits_come_from_its_hello(reaper, song_project, small_limits_home, case, expected):
+    if case == "tracks":
+        reaper.set_time_selection_qn(RANGE_START_QN, RANGE_START_QN + 3.0)
+    before = snapshot(reaper, song_project)
+    reaper.run_script(INFILL_SCRIPT)
+    drive(reaper)
+    assert len(reaper.message_boxes) == 1 and expected in reaper.message_boxes[0][0], reaper.message_boxes
+    assert_nothing_changed(reaper, song_project, before)
 
 
 def test_daemon_not_running_says_how_to_start_it(reaper, song_project, tmp_path, monkeypatch):
@@ -271,13 +363,21 @@ def test_accept_before_any_infill_says_so(reaper):
     assert len(reaper.message_boxes) == 1 and "Nothing to accept yet" in reaper.message_boxes[0][0]
 
 
-def test_the_request_follows_reapers_time_map(reaper, song_project):
-    """Tempo and meter come from the markers in project QN, context is 8 bars each side, notes in project QN."""
+def daemon_hello(daemon_home) -> dict:
+    with client_for(daemon_home) as client:
+        return client.hello()
+
+
+def test_the_request_follows_reapers_time_map(reaper, song_project, daemon_home):
+    """Tempo and meter come from the markers in project QN, context is hello's 8 bars each side, notes in
+    project QN."""
     sys.path.insert(0, str(BRIDGE))
     import cmi_reaper
 
     selection = cmi_reaper.read_selection()
-    content = cmi_reaper.infill_content(selection)
+    hello = daemon_hello(daemon_home)
+    assert hello["limits"]["context_bars"] == 8
+    content = cmi_reaper.infill_content(selection, cmi_reaper.daemon_limits(hello))
     assert content["range"] == [RANGE_START_QN, RANGE_END_QN]
     assert [t["name"] for t in content["tracks"]] == ["MELODY", "PIANO"] and content["targets"] == [0, 1]
     assert [0.0, 4, 4] == content["time_signatures"][0]
@@ -292,6 +392,33 @@ def test_the_request_follows_reapers_time_map(reaper, song_project):
     assert len(sent) == len(expected)
     for (start_qn, duration_qn, pitch, velocity), note in zip(sent, expected):
         assert abs(start_qn - note.start_qn) < 1e-3 and pitch == note.pitch and velocity == note.velocity
+
+
+def test_the_request_keeps_within_the_limits_hello_reports(reaper, song_project, daemon_home):
+    """Context bars, name and session lengths and the note budget are the hello reply's; a daemon that
+    reports too few limits is named."""
+    sys.path.insert(0, str(BRIDGE))
+    import cmi_reaper
+
+    hello = daemon_hello(daemon_home)
+    selection = cmi_reaper.read_selection()
+    full = cmi_reaper.infill_content(selection, cmi_reaper.daemon_limits(hello))
+    small = dict(hello["limits"], context_bars=1, max_track_name_chars=3, max_session_chars=60)
+    content = cmi_reaper.infill_content(selection, cmi_reaper.daemon_limits(dict(hello, limits=small)))
+    melody = [note for note in full["tracks"][0]["notes"]
+              if RANGE_START_QN - 3.0 < note[0] + note[1] and note[0] < RANGE_END_QN + 3.0]
+    assert content["tracks"][0]["notes"] == melody, "one 3/4 bar of context each side"
+    assert [track["name"] for track in content["tracks"]] == ["MEL", "PIA"]
+    assert content["session"].startswith("takes-") and len(content["session"]) <= 60
+    assert content["timeout_ms"] == hello["limits"]["request_timeout_ms"]
+
+    n_notes = sum(len(track["notes"]) for track in full["tracks"])
+    budget = dict(hello["limits"], max_notes=n_notes - 1)
+    with pytest.raises(cmi_reaper.BridgeError, match=f"hold {n_notes} notes .* at most {n_notes - 1}"):
+        cmi_reaper.infill_content(selection, cmi_reaper.daemon_limits(dict(hello, limits=budget)))
+    older = {key: value for key, value in hello["limits"].items() if key != "context_bars"}
+    with pytest.raises(cmi_reaper.BridgeError, match="does not report its limits context_bars"):
+        cmi_reaper.daemon_limits(dict(hello, limits=older))
 
 
 def test_selected_tracks_stand_for_their_items_under_the_selection(reaper, song_project):

@@ -9,7 +9,12 @@ cmi_python.json next to this file with that environment's import paths; they are
 sys.path before the client is imported.
 
 Nothing here waits on the daemon: a request is sent, then an RPR_defer loop polls for the reply
-without blocking, so REAPER's UI stays live while the model works.
+without blocking, so REAPER's UI stays live while the model works. An infill starts with `hello`,
+whose limits (tracks, notes, range, context bars, name lengths, timeout) shape the request.
+
+REAPER's Python cannot validate a handle (RPR_ValidatePtr2 answers False for every pointer), so a
+take deleted while the daemon works is recognised by its NULL results instead, and an edited one
+by its MIDI hash (or, when REAPER's Python cannot decode that hash, by its notes).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
 import reaper_python as rpr
@@ -35,15 +40,9 @@ MB_OK = 0
 UNDO_STATE_ITEMS = 4
 CURRENT_PROJECT = 0
 
-CONTEXT_BARS = 8
-MAX_CONTEXT_QN = 64.0
-"""Context sent on each side of the range: 8 bars, but never more than this many quarter notes."""
-MAX_RANGE_QN = 256.0
-MAX_TRACKS = 64
-MAX_SESSION_CHARS = 256
-MAX_TRACK_NAME_CHARS = 256
-INFILL_TIMEOUT_MS = 60_000
-FEEDBACK_TIMEOUT_MS = 5_000
+SHORT_REPLY_TIMEOUT_MS = 5_000
+"""How long `hello` and `feedback`, which the daemon answers at once, may take."""
+HASH_BUFFER_CHARS = 64
 REPLY_MARGIN_MS = 5_000
 STATUS_INTERVAL_S = 5.0
 QN_EPSILON = 1e-6
@@ -59,10 +58,25 @@ ABANDON_CODE = "import cmi_reaper; cmi_reaper.abandon_pending()"
 INFILL_ACTION = "CMI: Infill selection"
 ACCEPT_ACTION = "CMI: Accept infill"
 START_COMMAND = "cmi-daemon start --detach"
+CLIENT_NAME = "cmi-reaper"
 
 
 class BridgeError(Exception):
     """Something the musician can fix; the message says what and how, and nothing was changed."""
+
+
+@dataclass(frozen=True)
+class DaemonLimits:
+    """What the daemon's `hello` says a request may hold (docs/protocol.md section 8), and the context
+    and timeout it asks bridges to use."""
+
+    max_tracks: int
+    max_notes: int
+    max_range_qn: float
+    max_session_chars: int
+    max_track_name_chars: int
+    context_bars: int
+    request_timeout_ms: int
 
 
 @dataclass
@@ -186,7 +200,7 @@ def load_client():
 
 def connect(client_module, timeout_ms: int):
     try:
-        return client_module.DaemonClient(timeout_ms=timeout_ms, client_name="cmi-reaper")
+        return client_module.DaemonClient(timeout_ms=timeout_ms, client_name=CLIENT_NAME)
     except client_module.DaemonNotRunning as error:
         raise BridgeError(f"{error}.\n\nIn a terminal: {START_COMMAND}") from None
     except ImportError:
@@ -194,6 +208,17 @@ def connect(client_module, timeout_ms: int):
                           "Quit REAPER, run `cmi-daemon install reaper`, and start REAPER again.") from None
     except client_module.CMIError as error:
         raise BridgeError(str(error)) from None
+
+
+def daemon_limits(hello: dict) -> DaemonLimits:
+    """The limits of a `hello` reply; a BridgeError when the daemon reports too few of them."""
+    reported = hello.get("limits") or {}
+    missing = [f.name for f in fields(DaemonLimits) if f.name not in reported]
+    if missing:
+        raise BridgeError(f"The CMI daemon does not report its limits {', '.join(missing)}: it is older than "
+                          "these actions. Stop it (`cmi-daemon stop`) and start the one CMI's actions came "
+                          f"with: {START_COMMAND}")
+    return DaemonLimits(**{f.name: reported[f.name] for f in fields(DaemonLimits)})
 
 
 # ----- the request in flight -----
@@ -326,17 +351,30 @@ def item_bounds_qn(item) -> tuple:
 
 def track_name(take) -> str:
     track = rpr.RPR_GetMediaItemTake_Track(take)
-    return str(rpr.RPR_GetTrackName(track, "", 512)[2])[:MAX_TRACK_NAME_CHARS]
+    return str(rpr.RPR_GetTrackName(track, "", 512)[2])
 
 
 def take_guid(take) -> str:
     return str(rpr.RPR_GetSetMediaItemTakeInfo_String(take, "GUID", "", 0)[3])
 
 
+def note_state(take) -> tuple:
+    """What the take's notes are: ("hash", MIDI_GetHash of the notes) or, when REAPER's Python cannot
+    decode that hash (its wrapper reads it as UTF-8, and the format is undocumented), ("notes", every
+    note but its selection); ("gone",) when REAPER answers no hash (a deleted take reads as NULL).
+    A hash that decoded before and does not now is a different hash: the notes changed."""
+    try:
+        ok, _, _, note_hash, _ = rpr.RPR_MIDI_GetHash(take, 1, "", HASH_BUFFER_CHARS)
+    except UnicodeDecodeError:
+        return ("notes", tuple((note.muted, note.start_ppq, note.end_ppq, note.channel, note.pitch, note.velocity)
+                               for note in read_notes(take)))
+    return ("hash", note_hash) if ok else ("gone",)
+
+
 def take_fingerprint(take, item) -> tuple:
-    """Changes when the take's notes or its item's place in time change (MIDI_GetHash, notes only)."""
-    note_hash = rpr.RPR_MIDI_GetHash(take, 1, "", 64)[3]
-    return (note_hash,) + tuple(rpr.RPR_GetMediaItemInfo_Value(item, key) for key in ("D_POSITION", "D_LENGTH")) \
+    """Changes when the take's notes or its item's place in time change."""
+    return (note_state(take),) \
+        + tuple(rpr.RPR_GetMediaItemInfo_Value(item, key) for key in ("D_POSITION", "D_LENGTH")) \
         + tuple(rpr.RPR_GetMediaItemTakeInfo_Value(take, key) for key in ("D_STARTOFFS", "D_PLAYRATE"))
 
 
@@ -416,8 +454,6 @@ def select_targets(start_qn: float, end_qn: float) -> list:
     if not overlapping:
         raise BridgeError(f"The time selection ({bars_label(start_qn, end_qn)}) is outside the selected MIDI "
                           "items: move the time selection onto them, or select the items under it.")
-    if len(overlapping) > MAX_TRACKS:
-        raise BridgeError(f"{len(overlapping)} MIDI items are selected; CMI infills at most {MAX_TRACKS} at once.")
     targets = []
     for item, take in overlapping:
         name = track_name(take)
@@ -428,24 +464,31 @@ def select_targets(start_qn: float, end_qn: float) -> list:
 
 def read_selection() -> Selection:
     start_qn, end_qn = read_time_selection()
-    if end_qn - start_qn > MAX_RANGE_QN:
-        raise BridgeError(f"The time selection is {end_qn - start_qn:g} quarter notes long; CMI infills at most "
-                          f"{MAX_RANGE_QN:g} at once. Select fewer bars.")
     return Selection(start_qn, end_qn, bars_label(start_qn, end_qn), select_targets(start_qn, end_qn))
+
+
+def check_selection(selection: Selection, limits: DaemonLimits) -> None:
+    """Refuse a selection larger than the daemon takes, saying what to select instead."""
+    length_qn = selection.end_qn - selection.start_qn
+    if length_qn > limits.max_range_qn:
+        raise BridgeError(f"The time selection is {length_qn:g} quarter notes long; the CMI daemon infills at most "
+                          f"{limits.max_range_qn:g} at once. Select fewer bars.")
+    if len(selection.targets) > limits.max_tracks:
+        raise BridgeError(f"{len(selection.targets)} MIDI items are selected; the CMI daemon infills at most "
+                          f"{limits.max_tracks} at once. Select fewer items.")
 
 
 # ----- the request -----
 
-def context_bounds_qn(start_qn: float, end_qn: float) -> tuple:
-    """8 bars each side of the range (by the project's own bars), at most MAX_CONTEXT_QN each side."""
-    first = max(0, measure_index(start_qn) - CONTEXT_BARS)
-    last = measure_index(max(start_qn, end_qn - QN_EPSILON)) + CONTEXT_BARS
-    context_start_qn = max(measure_info(first)[0], start_qn - MAX_CONTEXT_QN, 0.0)
-    context_end_qn = min(measure_info(last)[1], end_qn + MAX_CONTEXT_QN)
-    return context_start_qn, context_end_qn
+def context_bounds_qn(start_qn: float, end_qn: float, context_bars: int) -> tuple:
+    """context_bars of the project's own bars on each side of the range."""
+    first = max(0, measure_index(start_qn) - context_bars)
+    last = measure_index(max(start_qn, end_qn - QN_EPSILON)) + context_bars
+    return max(measure_info(first)[0], 0.0), measure_info(last)[1]
 
 
-def track_entry(target: Target, start_qn: float, context_start_qn: float, context_end_qn: float) -> dict:
+def track_entry(target: Target, start_qn: float, context_start_qn: float, context_end_qn: float,
+                max_name_chars: int) -> dict:
     """The protocol's track map for one take: its audible notes in the context window, in project QN."""
     take = target.take
     item_start_qn, item_end_qn = item_bounds_qn(target.item)
@@ -467,8 +510,8 @@ def track_entry(target: Target, start_qn: float, context_start_qn: float, contex
         notes.append([round(max(note_start_qn, 0.0), QN_DECIMALS), round(note_end_qn - note_start_qn, QN_DECIMALS),
                       int(note.pitch), max(1, int(note.velocity))])
     program = read_program(take, ppq_at(take, start_qn))
-    return {"name": target.name, "program": 0 if program is None else int(program), "drum": is_drum,
-            "channel": target.channel, "notes": notes}
+    return {"name": target.name[:max_name_chars], "program": 0 if program is None else int(program),
+            "drum": is_drum, "channel": target.channel, "notes": notes}
 
 
 def linear_ramp(start_qn: float, end_qn: float) -> list:
@@ -508,34 +551,50 @@ def read_tempo_map(context_end_qn: float) -> tuple:
     return tempo, signatures
 
 
-def session_id(selection: Selection) -> str:
+def session_id(selection: Selection, max_chars: int) -> str:
     """Take GUIDs and the range: the same takes and bars give the same session (a repeat is "not this")."""
     span = f":{selection.start_qn:g}-{selection.end_qn:g}"
     guids = ",".join(sorted(target.guid for target in selection.targets))
-    if len(guids) + len(span) > MAX_SESSION_CHARS:
+    if len(guids) + len(span) > max_chars:
         guids = "takes-" + hashlib.sha256(guids.encode("utf-8")).hexdigest()[:40]
     return guids + span
 
 
-def infill_content(selection: Selection) -> dict:
-    context_start_qn, context_end_qn = context_bounds_qn(selection.start_qn, selection.end_qn)
-    tracks = [track_entry(target, selection.start_qn, context_start_qn, context_end_qn)
+def infill_content(selection: Selection, limits: DaemonLimits) -> dict:
+    """The infill request for the selection, within the daemon's limits (a BridgeError when it cannot be)."""
+    check_selection(selection, limits)
+    context_start_qn, context_end_qn = context_bounds_qn(selection.start_qn, selection.end_qn, limits.context_bars)
+    tracks = [track_entry(target, selection.start_qn, context_start_qn, context_end_qn, limits.max_track_name_chars)
               for target in selection.targets]
+    n_notes = sum(len(track["notes"]) for track in tracks)
+    if n_notes > limits.max_notes:
+        raise BridgeError(f"The selected items hold {n_notes} notes in {selection.label} and the "
+                          f"{limits.context_bars} bars around them; the CMI daemon takes at most {limits.max_notes} "
+                          "at once. Select fewer items.")
     tempo, signatures = read_tempo_map(context_end_qn)
-    return {"session": session_id(selection), "tracks": tracks, "tempo": tempo, "time_signatures": signatures,
-            "range": [selection.start_qn, selection.end_qn], "targets": list(range(len(tracks))),
-            "options": {"candidates": 1}, "timeout_ms": INFILL_TIMEOUT_MS}
+    return {"session": session_id(selection, limits.max_session_chars), "tracks": tracks, "tempo": tempo,
+            "time_signatures": signatures, "range": [selection.start_qn, selection.end_qn],
+            "targets": list(range(len(tracks))), "options": {"candidates": 1},
+            "timeout_ms": limits.request_timeout_ms}
 
 
 # ----- writing the answer -----
 
+def target_change(target: Target) -> Optional[str]:
+    """"deleted" or "edited" when the take can no longer take the answer as it was, else None. A deleted
+    take's handle reads as NULL (its item is the zero address); one whose memory REAPER gave to a new
+    take has another GUID."""
+    if is_null(rpr.RPR_GetMediaItemTake_Item(target.take)) or take_guid(target.take) != target.guid:
+        return "deleted"
+    if take_fingerprint(target.take, target.item) != target.fingerprint:
+        return "edited"
+    return None
+
+
 def changed_targets(selection: Selection) -> list:
-    changed = []
-    for target in selection.targets:
-        alive = rpr.RPR_ValidatePtr2(CURRENT_PROJECT, target.take, "MediaItem_Take*")
-        if not alive or take_fingerprint(target.take, target.item) != target.fingerprint:
-            changed.append(target.name)
-    return changed
+    """"TRACK (deleted)" or "TRACK (edited)" for every take that changed since the request was sent."""
+    changes = [(target.name, target_change(target)) for target in selection.targets]
+    return [f"{name} ({change})" for name, change in changes if change is not None]
 
 
 def replace_notes(target: Target, start_qn: float, end_qn: float, notes: list) -> int:
@@ -592,17 +651,25 @@ def on_infill_reply(selection: Selection, session: str, started_s: float, conten
 # ----- the actions -----
 
 def start_infill() -> None:
+    """Read the selection, then ask the daemon for its limits; the infill is sent once they are known."""
     refuse_if_busy()
     client_module = load_client()
     selection = read_selection()
-    content = infill_content(selection)
-    client = connect(client_module, INFILL_TIMEOUT_MS)
+    client = connect(client_module, SHORT_REPLY_TIMEOUT_MS)
+    request_id = client.send("hello", {"client": CLIENT_NAME})
+    start_pending(client, request_id, "reaching the CMI daemon",
+                  lambda hello: send_infill(client_module, selection, daemon_limits(hello)), SHORT_REPLY_TIMEOUT_MS)
+
+
+def send_infill(client_module, selection: Selection, limits: DaemonLimits) -> None:
+    content = infill_content(selection, limits)
+    client = connect(client_module, limits.request_timeout_ms)
     request_id = client.send("infill", content)
     started_s = time.monotonic()
     show_status(f"infilling {selection.label} of {len(selection.targets)} take(s)...")
     start_pending(client, request_id, f"infilling {selection.label}",
                   lambda reply: on_infill_reply(selection, content["session"], started_s, reply),
-                  INFILL_TIMEOUT_MS)
+                  limits.request_timeout_ms)
 
 
 def start_accept() -> None:
@@ -613,11 +680,11 @@ def start_accept() -> None:
                           "the result.")
     label = rpr.RPR_GetExtState(EXT_SECTION, LAST_LABEL_KEY) or "the last infill"
     client_module = load_client()
-    client = connect(client_module, FEEDBACK_TIMEOUT_MS)
+    client = connect(client_module, SHORT_REPLY_TIMEOUT_MS)
     request_id = client.send("feedback", {"session": session, "verdict": "accept", "candidate": 0})
     start_pending(client, request_id, f"recording that you kept {label}",
                   lambda reply: show_status(f"kept {label}; CMI will learn from it (profile {reply['profile']})."),
-                  FEEDBACK_TIMEOUT_MS)
+                  SHORT_REPLY_TIMEOUT_MS)
 
 
 def run_infill() -> None:
