@@ -21,6 +21,7 @@ import numpy as np
 from . import vocab
 from .errors import MidiFileError, TimeMapError
 from .files import write_bytes_atomic
+from .notes import Note, normalize_notes
 from .tempo import Meter, TempoMap
 
 DRUM_CHANNEL = 9
@@ -29,15 +30,7 @@ SUSTAIN_CONTROL = 64
 VOLUME_CONTROL = 7
 EXPRESSION_CONTROL = 11
 ALL_NOTES_OFF_CONTROLS = (120, 123)
-
-
-class Note(NamedTuple):
-    """A note as a DAW holds it: position and length in quarter notes."""
-
-    start_qn: float
-    duration_qn: float
-    pitch: int
-    velocity: int
+DOUBLED_NOTES = "doubled (same track, pitch and start)"
 
 
 class TimedNote(NamedTuple):
@@ -106,17 +99,24 @@ def ms_to_step(time_ms) -> np.ndarray:
 
 
 def read_midi(source: Union[str, Path, bytes, mido.MidiFile], label: Optional[str] = None) -> Song:
-    """Read a type 0 or 1 MIDI file (path, bytes or mido object) into a Song.
+    """Read a type 0 or 1 MIDI file (path, bytes or mido object) into a Song, its notes under the
+    degenerate-note rule (`notes.normalize_notes`; the doubles merged are counted in `drops`).
 
     Raises MidiFileError naming the file and what is wrong with it.
     """
-    return read_midi_note_ons(source, label)[0]
+    song = read_midi_note_ons(source, label)[0]
+    for track in song.tracks:
+        track.notes, merged = normalize_notes(track.notes)
+        if merged:
+            song.drops[DOUBLED_NOTES] += merged
+    return song
 
 
 def read_midi_note_ons(source: Union[str, Path, bytes, mido.MidiFile],
                        label: Optional[str] = None) -> tuple[Song, list[list[int]]]:
-    """read_midi, and where each note starts in the file: for each track, the position of each of
-    its notes' note-on message in MIDI track `track.midi_track`, in the order of `track.notes`."""
+    """read_midi before the degenerate-note rule (every note-on of the file is a note, a doubled one
+    too), and where each note starts in the file: for each track, the position of each of its notes'
+    note-on message in MIDI track `track.midi_track`, in the order of `track.notes`."""
     label = label or (str(source) if isinstance(source, (str, Path)) else "<midi data>")
     midi = open_midi(source, label)
     if midi.type == 2:
