@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
 
-from . import __version__, vocab
+from . import __version__, infill_cli, vocab
 from .daemon_commands import add_daemon_commands, infill_via_daemon
+from .device import DEVICES
 from .errors import CMIError
 from .tokens import read_midi, tokenize
 
@@ -75,12 +75,12 @@ def command_play(args) -> int:
 
 
 def command_infill(args) -> int:
-    """Infill bars of a MIDI file with the model, in this process (no daemon needed)."""
-    if args.daemon:
-        return infill_via_daemon(args)
+    """Infill bars of a MIDI file with the model, in this process (no daemon needed) or with --daemon."""
     from . import offline
-    from .engine import Engine, InfillOptions
-    from .sampling import SamplingOptions
+    from .device import onnx_device
+    from .engine_backend import engine_options, load_engine
+    from .paths import config_file, data_dir
+    from .settings import load_settings
 
     midi, song = offline.read_input(args.file)
     if args.list_tracks:
@@ -90,33 +90,27 @@ def command_infill(args) -> int:
         raise CMIError("infill needs --bars and -o OUT.mid (or --list-tracks to see the tracks)")
     first_bar, last_bar, start_qn, end_qn = offline.parse_bars(args.bars, song)
     targets = offline.parse_tracks(args.tracks, song)
-    try:
-        sampling = SamplingOptions(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                   repetition_penalty=args.repetition_penalty)
-    except ValueError as error:
-        raise CMIError(str(error)) from error
-    options = InfillOptions(n_candidates=args.candidates, seed=args.seed, sampling=sampling)
-    paths = offline.output_paths(args.file, args.output, options.n_candidates, args.force)
-    engine = Engine(args.model or offline.default_model_dir())
-    result = engine.infill(song, start_qn, end_qn, targets, options)
+    if args.daemon:
+        return infill_via_daemon(args, midi, song, (first_bar, last_bar), (start_qn, end_qn), targets)
+    settings = load_settings(config_file(), {"device": args.device})
+    options = infill_cli.checked_options(args, settings.limits)
+    paths = offline.output_paths(args.file, args.output, options.candidates, args.force)
+    engine = load_engine(args.model or offline.default_model_dir(), settings.device, warn=_warn)
+    if settings.dil.enabled and engine.bundle.conditioned and (data_dir() / "dil").is_dir():
+        from .dil.learner import serve_saved_profiles
+        serve_saved_profiles(engine, data_dir() / "dil")
+    result = engine.infill(song, start_qn, end_qn, targets, engine_options(options), profile=options.profile)
     offline.write_candidates(midi, str(args.file), start_qn, end_qn, [c.notes for c in result.candidates], paths)
-
-    out = sys.stderr if args.json else sys.stdout
-    print(f"{args.file}: bars {first_bar}-{last_bar} (QN {start_qn:g}-{end_qn:g}), tracks "
-          + ", ".join(f"{t + 1} {song.tracks[t].name}" for t in targets), file=out)
-    print(f"model {engine.bundle.path}, seed {result.seed}, {result.n_prompt_tokens} prompt tokens, "
-          f"{result.timings_ms['total']:.0f} ms", file=out)
-    for candidate, path in zip(result.candidates, paths):
-        counts = ", ".join(f"track {t + 1}: {len(notes)}" for t, notes in candidate.notes.items())
-        print(f"candidate {candidate.index + 1}: {candidate.n_tokens} tokens, notes {counts} -> {path}", file=out)
-    if args.json:
-        print(json.dumps({
-            "file": str(args.file), "bars": [first_bar, last_bar], "start_qn": start_qn, "end_qn": end_qn,
-            "seed": result.seed, "timings_ms": result.timings_ms,
-            "candidates": [{"index": c.index + 1, "output": str(path), "n_tokens": c.n_tokens,
-                            "tracks": {str(t + 1): offline.notes_json(notes) for t, notes in c.notes.items()}}
-                           for c, path in zip(result.candidates, paths)]}, indent=1))
+    infill_cli.report(args, song, (first_bar, last_bar), (start_qn, end_qn), targets,
+                      f"model {engine.bundle.path} on {onnx_device(engine.providers)}, "
+                      f"{result.n_prompt_tokens} prompt tokens", result.seed,
+                      [c.notes for c in result.candidates], [c.seed for c in result.candidates], paths,
+                      result.timings_ms)
     return 0
+
+
+def _warn(message: str) -> None:
+    print(f"cmi-daemon: warning: {message}", file=sys.stderr)
 
 
 def command_bench(args) -> int:
@@ -234,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("--summary", action="store_true", help="print only the counts, on stdout")
     tokens.set_defaults(run=command_tokens)
 
-    infill = commands.add_parser("infill", help="infill bars of a MIDI file (offline, no daemon)",
+    infill = commands.add_parser("infill", help="infill bars of a MIDI file (in this process, or by the daemon)",
                                  description=command_infill.__doc__)
     infill.add_argument("file", help="a .mid file")
     infill.add_argument("--bars", help="bars to infill, counted from 1: 9-12 or 9")
@@ -242,14 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     infill.add_argument("-o", "--output", help="output .mid; candidate k > 1 goes to OUT-k.mid")
     infill.add_argument("--force", action="store_true",
                         help="overwrite output files that exist (the input file too); refused without it")
-    infill.add_argument("--candidates", type=int, default=1, help="number of candidates (default 1)")
-    infill.add_argument("--seed", type=int, help="same seed, same notes (default: random, printed)")
-    infill.add_argument("--temperature", type=float, default=1.0)
-    infill.add_argument("--top-p", type=float, default=0.9)
-    infill.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
-    infill.add_argument("--repetition-penalty", type=float, default=0.0)
-    infill.add_argument("--model", help="model bundle folder (default: the one shipped in the package)")
-    infill.add_argument("--json", action="store_true", help="print the new notes as JSON on stdout")
+    infill_cli.add_option_flags(infill)
+    infill.add_argument("--model", help="model bundle folder (default: the one shipped in the package; "
+                        "not with --daemon)")
+    infill.add_argument("--device", choices=DEVICES,
+                        help="where the model runs (default: the config file's, else auto: CUDA when usable, else "
+                             "the CPU); one that cannot be used falls back to the CPU with a warning; not with --daemon")
+    infill.add_argument("--json", action="store_true",
+                        help="print the new notes as JSON on stdout (the summary goes to stderr)")
     infill.add_argument("--list-tracks", action="store_true", help="print the numbered tracks and exit")
     infill.add_argument("--daemon", action="store_true",
                         help="ask the running daemon (`cmi-daemon start`) instead of loading the model here")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from . import paths
@@ -56,32 +55,35 @@ def command_status(args) -> int:
     return 0
 
 
-def infill_via_daemon(args) -> int:
-    """`cmi-daemon infill --daemon`: the running daemon infills the file instead of this process."""
-    from . import offline
+def infill_via_daemon(args, midi, song, bars: tuple[int, int], range_qn: tuple[float, float], targets) -> int:
+    """`cmi-daemon infill --daemon`: the running daemon infills the file (read, with the bars and tracks
+    named, by command_infill) instead of this process. The flags are checked as offline (so the output
+    paths can be checked before any daemon is asked), then against the limits the daemon reports."""
+    from . import infill_cli, offline
+    from .settings import load_settings
     from .tokens import Note
 
-    if args.model:
-        raise CMIError("--model does not apply with --daemon: the daemon uses the model it was started with")
-    midi, song = offline.read_input(args.file)
-    if args.bars is None or args.output is None:
-        raise CMIError("infill needs --bars and -o OUT.mid (or --list-tracks to see the tracks)")
-    first_bar, last_bar, start_qn, end_qn = offline.parse_bars(args.bars, song)
-    targets = offline.parse_tracks(args.tracks, song)
-    options = {"candidates": args.candidates, "seed": args.seed, "temperature": args.temperature,
-               "top_p": args.top_p, "top_k": args.top_k}
-    content = infill_content(song, start_qn, end_qn, targets, f"{Path(args.file).name}:{start_qn:g}-{end_qn:g}",
-                             {k: v for k, v in options.items() if v is not None})
-    output_paths = offline.output_paths(args.file, args.output, args.candidates, args.force)
+    for name in ("model", "device"):
+        if getattr(args, name):
+            raise CMIError(f"--{name} does not apply with --daemon: the daemon uses the {name} it was started "
+                           "with (`cmi-daemon status` shows it)")
+    start_qn, end_qn = range_qn
+    options = infill_cli.checked_options(args, load_settings(paths.config_file(), {}).limits)
+    output_paths = offline.output_paths(args.file, args.output, options.candidates, args.force)
     with DaemonClient() as client:
+        hello = client.hello()
+        infill_cli.checked_options(args, infill_cli.limits_from_hello(hello))
+        content = infill_content(song, start_qn, end_qn, targets, f"{Path(args.file).name}:{start_qn:g}-{end_qn:g}",
+                                 infill_cli.wire_options(args))
         reply = client.infill(content)
-    output_paths = output_paths[:len(reply["candidates"])]
-    offline.write_candidates(midi, str(args.file), start_qn, end_qn,
-                             [{entry["track"]: [Note(*note) for note in entry["notes"]] for entry in candidate["tracks"]}
-                              for candidate in reply["candidates"]], output_paths)
-    print(f"{args.file}: bars {first_bar}-{last_bar} (QN {start_qn:g}-{end_qn:g}) infilled by the daemon "
-          f"({reply['model']}) in {reply['timings_ms']['total']:.0f} ms -> "
-          + ", ".join(str(p) for p in output_paths), file=sys.stderr if args.json else sys.stdout)
+    candidates = [{entry["track"]: [Note(*note) for note in entry["notes"]] for entry in candidate["tracks"]}
+                  for candidate in reply["candidates"]]
+    output_paths = output_paths[:len(candidates)]
+    offline.write_candidates(midi, str(args.file), start_qn, end_qn, candidates, output_paths)
+    infill_cli.report(args, song, bars, range_qn, targets,
+                      f"infilled by the daemon ({reply['model']}) on {hello.get('device')}", reply.get("seed"),
+                      candidates, [candidate.get("seed") for candidate in reply["candidates"]], output_paths,
+                      reply["timings_ms"])
     return 0
 
 

@@ -60,11 +60,9 @@ def onnx_device_problem(requested: str, providers_in_use: Sequence[str]) -> Opti
 
     if requested == "mps":
         return "--device mps: ONNX Runtime has no MPS provider; the model runs on the CPU"
-    if onnx_device(providers_in_use) == "cuda" or requested not in ("cuda", "auto"):
+    if onnx_device(providers_in_use) == "cuda" or CUDA_PROVIDER not in onnx_providers(requested):
         return None
     if CUDA_PROVIDER not in ort.get_available_providers():
-        if requested == "auto":
-            return None
         reason = f"onnxruntime {ort.__version__} has no CUDA provider (install onnxruntime-gpu)"
     else:
         reason = _cuda_provider_load_error() or "it did not start (no NVIDIA GPU or driver?)"

@@ -21,13 +21,13 @@ from .settings import Settings
 log = logging.getLogger("cmi_daemon.engine_backend")
 
 
-def load_engine(model_dir: Path, device: str = "auto") -> Engine:
-    """The engine on the requested device, or on the CPU with one warning when that device cannot
-    be used (its providers say what it really runs on)."""
+def load_engine(model_dir: Path, device: str = "auto", warn: Callable[[str], None] = log.warning) -> Engine:
+    """The engine on the requested device, or on the CPU with one warning (given to warn) when that
+    device cannot be used; its providers say what it really runs on."""
     engine = Engine(model_dir, providers=onnx_providers(device))
     problem = onnx_device_problem(device, engine.providers)
     if problem is not None:
-        log.warning(problem)
+        warn(problem)
     return engine
 
 

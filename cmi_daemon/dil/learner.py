@@ -33,8 +33,9 @@ import torch
 from ..bundle import JEPA_WEIGHTS, load_torch_jepa
 from ..device import choose_device
 from ..model.jepa import JEPA
+from ..regions import JEPASequence
 from .adapter import TRAINED_MODULES, ProfileModel, graph_weight_key, graph_weights
-from .examples import Piece, neutral_span, piece, song_with_content
+from .examples import neutral_span, piece, song_with_content
 from .settings import DILSettings
 from .store import ProfileStore
 
@@ -67,6 +68,24 @@ def served_initializers(base: JEPA, initializers: dict[str, dict]) -> dict[str, 
     state = base.state_dict()
     return {graph: {name: dtype for name, dtype in names.items() if graph_weight_key(graph, name) in state}
             for graph, names in initializers.items()}
+
+
+def saved_graph_weights(store: ProfileStore, profile: str, initializers: dict[str, dict]) -> Optional[dict]:
+    """A profile's saved adapted weights as the engine's graphs take them, or None (saves are atomic,
+    so this reads one whole state)."""
+    saved = store.load(profile)
+    if saved is None:
+        return None
+    state = {key[len("jepa."):]: tensor for key, tensor in saved.tensors.items() if key.startswith("jepa.")}
+    return graph_weights(state, initializers)
+
+
+def serve_saved_profiles(engine, root: Path) -> None:
+    """Let the engine condition on the profiles saved under root without learning anything (offline
+    infills read what the daemon learned)."""
+    store = ProfileStore(root, engine.bundle.manifest["files"][JEPA_WEIGHTS])
+    initializers = engine.jepa_initializers()
+    engine.saved_profile_weights = lambda profile: saved_graph_weights(store, profile, initializers)
 
 
 def lower_thread_priority() -> None:
@@ -170,12 +189,8 @@ class Learner:
 
     def saved_graph_weights(self, profile: str) -> Optional[dict]:
         """The profile's saved adapted weights as the engine's graphs take them, or None (called on
-        the engine's thread; saves are atomic, so this reads one whole state)."""
-        saved = self.store.load(profile)
-        if saved is None:
-            return None
-        state = {key[len("jepa."):]: tensor for key, tensor in saved.tensors.items() if key.startswith("jepa.")}
-        return graph_weights(state, self.initializers)
+        the engine's thread)."""
+        return saved_graph_weights(self.store, profile, self.initializers)
 
     def _base_jepa(self) -> JEPA:
         if self._base is None:
@@ -209,7 +224,7 @@ class Learner:
             self.last_rejected.pop(session, None)
         log.info("DIL: profile %s reset to the base model", profile)
 
-    def _piece(self, request, content: dict) -> Piece:
+    def _piece(self, request, content: dict) -> JEPASequence:
         song = song_with_content(request.song, request.start_qn, request.end_qn, content)
         return piece(song, request.start_qn, request.end_qn, request.target_tracks, self.window_tokens)
 
