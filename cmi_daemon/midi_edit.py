@@ -5,10 +5,11 @@ rebuilt from its Song (that would lose controllers, fold the pedal into note len
 reorder tracks): the note-on and note-off messages of exactly the replaced notes are taken out of
 the original `mido.MidiFile`, and the new notes go into the MIDI track and channel the replaced
 ones came from (`Track.midi_track`, `Track.channel`), at ticks of the file's own ticks per quarter
-note, with the note-on velocity that the channel's CC7 volume and CC11 expression there scale to the
-note's velocity, as read_midi scales them (127 where no velocity is loud enough). Controllers (the sustain pedal too), pitch bend, aftertouch, program changes, meta and sysex
-events, the other notes with their own note-offs, the tracks' order and names, the time division
-and the file type are written back unchanged.
+note, with the note-on velocity that the channel's CC7 volume and CC11 expression there scale to
+the note's velocity, as read_midi scales them (127 where no velocity is loud enough). Controllers
+(the sustain pedal too), pitch bend, aftertouch, program changes, meta and sysex events, the other
+notes with their own note-offs, the tracks' order and names, the time division and the file type
+are written back unchanged.
 
 Pairing: a note-off (or a note-on of velocity 0) ends the oldest sounding note-on of its channel
 and pitch in its track, so a replaced note takes its own note-off with it and a kept note, one
@@ -17,7 +18,8 @@ before the file's events there and new note-ons after them: a note ending where 
 its pitch starts never ends that one, and a program change or controller at the tick applies to
 the new note as it did to the old ones; a new note of length 0 ends just after it starts. New
 note-offs are written in the track's own style (note-on velocity 0 or note-off), and the track
-ends where it ended or after its last new note-off, whichever is later.
+ends where it ended or after its last new note-off, whichever is later. A program change on the
+track's channel inside the range is refused: the new notes after it would be another program's.
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ def replace_notes(midi: mido.MidiFile, start_qn: float, end_qn: float,
     added: dict[int, list[tuple[int, int, int, int, int]]] = defaultdict(list)
     for index, notes in new_notes.items():
         track = song.tracks[index]
+        programs = _programs_played(midi, track.channel, first_tick, last_tick)
+        if notes and programs != {track.program}:
+            other = min(programs - {track.program})
+            raise MidiFileError(label, f"track {index + 1} ({track.name}) is program {track.program} on channel "
+                                       f"{track.channel + 1}, which plays program {other} in QN "
+                                       f"{start_qn:g}-{end_qn:g}: new notes there would join another track; "
+                                       "infill bars without a program change")
         removed[track.midi_track].update(position for note, position in zip(track.notes, note_ons[index])
                                          if start_qn <= note.start_qn < end_qn)
         for note in notes:
@@ -87,19 +96,34 @@ def _range_ticks(start_qn: float, end_qn: float, ticks_per_qn: int) -> tuple[int
     return first, max(first, last)
 
 
-def _levels(midi: mido.MidiFile) -> dict[int, tuple[list[tuple[int, int, int]], list[tuple[int, int]]]]:
-    """Per channel: the places (tick, track, position: read_midi's timeline order) of its CC7 and CC11
-    events, and the (volume, expression) in force after each."""
-    changes = []
+def _timeline(midi: mido.MidiFile, kind: str) -> list[tuple[tuple[int, int, int], mido.Message]]:
+    """The file's messages of one type at their places (tick, track, position): read_midi's order."""
+    found = []
     for track_index, track in enumerate(midi.tracks):
         tick = 0
         for position, message in enumerate(track):
             tick += message.time
-            if message.type == "control_change" and message.control in (VOLUME_CONTROL, EXPRESSION_CONTROL):
-                changes.append(((tick, track_index, position), message.channel, message.control, message.value))
+            if message.type == kind:
+                found.append(((tick, track_index, position), message))
+    return sorted(found, key=lambda item: item[0])
+
+
+def _programs_played(midi: mido.MidiFile, channel: int, first_tick: int, last_tick: int) -> set[int]:
+    """The programs of the channel from first_tick (its changes at that tick applied) to last_tick."""
+    changes = [(place[0], m.program) for place, m in _timeline(midi, "program_change") if m.channel == channel]
+    before = [program for tick, program in changes if tick <= first_tick]
+    return {before[-1] if before else 0} | {program for tick, program in changes if first_tick < tick <= last_tick}
+
+
+def _levels(midi: mido.MidiFile) -> dict[int, tuple[list[tuple[int, int, int]], list[tuple[int, int]]]]:
+    """Per channel: the places (tick, track, position: read_midi's timeline order) of its CC7 and CC11
+    events, and the (volume, expression) in force after each."""
     levels: dict[int, tuple[list, list]] = defaultdict(lambda: ([], []))
     state: dict[int, list[int]] = defaultdict(lambda: [127, 127])
-    for place, channel, control, value in sorted(changes):
+    for place, message in _timeline(midi, "control_change"):
+        channel, control, value = message.channel, message.control, message.value
+        if control not in (VOLUME_CONTROL, EXPRESSION_CONTROL):
+            continue
         state[channel][control == EXPRESSION_CONTROL] = value
         levels[channel][0].append(place)
         levels[channel][1].append(tuple(state[channel]))

@@ -8,6 +8,7 @@ import io
 import mido
 import pytest
 
+from cmi_daemon.errors import MidiFileError
 from cmi_daemon.midi_edit import replaced_midi_bytes
 from cmi_daemon.tokens import Note, read_midi
 from conftest import ALL_FIXTURES, POP909_FIXTURES, shared_data
@@ -127,3 +128,21 @@ def test_new_notes_sound_as_loud_as_asked_under_the_channel_volume():
     written = [m.velocity for tick, m in events(edited.tracks[1])
                if m.type == "note_on" and m.velocity and start_tick <= tick < end_tick]
     assert len(written) == len(new) and max(written) > max(n.velocity for n in new)
+
+
+def test_a_program_change_inside_the_range_is_refused():
+    path = POP909_FIXTURES[0]
+    midi = mido.MidiFile(path)
+    song = read_midi(midi)
+    start_qn, end_qn = song.meter.bar_range_qn(9, 12)
+    new = {MELODY: _previous_bars_moved_in(song, MELODY, start_qn, end_qn)}
+    replaced_midi_bytes(midi, start_qn, end_qn, new)  # the song itself has one program per channel
+    melody = midi.tracks[1]
+    tick, position = 0, 0
+    while tick < (start_qn + 4) * midi.ticks_per_beat:  # a change to strings one bar into the range
+        tick += melody[position].time
+        position += 1
+    melody.insert(position, mido.Message("program_change", channel=0, program=48, time=0))
+    with pytest.raises(MidiFileError, match=r"track 1 \(MELODY\) is program 0 on channel 1, which plays program 48"):
+        replaced_midi_bytes(midi, start_qn, end_qn, new)
+    assert replaced_midi_bytes(midi, start_qn, end_qn, {MELODY: []})  # nothing new: nothing misplaced
