@@ -22,10 +22,12 @@ import onnxruntime as ort
 
 from .annotations import bar_lines_qn
 from .engine import Engine, InfillOptions
+from .errors import CMIError
 from .sampling import AnswerRows
 from .tokens import Note, Song, read_midi, tokenize
 
-FIXTURE_SONGS_DIR = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "midi" / "pop909"
+BENCH_SONGS_DIR = Path(__file__).resolve().parent / "data" / "bench_songs"
+"""Two POP909 songs with their beat files, shipped in the package (licence and credit in its README.md)."""
 CONTEXT_BARS = 8
 BLANK_WIDTHS_BARS = (2, 4)
 BLANKS_PER_SONG = 6
@@ -131,10 +133,10 @@ def run(model_dir, songs_dir: Optional[Path], repeats: int) -> None:
           f"{'conditioned' if engine.bundle.conditioned else 'unconditioned'}), loaded in {load_s:.2f} s")
     print(f"timings: fastest of {repeats} runs after a warm-up")
 
-    songs_dir = songs_dir or FIXTURE_SONGS_DIR
+    songs_dir = songs_dir or BENCH_SONGS_DIR
     paths = song_files(songs_dir)
     if not paths:
-        raise SystemExit(f"no .mid files under {songs_dir}: pass --songs DIR")
+        raise CMIError(f"no .mid files under {songs_dir}: pass --songs DIR, a folder of .mid files")
     songs = [read_midi(path) for path in paths]
     real_ids = [t for song in songs for t in tokenize(song).ids]
     cond = np.zeros((1, generator.cond_in_dim), np.float32) if engine.bundle.conditioned else None

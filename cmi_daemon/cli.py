@@ -263,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=command_bench.__doc__)
     bench.add_argument("--model", help="model bundle folder (default: the one shipped in the package)")
     bench.add_argument("--songs", type=Path, help="folder searched for .mid files for the latency runs "
-                       "(default: the repository's POP909 test fixtures)")
-    bench.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the fastest counts")
+                       "(default: the two POP909 songs shipped in the package, cmi_daemon/data/bench_songs)")
+    bench.add_argument("--repeats", type=infill_cli.whole_number, default=3,
+                       help="timed runs per figure; the fastest counts (default 3)")
     bench.set_defaults(run=command_bench)
 
     profiles = commands.add_parser("profiles", help="list the DIL profiles or reset one to the base model",

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cmi_daemon.annotations import bar_lines_qn
-from cmi_daemon.bench import FIXTURE_SONGS_DIR, cpu_model, latency_requests, song_files
+from cmi_daemon.bench import BENCH_SONGS_DIR, cpu_model, latency_requests, song_files
 from cmi_daemon.dil.learner import Learner
 from cmi_daemon.engine import Engine, InfillOptions
 from cmi_daemon.server import InteractionSignal
@@ -74,7 +74,7 @@ def timed_infill(engine: Engine, request: InfillRequest, seed: int) -> float:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--songs", type=Path, default=FIXTURE_SONGS_DIR)
+    parser.add_argument("--songs", type=Path, default=BENCH_SONGS_DIR)
     parser.add_argument("--infills", type=int, default=12)
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
