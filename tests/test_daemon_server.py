@@ -19,7 +19,7 @@ from cmi_daemon.client import DaemonClient, DaemonError, read_event, subscribe
 from cmi_daemon.engine_backend import EngineBackend
 from cmi_daemon.errors import CMIError
 from cmi_daemon.server import Daemon
-from cmi_daemon.settings import Settings
+from cmi_daemon.settings import Settings, load_settings
 from daemon_support import StandInBackend, check_infill_reply, infill_request, threaded_daemon
 from tiny_bundle import tiny_bundle_dir
 
@@ -220,6 +220,10 @@ def test_shutdown_cancels_queued_infills_and_refuses_new_ones():
         assert backend.started.wait(5)
         assert client.shutdown() == {"stopping": True}
         assert client.receive(queued)["error"]["code"] == "cancelled"
+        assert client.status()["state"] == "stopping" and client.hello()["protocol"] == protocol.PROTOCOL_VERSION
+        for refused in (lambda: client.profiles(), lambda: client.infill(infill_request(session="c"))):
+            with pytest.raises(DaemonError, match="shutting_down"):
+                refused()
         assert client.receive(running)["ok"], "the running infill finishes within the grace period"
 
 
@@ -271,6 +275,18 @@ def test_status_counts_malformed_messages_and_failed_infills():
         client.infill(infill_request())
         status = client.status()
         assert (status["messages_rejected"], status["requests_failed"], status["requests_served"]) == (2, 1, 1)
+
+
+def test_hello_limits_are_floats_where_the_protocol_says_and_integers_elsewhere(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text("[limits]\nmax_range_qn = 16\nmax_position_qn = 5000\n")
+    settings = load_settings(config, {"port": 0})
+    with threaded_daemon(StandInBackend(), limits=settings.limits) as daemon, _client(daemon) as client:
+        limits = client.hello()["limits"]
+    floats = {"max_range_qn", "max_position_qn", "max_temperature", "max_repetition_penalty"}
+    assert limits["max_range_qn"] == 16.0
+    assert {name for name, value in limits.items() if type(value) is float} == floats
+    assert all(type(value) is int for name, value in limits.items() if name not in floats)
 
 
 def test_binding_off_loopback_needs_curve():
