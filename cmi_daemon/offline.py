@@ -126,9 +126,10 @@ def output_paths(input_path, output, n_candidates: int, force: bool) -> list[Pat
 def write_candidates(midi: mido.MidiFile, label: str, start_qn: float, end_qn: float,
                      candidates: Sequence[Mapping[int, Sequence[Note]]], paths: Sequence[Path]) -> None:
     """Each candidate's new notes (track index -> notes) written into a copy of midi at its path,
-    atomically; a link at the path is followed and the file it names replaced."""
-    for notes, path in zip(candidates, paths):
-        data = midi_edit.replaced_midi_bytes(midi, start_qn, end_qn, notes, label)
+    atomically; a link at the path is followed and the file it names replaced. Every file is made
+    before the first is written, so a candidate that cannot be made (MidiFileError) leaves none behind."""
+    files = [midi_edit.replaced_midi_bytes(midi, start_qn, end_qn, notes, label) for notes in candidates]
+    for data, path in zip(files, paths):
         try:
             write_bytes_atomic(os.path.realpath(path), data, make_folders=False)
         except OSError as error:

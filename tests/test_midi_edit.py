@@ -8,6 +8,7 @@ import io
 import mido
 import pytest
 
+from cmi_daemon import offline
 from cmi_daemon.errors import MidiFileError
 from cmi_daemon.midi_edit import replaced_midi_bytes
 from cmi_daemon.tokens import Note, read_midi
@@ -130,7 +131,7 @@ def test_new_notes_sound_as_loud_as_asked_under_the_channel_volume():
     assert len(written) == len(new) and max(written) > max(n.velocity for n in new)
 
 
-def test_a_program_change_inside_the_range_is_refused():
+def test_a_program_change_inside_the_range_is_refused(tmp_path):
     path = POP909_FIXTURES[0]
     midi = mido.MidiFile(path)
     song = read_midi(midi)
@@ -146,3 +147,7 @@ def test_a_program_change_inside_the_range_is_refused():
     with pytest.raises(MidiFileError, match=r"track 1 \(MELODY\) is program 0 on channel 1, which plays program 48"):
         replaced_midi_bytes(midi, start_qn, end_qn, new)
     assert replaced_midi_bytes(midi, start_qn, end_qn, {MELODY: []})  # nothing new: nothing misplaced
+    paths = offline.candidate_paths(tmp_path / "out.mid", 2)
+    with pytest.raises(MidiFileError):
+        offline.write_candidates(midi, "song.mid", start_qn, end_qn, [{MELODY: []}, new], paths)
+    assert not list(tmp_path.iterdir())  # the first candidate, which could be made, is not left alone
