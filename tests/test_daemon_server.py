@@ -192,11 +192,11 @@ def test_untrusted_messages_get_error_replies_without_id():
         for frames, code in cases:
             socket.send_multipart(frames)
             reply = _raw_reply(socket, daemon.key)
-            assert (reply["ok"], reply["id"], reply["error"]["code"]) == (False, None, code)
+            assert (reply["ok"], reply["id"], reply["type"], reply["error"]["code"]) == (False, None, "error", code)
         wrong_version = protocol.pack({"protocol": "2.0", "id": "r2", "type": "status", "content": {}})
         socket.send_multipart([protocol.sign(daemon.key, wrong_version), wrong_version])
         reply = _raw_reply(socket, daemon.key)
-        assert (reply["id"], reply["error"]["code"]) == ("r2", "unsupported_version")
+        assert (reply["id"], reply["type"], reply["error"]["code"]) == ("r2", "error", "unsupported_version")
         assert "1.0" in reply["error"]["message"]
         socket.close()
 
