@@ -12,7 +12,6 @@ const { encode, decode } = require("@msgpack/msgpack");
 const PROTOCOL_VERSION = "1.0";
 const DEFAULT_TIMEOUT_MS = 10000;
 const INFILL_TIMEOUT_MARGIN_MS = 5000;
-const MAX_INFILL_TIMEOUT_MS = 600000;
 const START_HINT = "start it with `cmi-daemon start` (or `cmi-daemon start --detach` to run it in the background)";
 
 class DaemonNotRunning extends Error {
@@ -211,9 +210,10 @@ class CmiClient {
     return this.request("cancel", { request: requestId });
   }
 
-  // An infill waits as long as the daemon may take (its timeout_ms, or the protocol's maximum) plus a margin.
-  infill(content, { id } = {}) {
-    const limitMs = content.timeout_ms || MAX_INFILL_TIMEOUT_MS;
+  // An infill waits as long as the daemon may take, plus a margin: its timeout_ms, or without one the
+  // daemon's default (request_timeout_ms, asked with hello).
+  async infill(content, { id } = {}) {
+    const limitMs = content.timeout_ms || (await this.hello()).limits.request_timeout_ms;
     return this.request("infill", content, { timeoutMs: limitMs + INFILL_TIMEOUT_MARGIN_MS, id: id || this.newId() });
   }
 

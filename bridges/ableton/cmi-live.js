@@ -1,6 +1,11 @@
 // The [js] part of the CMI Max for Live device: reads the shown MIDI clip through the Live API (LiveAPI),
-// builds the daemon's infill request, sends it to the [node.script] part through the patcher and writes
-// the answer back into the clip. Written for Max's classic js object (ES5), so it runs in Max 8 and 9.
+// builds the daemon's infill request within the limits its hello reports, sends it to the [node.script]
+// part through the patcher and writes the answer back into the clip. Written for Max's classic js object
+// (ES5), so it runs in Max 8 and 9.
+//
+// Writing never loses the musician's notes: add_new_notes is tried with a JSON string and with an object
+// (which form each runtime accepts is not documented), the range is emptied only once Live has taken a
+// new note in one of them, and the notes that were there are put back if it then takes none of the rest.
 //
 // Messages in (from the device's UI and the node part): init, infill, again, keep, candidate N,
 // temperature T, ready, response ID INDEX COUNT CHUNK.
@@ -19,19 +24,27 @@ var CHUNK_CHARS = 30000;
 // Every chunk starts with this mark so that Max never reads a chunk as a number.
 var CHUNK_MARK = "|";
 var CANDIDATES = 3;
-var INFILL_TIMEOUT_MS = 120000;
 var REPLY_MARGIN_MS = 10000;
 var SHORT_REPLY_TIMEOUT_MS = 15000;
 var ALL_PITCHES = 128;
 var MIN_VELOCITY = 1;
 var MAX_VELOCITY = 127;
+var BEATS_EPSILON = 1e-6;
+// What the device needs from the limits of the daemon's hello (docs/protocol.md section 8).
+var NEEDED_LIMITS = ["max_notes", "max_range_qn", "max_candidates", "max_temperature", "max_track_name_chars",
+	"context_bars", "request_timeout_ms"];
+// The forms add_new_notes is given its {notes: [...]} in, the one that last worked first.
+var NOTE_ARGUMENT_FORMS = [
+	{ name: "a JSON string", make: function (notes) { return JSON.stringify({ notes: notes }); } },
+	{ name: "an object", make: function (notes) { return { notes: notes }; } },
+];
 
 var device = null;
 var temperatureValue = 1.0;
 var pending = {};
 var nextRequest = 1;
 var last = null;
-var link = { connected: false, model: "", latencyMs: null, problem: "starting" };
+var link = { connected: false, model: "", latencyMs: null, problem: "starting", limits: null };
 
 // ---- Live API helpers -------------------------------------------------------------------------
 
@@ -178,13 +191,15 @@ function rangeBeats(clip, offsetBeats, barBeats) {
 	};
 }
 
-// The clip's unmuted notes as the protocol's [start_qn, duration_qn, pitch, velocity], in song beats.
-function protocolNotes(clip, offsetBeats) {
+// The clip's unmuted notes sounding in [fromQn, toQn) as the protocol's [start_qn, duration_qn, pitch,
+// velocity], in song beats.
+function protocolNotes(clip, offsetBeats, fromQn, toQn) {
 	var notes = JSON.parse(clip.call("get_notes_extended", 0, ALL_PITCHES, 0, clipEndBeats(clip))).notes;
 	var result = [];
 	notes.forEach(function (note) {
 		var startQn = note.start_time + offsetBeats;
 		if (note.mute === 1 || startQn < 0 || note.duration <= 0) return;
+		if (startQn >= toQn || startQn + note.duration <= fromQn) return;
 		var velocity = Math.min(MAX_VELOCITY, Math.max(MIN_VELOCITY, Math.round(note.velocity)));
 		result.push([startQn, note.duration, note.pitch, velocity]);
 	});
@@ -206,64 +221,169 @@ function shownClip() {
 	return clip;
 }
 
-function infillRequest(clip) {
+// The request for the clip's range with context_bars of context each side, or null (and a status saying
+// what to change) when it would exceed the daemon's limits.
+function infillRequest(clip, limits) {
 	var meter = songMeter();
 	var offsetBeats = clipOffsetBeats(clip, meter.barBeats);
 	var range = rangeBeats(clip, offsetBeats, meter.barBeats);
+	var lengthBeats = range.endBeats - range.startBeats;
+	if (lengthBeats > limits.max_range_qn) {
+		showStatus("the range is " + lengthBeats + " beats; CMI infills at most " + limits.max_range_qn
+			+ " at once: shorten the loop or select fewer bars");
+		return null;
+	}
+	var startQn = range.startBeats + offsetBeats;
+	var endQn = range.endBeats + offsetBeats;
+	var contextBeats = limits.context_bars * meter.barBeats;
+	var notes = protocolNotes(clip, offsetBeats, startQn - contextBeats, endQn + contextBeats);
+	if (notes.length > limits.max_notes) {
+		showStatus("the clip holds " + notes.length + " notes in and around the range; CMI takes at most "
+			+ limits.max_notes + " at once");
+		return null;
+	}
 	var clipId = String(clip.id);
 	return {
 		clipId: clipId,
+		limits: limits,
 		offsetBeats: offsetBeats,
 		startBeats: range.startBeats,
 		endBeats: range.endBeats,
 		content: {
 			session: "live:" + device.id + ":" + clipId + ":" + range.startBeats + "-" + range.endBeats,
-			tracks: [{ name: text(trackOf(clip), "name"), program: 0, drum: false, notes: protocolNotes(clip, offsetBeats) }],
+			tracks: [{ name: text(trackOf(clip), "name").substr(0, limits.max_track_name_chars), program: 0, drum: false,
+				notes: notes }],
 			tempo: [[0, meter.tempoBpm]],
 			time_signatures: [[0, meter.numerator, meter.denominator]],
-			range: [range.startBeats + offsetBeats, range.endBeats + offsetBeats],
+			range: [startQn, endQn],
 			targets: [0],
-			options: { candidates: CANDIDATES, temperature: temperatureValue },
-			timeout_ms: INFILL_TIMEOUT_MS,
+			options: { candidates: Math.min(CANDIDATES, limits.max_candidates),
+				temperature: Math.min(temperatureValue, limits.max_temperature) },
+			timeout_ms: limits.request_timeout_ms,
 		},
 	};
 }
 
 // ---- Writing an answer ------------------------------------------------------------------------
 
-// Replaces the notes that start inside the range by the candidate's, in one burst of two calls.
+function notesInRange(clip) {
+	return JSON.parse(clip.call("get_notes_extended", 0, ALL_PITCHES, last.startBeats,
+		last.endBeats - last.startBeats)).notes;
+}
+
+function clearRange(clip) {
+	clip.call("remove_notes_extended", 0, ALL_PITCHES, last.startBeats, last.endBeats - last.startBeats);
+}
+
+// Adds notes in the first argument form after which the range holds more than `before` notes (refusing
+// a form, Live may throw or take nothing); "" when one did, else what each form met.
+function addNotes(clip, notes, before) {
+	var problems = [];
+	for (var i = 0; i < NOTE_ARGUMENT_FORMS.length; i++) {
+		var form = NOTE_ARGUMENT_FORMS[i];
+		var problem = form.name + " added no note";
+		try {
+			clip.call("add_new_notes", form.make(notes));
+		} catch (error) {
+			problem = form.name + ": " + error.message;
+		}
+		if (notesInRange(clip).length > before) {
+			NOTE_ARGUMENT_FORMS.unshift(NOTE_ARGUMENT_FORMS.splice(i, 1)[0]);
+			return "";
+		}
+		problems.push(problem);
+	}
+	return problems.join("; ");
+}
+
+// The candidate note to add first: one starting where no note of its pitch starts, so that it adds a note
+// whatever Live does with same-pitch overlaps (not documented); the first one if there is none.
+function firstNewNote(notes, originals) {
+	for (var i = 0; i < notes.length; i++) {
+		var coincides = originals.some(function (original) {
+			return original.pitch === notes[i].pitch && Math.abs(original.start_time - notes[i].start_time) < BEATS_EPSILON;
+		});
+		if (!coincides) return notes[i];
+	}
+	return notes[0];
+}
+
+// A note as add_new_notes takes it: every field Live gave but its note_id.
+function withoutNoteId(note) {
+	var copy = {};
+	for (var field in note) {
+		if (field !== "note_id") copy[field] = note[field];
+	}
+	return copy;
+}
+
+// Replaces the notes that start inside the range by the candidate's; true when they are in the clip.
+// One of its notes goes in before the range is emptied: if Live takes it in no form, nothing is removed.
+// If Live then takes none of the others, the notes that were there are put back in the form it took.
 function writeCandidate(index) {
 	var clip = new LiveAPI("id " + last.clipId);
 	if (!exists(clip)) {
 		showStatus("the clip was deleted");
-		return;
+		return false;
 	}
 	var notes = last.candidates[index].tracks[0].notes.map(function (note) {
 		return { pitch: note[2], start_time: note[0] - last.offsetBeats, duration: note[1], velocity: note[3], mute: 0 };
 	});
-	clip.call("remove_notes_extended", 0, ALL_PITCHES, last.startBeats, last.endBeats - last.startBeats);
-	if (notes.length > 0) clip.call("add_new_notes", JSON.stringify({ notes: notes }));
-	last.chosen = index;
+	var originals = notesInRange(clip);
+	var refused = notes.length > 0 ? addNotes(clip, [firstNewNote(notes, originals)], originals.length) : "";
+	if (refused) {
+		post("CMI: Live refused the new notes (add_new_notes with " + refused + "); nothing was removed\n");
+		showStatus("Live refused the new notes; your notes are as they were (the Max console says why)");
+		last.chosen = null;
+		return false;
+	}
+	clearRange(clip);
+	refused = notes.length > 0 ? addNotes(clip, notes, 0) : "";
+	if (!refused) {
+		last.chosen = index;
+		return true;
+	}
+	post("CMI: Live refused the new notes (add_new_notes with " + refused + ")\n");
+	var restoreProblem = originals.length > 0 ? addNotes(clip, originals.map(withoutNoteId), 0) : "";
+	if (restoreProblem) {
+		post("CMI: putting the " + originals.length + " notes back failed too (" + restoreProblem + ")\n");
+		showStatus("Live refused the new notes and the old ones could not be put back: undo (Cmd/Ctrl-Z) "
+			+ "restores them; the Max console says why");
+	} else {
+		showStatus("Live refused the new notes; your notes are as they were (the Max console says why)");
+	}
+	last.chosen = null;
+	return false;
 }
 
 function sendInfill(request) {
 	showStatus("infilling beats " + request.startBeats + "-" + request.endBeats + " ...");
-	sendRequest("infill", request.content, INFILL_TIMEOUT_MS + REPLY_MARGIN_MS, function (reply) {
+	sendRequest("infill", request.content, request.content.timeout_ms + REPLY_MARGIN_MS, function (reply) {
 		link.model = reply.model;
 		last = request;
 		last.candidates = reply.candidates;
-		writeCandidate(0);
 		showCandidates(reply.candidates);
-		showStatus("candidate 1 of " + reply.candidates.length);
+		if (writeCandidate(0)) showStatus("candidate 1 of " + reply.candidates.length);
 	});
 }
 
 // ---- Messages from the patcher ----------------------------------------------------------------
 
-function sayHello() {
+// Asks the daemon for its model and limits; then(limits) runs once they are known.
+function sayHello(then) {
 	sendRequest("hello", {}, SHORT_REPLY_TIMEOUT_MS, function (reply) {
 		link.model = reply.model.name;
+		var limits = reply.limits || {};
+		var missing = NEEDED_LIMITS.filter(function (name) { return !(name in limits); });
+		if (missing.length > 0) {
+			link.limits = null;
+			showStatus("the CMI daemon is older than this device (its hello lacks " + missing.join(", ")
+				+ "): restart it from the CMI this device came with");
+			return;
+		}
+		link.limits = limits;
 		showStatus();
+		if (then) then(limits);
 	});
 }
 
@@ -279,10 +399,17 @@ function ready() {
 	if (device) sayHello();
 }
 
+// Infill uses the limits of the last hello; when none has been answered yet, it says hello first.
 function infill() {
 	if (!device) return;
 	var clip = shownClip();
-	if (clip) sendInfill(infillRequest(clip));
+	if (!clip) return;
+	var proceed = function (limits) {
+		var request = infillRequest(clip, limits);
+		if (request) sendInfill(request);
+	};
+	if (link.limits) proceed(link.limits);
+	else sayHello(proceed);
 }
 
 // The same range with the same session: the daemon takes the repeat as "not this".
@@ -291,9 +418,9 @@ function again() {
 		showStatus("press Infill first");
 		return;
 	}
-	var request = { clipId: last.clipId, offsetBeats: last.offsetBeats, startBeats: last.startBeats,
-		endBeats: last.endBeats, content: JSON.parse(JSON.stringify(last.content)) };
-	request.content.options.temperature = temperatureValue;
+	var request = { clipId: last.clipId, limits: last.limits, offsetBeats: last.offsetBeats,
+		startBeats: last.startBeats, endBeats: last.endBeats, content: JSON.parse(JSON.stringify(last.content)) };
+	request.content.options.temperature = Math.min(temperatureValue, last.limits.max_temperature);
 	sendInfill(request);
 }
 
@@ -303,14 +430,17 @@ function keep() {
 		return;
 	}
 	var chosen = last.chosen;
+	if (chosen === null) {
+		showStatus("no candidate is in the clip: choose one in the menu first");
+		return;
+	}
 	sendRequest("feedback", { session: last.content.session, verdict: "accept", candidate: chosen },
 		SHORT_REPLY_TIMEOUT_MS, function () { showStatus("kept candidate " + (chosen + 1)); });
 }
 
 function candidate(index) {
 	if (!last || index < 0 || index >= last.candidates.length || index === last.chosen) return;
-	writeCandidate(index);
-	showStatus("candidate " + (index + 1) + " of " + last.candidates.length);
+	if (writeCandidate(index)) showStatus("candidate " + (index + 1) + " of " + last.candidates.length);
 }
 
 // Called by Max when the device is removed.
@@ -319,5 +449,5 @@ function notifydeleted() {
 }
 
 function temperature(newTemperature) {
-	temperatureValue = Math.max(0, Math.min(5, newTemperature));
+	temperatureValue = Math.max(0, newTemperature);
 }

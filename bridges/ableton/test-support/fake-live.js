@@ -3,7 +3,8 @@
 // flat ["id", N] lists, clip-relative beats with loop and marker properties, pitch-first
 // get_notes_extended answering a pitch-sorted JSON string of 9-field notes, add_new_notes refusing
 // note_id, apply_note_modifications requiring it. The deprecated get_notes/set_notes throw, so a test
-// fails if the device uses them.
+// fails if the device uses them. Which argument form add_new_notes takes (a JSON string or an object) is
+// not documented, so a test can make it refuse either form, or both (refuseNotes).
 "use strict";
 
 const NOTE_DEFAULTS = { velocity: 100, mute: 0, probability: 1, velocity_deviation: 0, release_velocity: 64 };
@@ -16,6 +17,7 @@ class FakeLiveSet {
     this.nextId = 1;
     this.nextNoteId = 1;
     this.calls = [];
+    this.noteRefusal = null;
     this.song = this.add("Song", null, { tempo: tempoBpm, signature_numerator: numerator,
       signature_denominator: denominator, tracks: [] });
     this.view = this.add("Song.View", this.song, { detail_clip: null });
@@ -63,6 +65,12 @@ class FakeLiveSet {
 
   showClip(clip) {
     this.view.props.detail_clip = clip;
+  }
+
+  // From now on add_new_notes refuses a {notes} argument of one of `forms` ("string", "object") holding
+  // at least minNotes notes: it throws, or (how "silent") returns having added nothing. null: it refuses none.
+  refuseNotes(forms, { how = "throw", minNotes = 1 } = {}) {
+    this.noteRefusal = forms && { forms, how, minNotes };
   }
 
   newNote(note) {
@@ -121,6 +129,12 @@ const CLIP_FUNCTIONS = {
   },
   add_new_notes(live, clip, [argument]) {
     const notes = notesArgument(argument);
+    const refusal = live.noteRefusal;
+    const form = typeof argument === "string" ? "string" : "object";
+    if (refusal && refusal.forms.includes(form) && notes.length >= refusal.minNotes) {
+      if (refusal.how === "silent") return undefined;
+      throw new Error(`add_new_notes: invalid syntax (a ${form} argument)`);
+    }
     for (const note of notes) {
       if ("note_id" in note) throw new Error("add_new_notes: note_id is not allowed");
       for (const field of ["pitch", "start_time", "duration"]) {

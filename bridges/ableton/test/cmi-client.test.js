@@ -97,6 +97,24 @@ describe("cmi-client against a live daemon", () => {
     assert.equal(topics[topics.length - 1][1].content.stage, "done");
   });
 
+  it("waits the daemon's own request timeout, asked with hello, for an infill without timeout_ms", async () => {
+    const waits = [];
+    const request = client.request.bind(client);
+    client.request = (type, content, options = {}) => {
+      waits.push([type, options.timeoutMs]);
+      return request(type, content, options);
+    };
+    const content = infillContent("no-timeout:8-12");
+    try {
+      checkReply(await client.infill(content), content);
+    } finally {
+      delete client.request;
+    }
+    const { limits } = await client.hello();
+    assert.deepEqual(waits.map(([type]) => type), ["hello", "infill"]);
+    assert.ok(waits[1][1] > limits.request_timeout_ms && waits[1][1] < limits.max_timeout_ms, `waited ${waits[1][1]} ms`);
+  });
+
   it("names the invalid field", async () => {
     const content = infillContent();
     content.tracks[0].notes[3][2] = 200;

@@ -38,9 +38,32 @@ function notesIn(clip, startBeats, endBeats, inside = true) {
   return snapshot(clip).filter((n) => (n.start_time >= startBeats && n.start_time < endBeats) === inside);
 }
 
+// The clip's notes without their note ids, which notes put back get anew.
+function withoutIds(clip) {
+  return snapshot(clip).map(({ note_id, ...note }) => note)
+    .sort((a, b) => a.start_time - b.start_time || a.pitch - b.pitch);
+}
+
+// Notes of `pitches` every stepBeats from 0 to lengthBeats.
+function chords(lengthBeats, stepBeats, pitches) {
+  const notes = [];
+  for (let beats = 0; beats < lengthBeats; beats += stepBeats) {
+    for (const pitch of pitches) notes.push({ pitch, start_time: beats, duration: stepBeats / 2, velocity: 90 });
+  }
+  return notes;
+}
+
 function loadDevice(live, track, options) {
   const device = new FakeDevice(liveApiClass(live, live.addDevice(track)), options);
   device.load();
+  return device;
+}
+
+// A device loaded on the track once both its hellos (on load, and when Node is ready) are answered.
+async function connectedDevice(live, track) {
+  const device = loadDevice(live, track);
+  await waitFor(() => device.messages("response").length === 2, "the hellos on load and on ready");
+  assert.match(device.statusText, /^connected/);
   return device;
 }
 
@@ -109,10 +132,11 @@ describe("the CMI device in a fake Live, against a live daemon", () => {
     assert.deepEqual(keysDevice.messages("request").map((r) => r.body.type), ["hello", "hello"]);
   });
 
-  it("infills the session clip's loop: new notes inside, the rest untouched, in one burst", async () => {
+  it("infills the session clip's loop: new notes inside, the rest untouched, nothing removed before Live takes one", async () => {
     live.showClip(sessionClip);
     keysDevice.turnTemperature(0.5);
     const outside = notesIn(sessionClip, 4, 8, false);
+    const inside = notesIn(sessionClip, 4, 8);
     const { request, reply } = await infillAndWait(keysDevice);
     assert.deepEqual(request.range, [4, 8]);
     assert.deepEqual(request.tempo, [[0, 100]]);
@@ -122,9 +146,19 @@ describe("the CMI device in a fake Live, against a live daemon", () => {
     assert.equal(request.tracks[0].name, "Keys");
     assert.deepEqual(notesIn(sessionClip, 4, 8, false), outside);
     assert.deepEqual(clipNotes(notesIn(sessionClip, 4, 8)), candidateNotes(reply, 0, 0));
-    const written = reply.candidates[0].tracks[0].notes.length ? ["remove_notes_extended", "add_new_notes"]
-      : ["remove_notes_extended"];
+    const written = reply.candidates[0].tracks[0].notes.length
+      ? ["get_notes_extended", "add_new_notes", "get_notes_extended", "remove_notes_extended", "add_new_notes",
+        "get_notes_extended"]
+      : ["get_notes_extended", "remove_notes_extended"];
     assert.deepEqual(live.calls.slice(-written.length).map((call) => call.name), written);
+    const probe = live.calls.at(-5).args[0];
+    const probeNotes = (typeof probe === "string" ? JSON.parse(probe) : probe).notes;
+    assert.equal(probeNotes.length, 1, "one new note goes in before the range is emptied");
+    const coincides = (note) => inside.some((o) => o.pitch === note.pitch && o.start_time === note.start_time);
+    const candidate = candidateNotes(reply, 0, 0).map(([start_time, , pitch]) => ({ start_time, pitch }));
+    if (candidate.some((note) => !coincides(note))) {
+      assert.ok(!coincides(probeNotes[0]), "the first note added does not start on a note of its pitch");
+    }
     assert.equal(keysDevice.menuItems.length, 3);
     assert.equal(keysDevice.menuIndex, 0);
     assert.match(keysDevice.statusText, /candidate 1 of 3$/);
@@ -172,15 +206,79 @@ describe("the CMI device in a fake Live, against a live daemon", () => {
     assert.notEqual(sessions[0], sessions[1]);
   });
 
-  it("sends a large clip in chunks under the message cap", async () => {
-    const big = live.addSessionClip(keys, melody(3000, 0.25), { lengthBeats: 750, loopStartBeats: 16, loopEndBeats: 20 });
+  it("sends hello's context bars around the range of a large clip, in chunks under the message cap", async () => {
+    const big = live.addSessionClip(keys, chords(400, 0.125, [60, 64, 67]), { lengthBeats: 400, loopStartBeats: 200,
+      loopEndBeats: 204 });
     live.showClip(big);
-    const outside = notesIn(big, 16, 20, false);
-    const { reply } = await infillAndWait(keysDevice);
+    const outside = notesIn(big, 200, 204, false);
+    const before = snapshot(big);
+    const { request, reply } = await infillAndWait(keysDevice);
     const sent = keysDevice.messages("request").at(-1);
     assert.ok(sent.chunkCount > 1, `${sent.chunkCount} chunk(s)`);
-    assert.deepEqual(notesIn(big, 16, 20, false), outside);
-    assert.deepEqual(clipNotes(notesIn(big, 16, 20)), candidateNotes(reply, 0, 0));
+    const { limits } = keysDevice.messages("response").find((r) => r.body.content.limits).body.content;
+    const [fromBeats, toBeats] = [200 - 4 * limits.context_bars, 204 + 4 * limits.context_bars];
+    assert.deepEqual(request.tracks[0].notes, clipNotes(before.filter((n) => n.start_time >= fromBeats
+      && n.start_time < toBeats)), `the notes of beats ${fromBeats}-${toBeats} only`);
+    assert.deepEqual(notesIn(big, 200, 204, false), outside);
+    assert.deepEqual(clipNotes(notesIn(big, 200, 204)), candidateNotes(reply, 0, 0));
+  });
+
+  for (const [refused, how] of [[["string"], "throw"], [["string"], "silent"]]) {
+    it(`writes the candidate in the other form when Live refuses ${refused[0]} arguments (${how})`, async () => {
+      const track = live.addTrack(`Refuses ${refused[0]}`);
+      const clip = live.addSessionClip(track, melody(16), { lengthBeats: 16, loopStartBeats: 4, loopEndBeats: 8 });
+      const device = await connectedDevice(live, track);
+      devices.push(device);
+      live.showClip(clip);
+      const outside = notesIn(clip, 4, 8, false);
+      live.refuseNotes(refused, { how });
+      try {
+        const { reply } = await infillAndWait(device);
+        assert.deepEqual(notesIn(clip, 4, 8, false), outside);
+        assert.deepEqual(clipNotes(notesIn(clip, 4, 8)), candidateNotes(reply, 0, 0));
+        assert.match(device.statusText, /candidate 1 of 3$/);
+      } finally {
+        live.refuseNotes(null);
+      }
+    });
+  }
+
+  it("keeps every note, ids and all, when Live refuses both argument forms", async () => {
+    live.showClip(sessionClip);
+    const notes = snapshot(sessionClip);
+    live.refuseNotes(["string", "object"]);
+    try {
+      await infillAndWait(keysDevice, "again");
+    } finally {
+      live.refuseNotes(null);
+    }
+    assert.deepEqual(snapshot(sessionClip), notes);
+    assert.match(keysDevice.statusText, /Live refused the new notes; your notes are as they were/);
+    assert.match(keysDevice.posts.at(-1), /a JSON string: .*invalid syntax.*an object: .*invalid syntax.*nothing was removed/);
+    keysDevice.press("keep");
+    assert.match(keysDevice.statusText, /no candidate is in the clip/);
+  });
+
+  it("puts the notes back when Live takes one new note but not the candidate", async () => {
+    const track = live.addTrack("Takes one");
+    const around = melody(32, 0.5).filter((n) => n.start_time < 8 || n.start_time >= 12 || n.start_time === 8);
+    const clip = live.addSessionClip(track, around, { lengthBeats: 16, loopStartBeats: 8, loopEndBeats: 12 });
+    const device = await connectedDevice(live, track);
+    devices.push(device);
+    live.showClip(clip);
+    const notes = withoutIds(clip);
+    assert.equal(notesIn(clip, 8, 12).length, 1);
+    live.refuseNotes(["string", "object"], { minNotes: 2 });
+    let reply;
+    try {
+      ({ reply } = await infillAndWait(device));
+    } finally {
+      live.refuseNotes(null);
+    }
+    assert.ok(reply.candidates[0].tracks[0].notes.length >= 2, "the candidate should hold 2 notes or more");
+    assert.deepEqual(withoutIds(clip), notes);
+    assert.match(device.statusText, /Live refused the new notes; your notes are as they were/);
+    assert.match(device.posts.at(-1), /Live refused the new notes \(add_new_notes with a JSON string: .*invalid syntax/);
   });
 
   it("refuses a clip of another track and changes nothing", () => {
@@ -228,10 +326,62 @@ describe("the CMI device in a fake Live, against a live daemon", () => {
     assert.match(device.statusText, /^not connected: no answer from the device's node\.script/);
     live.showClip(clip);
     const notes = snapshot(clip);
+    const sent = device.traffic.length;
     device.press("infill");
-    assert.match(device.statusText, /infilling beats 0-8/);
-    await waitFor(() => !/infilling/.test(device.statusText), "the infill to time out");
+    await waitFor(() => device.traffic.length > sent, "the press to be handled");
+    const requests = device.traffic.slice(sent).filter((t) => t.atoms[0] === "request");
+    assert.equal(requests.length, 1);
+    assert.equal(JSON.parse(requests[0].atoms[4].slice(1)).type, "hello", "no limits known yet: hello first");
+    await new Promise((resolve) => setTimeout(resolve, 100));
     assert.match(device.statusText, /^not connected: no answer from the device's node\.script/);
     assert.deepEqual(snapshot(clip), notes);
+  });
+});
+
+describe("the CMI device against a daemon whose config sets smaller limits", () => {
+  let home;
+  let daemon;
+  let device;
+  const live = new FakeLiveSet({ tempoBpm: 120, numerator: 4, denominator: 4 });
+  const track = live.addTrack("Keys");
+  const dense = live.addSessionClip(track, melody(64, 0.5), { lengthBeats: 32, loopStartBeats: 8, loopEndBeats: 20 });
+  const sparse = live.addSessionClip(track, melody(16), { lengthBeats: 16, loopStartBeats: 4, loopEndBeats: 8 });
+
+  before(async () => {
+    home = fs.mkdtempSync(path.join(os.tmpdir(), "cmi-device-limits-"));
+    fs.mkdirSync(path.join(home, "config"));
+    fs.writeFileSync(path.join(home, "config", "config.toml"),
+      "[daemon]\nrequest_timeout_ms = 20000\n[limits]\nmax_range_qn = 8\nmax_notes = 60\nmax_candidates = 2\n");
+    ({ daemon } = await startDaemon(home));
+    process.env.CMI_HOME = home;
+    device = await connectedDevice(live, track);
+  });
+
+  after(() => {
+    if (device) device.remove();
+    if (daemon && daemon.exitCode === null) daemon.kill("SIGKILL");
+    fs.rmSync(home, { recursive: true, force: true });
+  });
+
+  it("refuses a range or a note count over hello's limits, saying so, and sends nothing", () => {
+    live.showClip(dense);
+    const notes = snapshot(dense);
+    const requests = device.messages("request").length;
+    device.press("infill");
+    assert.match(device.statusText, /the range is 12 beats; CMI infills at most 8 at once/);
+    dense.props.loop_end = 12;
+    device.press("infill");
+    assert.match(device.statusText, /the clip holds 64 notes in and around the range; CMI takes at most 60 at once/);
+    assert.equal(device.messages("request").length, requests);
+    assert.deepEqual(snapshot(dense), notes);
+  });
+
+  it("asks for no more candidates than the daemon gives and waits its request timeout", async () => {
+    live.showClip(sparse);
+    const { request, reply } = await infillAndWait(device);
+    assert.equal(request.options.candidates, 2);
+    assert.equal(request.timeout_ms, 20000);
+    assert.equal(reply.candidates.length, 2);
+    assert.equal(device.menuItems.length, 2);
   });
 });
