@@ -175,7 +175,7 @@ def _edited_track(track: mido.MidiTrack, removed_note_ons: set[int],
     edited = mido.MidiTrack()
     previous = 0
     for tick, _, _, message in events:
-        edited.append(message.copy(time=tick - previous))
+        edited.append(message if message.time == tick - previous else message.copy(time=tick - previous))
         previous = tick
     edited.append(mido.MetaMessage("end_of_track", time=max(0, end_tick - previous)))
     return edited
