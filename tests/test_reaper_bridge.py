@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -508,6 +509,17 @@ def test_a_daemon_error_reply_is_shown_with_its_code(reaper, song_project, daemo
     message = reaper.message_boxes[0][0]
     assert "invalid_field" in message and "content.tempo[1][1]" in message and "nothing was changed" in message
     assert_nothing_changed(reaper, song_project, before)
+
+
+def test_the_client_the_actions_import_needs_only_pyzmq_and_msgpack():
+    """REAPER's Python may lack numpy, mido or ONNX Runtime: importing cmi_daemon.client, as the actions
+    do, loads nothing but the standard library, pyzmq, msgpack and cmi_daemon's own light modules."""
+    code = ("import json, sys; before = set(sys.modules); import cmi_daemon.client; "
+            "print(json.dumps(sorted({m.split('.')[0] for m in set(sys.modules) - before} - set(sys.stdlib_module_names))))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            check=True)
+    outside = {name for name in json.loads(loaded.stdout) if not name.startswith("_cython") and name != "cython_runtime"}
+    assert outside == {"cmi_daemon", "zmq", "msgpack"}
 
 
 def test_the_pip_command_names_the_interpreter_reaper_loaded(reaper, monkeypatch):
