@@ -31,9 +31,11 @@ from .bundle import (CONTEXT_ENCODER_GRAPH, GENERATOR_WEIGHTS, PREDICTOR_GRAPH, 
                      load_bundle)
 from .device import onnx_providers, quiet_onnx_runtime
 from .dil.graph_weights import float_initializers
+from .controls import ControlRequest, TrackControls, resolve_controls, snap_to_grid
 from .errors import CMIError
 from .regions import Region, answer_notes, build_region
-from .sampling import AnswerRows, AnswerState, SamplingOptions, fixed_events, held_keys, requires_note, sample_row
+from .sampling import (AnswerRows, AnswerState, BinConstraints, SamplingOptions, fixed_events, held_keys,
+                       requires_note, sample_row)
 from .schema import MAX_SEED
 from .tokens import Note, Song
 
@@ -61,6 +63,8 @@ class InfillOptions:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     max_answer_tokens: Optional[int] = None
     """Cap on sampled answer tokens (default: from the blank's expected length)."""
+    controls: dict[int, ControlRequest] = field(default_factory=dict)
+    """Target track -> what the musician sets of its controls; a track not named takes its context's."""
 
     def __post_init__(self):
         if self.n_candidates < 1:
@@ -100,6 +104,8 @@ class InfillResult:
     """Positions the predictor filled (the blank's expected answer length)."""
     timings_ms: dict[str, float]
     """region, conditioning, prefill, decode, total."""
+    controls: dict[int, TrackControls] = field(default_factory=dict)
+    """Target track -> the controls its notes were sampled under."""
 
 
 ProgressCallback = Callable[[float], None]
@@ -362,12 +368,19 @@ class Engine:
 
         cap = options.max_answer_tokens or max(MIN_ANSWER_CAP_TOKENS, ANSWER_CAP_FACTOR * n_blank)
         held = held_keys(song, region)
-        answers = self._decode(region, rows, head_rows, logits, state, cond, options, seed, cap, held, cancel,
-                               progress)
+        controls = {track: resolve_controls(song, track, region.start_qn, region.end_qn,
+                                            options.controls.get(track, ControlRequest()))
+                    for track in region.target_tracks}
+        constraints = {instrument_bin: BinConstraints.from_controls([controls[t] for t in tracks], song, region)
+                       for instrument_bin, tracks in region.target_bins.items()}
+        answers = self._decode(region, rows, head_rows, logits, state, cond, options, seed, cap, held, constraints,
+                               cancel, progress)
         decode_done = time.perf_counter()
 
         seeds = candidate_seeds(seed, options.n_candidates)
-        candidates = [Candidate(index, answer_notes(song, region, answer.answer_ids), answer.answer_ids,
+        candidates = [Candidate(index, snap_to_grid(answer_notes(song, region, answer.answer_ids), controls,
+                                             region.start_qn, region.end_qn),
+                                answer.answer_ids,
                                 answer.n_sampled, round((done_at - prefill_done) * 1000.0, 2), seeds[index])
                       for index, (answer, done_at) in enumerate(answers)]
         timings_ms = {name: round(seconds * 1000.0, 2) for name, seconds in (
@@ -375,13 +388,14 @@ class Engine:
             ("prefill", prefill_done - conditioning_done), ("decode", decode_done - prefill_done),
             ("total", decode_done - started))}
         return InfillResult(region.start_qn, region.end_qn, region.target_tracks, seed, candidates,
-                            len(prompt), n_blank, timings_ms)
+                            len(prompt), n_blank, timings_ms, controls)
 
-    def _decode(self, region, rows, head_rows, logits, state, cond, options, seed, cap, held, cancel, progress):
+    def _decode(self, region, rows, head_rows, logits, state, cond, options, seed, cap, held, constraints, cancel,
+                progress):
         n = options.n_candidates
         events = fixed_events(region)
-        need_note = requires_note(region)
-        answers = [AnswerState(rows, region.n_steps, events, need_note, cap, held) for _ in range(n)]
+        need_note = requires_note(region, constraints)
+        answers = [AnswerState(rows, region.n_steps, events, need_note, cap, held, constraints) for _ in range(n)]
         rngs = [np.random.default_rng(candidate_seed) for candidate_seed in candidate_seeds(seed, n)]
         done_at = [0.0] * n
         active = list(range(n))
@@ -395,8 +409,9 @@ class Engine:
                 answer = answers[index]
                 token_id = answer.forced_token()
                 if token_id is None:
-                    row = sample_row(logits[slot], answer.allowed_rows(), answer.presence, options.sampling,
-                                     rows.note_on_rows, rngs[index])
+                    bias = answer.row_bias()
+                    row = sample_row(logits[slot] if bias is None else logits[slot] + bias, answer.allowed_rows(),
+                                     answer.presence, options.sampling, rows.note_on_rows, rngs[index])
                     token_id = answer.sampled_row_token(row)
                     answer.advance(token_id, row)
                 else:

@@ -11,9 +11,16 @@ answer as it grows and says what is allowed next:
 - `<ans>` never sampled: when the clock reaches the blank's end, the open notes are closed
   and `<ans>` follows, all forced;
 - where the context is dense (the target bins play at least MIN_EXPECTED_NOTES notes per blank
-  length on average), waits stop one step short of the end until the answer has a note;
+  length on average), waits stop short of the last step a note may start at until the answer has
+  a note, and the last token before max_sampled_tokens is a note-on if one may start then;
 - after max_sampled_tokens sampled tokens the answer is finished by force: open notes closed,
-  waits to the end (through any fixed notes), `<ans>`.
+  waits to the end (through any fixed notes), `<ans>`;
+- per target bin, its tracks' controls (`controls.TrackControls`, as `BinConstraints`): note-ons
+  only inside the pitch and velocity range and while fewer notes than the polyphony sound;
+  on a grid, note-ons and note-offs only on its lines and waits only to them (the model's timing
+  renormalised over the allowed steps, not snapped afterwards); a logit bias on note-ons pulls
+  the note count toward the density, one on each open note's note-off pulls its length toward
+  the note length.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import vocab
+from .controls import TrackControls
 from .regions import Region, track_bin
 from .tokens import Song, ms_to_step
 
@@ -32,6 +40,16 @@ MIN_EXPECTED_NOTES = 1.0
 """A context whose target-bin note rate predicts at least this many notes in the blank forbids an empty answer."""
 REPETITION_DECAY = 0.95
 """Per sampled token, earlier uses of a note-on count this much less toward the repetition penalty."""
+DENSITY_GAIN = 16.0
+"""Note-on logit bias per unit of log(expected notes so far / notes so far), each side + 1. It is
+high because the model's own preference is strong: after a note-off the shipped model puts the
+next note-on at the same step with probability 0.999 (a logit margin of about 7)."""
+MAX_DENSITY_PUSH = 4.0
+MAX_DENSITY_PULL = 16.0
+"""Bounds of the density bias: toward more notes (gently) and toward fewer (as hard as it takes)."""
+LENGTH_GAIN = 2.0
+"""Note-off logit bias per unit of log(a note's age / the note length)."""
+MAX_LENGTH_BIAS = 4.0
 NOTE_TOKENS_PER_BIN = vocab.N_PITCHES * vocab.N_VELOCITY_BINS
 ANS_ROW = 0
 FIRST_WAIT_ROW = 1
@@ -74,6 +92,57 @@ class AnswerRows:
         block = self._bin_block.get(instrument_bin)
         return None if block is None else block + pitch * vocab.N_VELOCITY_BINS
 
+    def bin_rows(self, instrument_bin: int) -> slice:
+        block = self._bin_block[instrument_bin]
+        return slice(block, block + NOTE_TOKENS_PER_BIN)
+
+
+@dataclass(frozen=True)
+class BinConstraints:
+    """What the controls of a bin's target tracks allow and ask, in the region's steps."""
+
+    pitch_range: Optional[tuple[int, int]] = None
+    velocity_bins: Optional[tuple[int, int]] = None
+    """Lowest and highest note-on velocity bin allowed (1..11)."""
+    max_polyphony: Optional[int] = None
+    grid_steps: Optional[np.ndarray] = None
+    """Sorted steps (relative to the range start) of the grid's lines inside the range, or None."""
+    expected_notes: Optional[float] = None
+    """Notes the density asks for over the whole range."""
+    note_length_steps: Optional[float] = None
+
+    @classmethod
+    def from_controls(cls, controls: Sequence[TrackControls], song: Song, region: Region) -> "BinConstraints":
+        """One bin's constraints from its target tracks' controls: the union of their ranges and grids
+        (no grid if one has none), their polyphonies and densities added, their note lengths' median."""
+        def union(ranges):
+            ranges = [r for r in ranges if r is not None]
+            return (min(r[0] for r in ranges), max(r[1] for r in ranges)) if len(ranges) == len(controls) else None
+
+        tempo_map = song.tempo_map
+        start_ms = float(tempo_map.ms_at(region.start_qn))
+        velocities = union([c.velocity_range for c in controls])
+        polyphonies = [c.max_polyphony for c in controls]
+        densities = [c.density_per_qn for c in controls]
+        lengths = [c.note_length_qn for c in controls if c.note_length_qn is not None]
+        grid_steps = None
+        if all(c.grid is not None for c in controls):
+            lines_qn = np.concatenate([c.grid.lines_qn(region.start_qn, region.end_qn) for c in controls])
+            steps = ms_to_step(tempo_map.ms_at(lines_qn)).astype(np.int64) - region.start_step
+            grid_steps = np.unique(steps[(steps >= 0) & (steps <= region.n_steps)])
+        length_steps = None
+        if lengths:
+            length_qn = float(np.median(lengths))
+            length_steps = (float(tempo_map.ms_at(region.start_qn + length_qn)) - start_ms) / vocab.WAIT_STEP_MS
+        return cls(
+            pitch_range=union([c.pitch_range for c in controls]),
+            velocity_bins=None if velocities is None else
+            (max(1, vocab.velocity_to_bin(velocities[0])), max(1, vocab.velocity_to_bin(velocities[1]))),
+            max_polyphony=sum(polyphonies) if None not in polyphonies else None,
+            grid_steps=grid_steps,
+            expected_notes=sum(densities) * (region.end_qn - region.start_qn) if None not in densities else None,
+            note_length_steps=max(1.0, length_steps) if length_steps is not None else None)
+
 
 def fixed_events(region: Region) -> list[tuple[int, int]]:
     """(step relative to the range start, token id) of the other tracks' note-ons and note-offs
@@ -109,8 +178,12 @@ def held_keys(song: Song, region: Region) -> dict[tuple[int, int], int]:
     return held
 
 
-def requires_note(region: Region) -> bool:
-    """Whether the context's target-bin note rate predicts at least MIN_EXPECTED_NOTES in the blank."""
+def requires_note(region: Region, constraints: Optional[dict[int, BinConstraints]] = None) -> bool:
+    """Whether the context's target-bin note rate predicts at least MIN_EXPECTED_NOTES in the blank,
+    and so do the target tracks' densities where the constraints know them all."""
+    expected = [c.expected_notes for c in (constraints or {}).values()]
+    if expected and None not in expected and sum(expected) < MIN_EXPECTED_NOTES:
+        return False
     context = region.prefix_ids + region.suffix_ids
     context_steps = sum(vocab.wait_steps(t) for t in context)
     if context_steps == 0 or region.n_steps < 1:
@@ -124,7 +197,8 @@ class AnswerState:
     """One candidate's answer so far, and what may follow it."""
 
     def __init__(self, rows: AnswerRows, n_steps: int, events: Sequence[tuple[int, int]], need_note: bool,
-                 max_sampled_tokens: int, held: Optional[dict[tuple[int, int], int]] = None):
+                 max_sampled_tokens: int, held: Optional[dict[tuple[int, int], int]] = None,
+                 constraints: Optional[dict[int, BinConstraints]] = None):
         self.rows = rows
         self.n_steps = n_steps
         self.events = deque(events)
@@ -144,6 +218,24 @@ class AnswerState:
         self.held = {key: step for key, step in (held or {}).items() if rows.key_rows(*key) is not None}
         """Keys still sounding from before the range -> the step they stop at."""
         self.done = False
+        self.constraints = {b: c for b, c in (constraints or {}).items() if b in rows.bins}
+        self.notes_per_bin = dict.fromkeys(rows.bins, 0)
+        self.on_permitted = np.ones(len(rows), dtype=bool)
+        """Note-on rows the pitch and velocity ranges allow."""
+        velocity_bin = (np.arange(len(rows)) - FIRST_NOTE_ROW) % vocab.N_VELOCITY_BINS
+        pitch = (np.arange(len(rows)) - FIRST_NOTE_ROW) // vocab.N_VELOCITY_BINS % vocab.N_PITCHES
+        for instrument_bin, constraint in self.constraints.items():
+            block = rows.bin_rows(instrument_bin)
+            if constraint.pitch_range is not None:
+                low, high = constraint.pitch_range
+                self.on_permitted[block] &= (pitch[block] >= low) & (pitch[block] <= high)
+            if constraint.velocity_bins is not None:
+                low, high = constraint.velocity_bins
+                self.on_permitted[block] &= (velocity_bin[block] >= low) & (velocity_bin[block] <= high)
+        gridded = [c.grid_steps for c in self.constraints.values() if c.grid_steps is not None]
+        self.landing_steps = (np.unique(np.concatenate(gridded))
+                              if gridded and len(gridded) == len(rows.bins) else None)
+        """Where waits may end when every bin has a grid (besides the next fixed event and the end)."""
 
     @property
     def finishing(self) -> bool:
@@ -152,6 +244,42 @@ class AnswerState:
     def _wait_limit_step(self) -> int:
         next_event = self.events[0][0] if self.events else self.n_steps
         return min(next_event, self.n_steps)
+
+    def _on_grid(self, instrument_bin: int) -> bool:
+        """Whether the bin's notes may start or end at the clock."""
+        constraint = self.constraints.get(instrument_bin)
+        if constraint is None or constraint.grid_steps is None:
+            return True
+        steps = constraint.grid_steps
+        index = np.searchsorted(steps, self.clock)
+        return bool(index < len(steps) and steps[index] == self.clock)
+
+    def _sounding(self, instrument_bin: int) -> int:
+        """Notes of the bin's target tracks sounding now: opened by the answer or held from before."""
+        return (sum(1 for b, _ in self.open_keys if b == instrument_bin)
+                + sum(1 for (b, _), until in self.held.items() if b == instrument_bin and self.clock < until))
+
+    def _allowed_waits(self, limit: int) -> np.ndarray:
+        """Wait lengths (1..) the clock may move by, up to limit: onto a grid line or the limit itself
+        when every bin has a grid (a whole second when no line is that near), any length otherwise."""
+        max_wait = min(limit - self.clock, vocab.MAX_WAIT_STEPS_PER_TOKEN)
+        if max_wait <= 0:
+            return np.zeros(0, dtype=np.int64)
+        if self.landing_steps is None:
+            return np.arange(1, max_wait + 1)
+        ahead = self.landing_steps[(self.landing_steps > self.clock) & (self.landing_steps <= self.clock + max_wait)]
+        if limit - self.clock <= max_wait:
+            ahead = np.append(ahead, limit)
+        elif not len(ahead):
+            ahead = np.array([self.clock + max_wait])
+        return np.unique(ahead - self.clock)
+
+    def _last_onset_step(self) -> int:
+        """The last step before the end where a note may start."""
+        if self.landing_steps is None:
+            return self.n_steps - 1
+        before = self.landing_steps[self.landing_steps < self.n_steps]
+        return int(before[-1]) if len(before) else self.n_steps - 1
 
     def _close_open_notes(self) -> None:
         """Queue note-offs for the keys opened before now (a key opened now must wait a step)."""
@@ -181,21 +309,50 @@ class AnswerState:
 
     def allowed_rows(self) -> np.ndarray:
         """Bool mask over the rows of what may be sampled now."""
-        allowed = self.note_allowed.copy()
+        allowed = self.note_allowed & self.on_permitted
         for key, until_step in self.held.items():
             if self.clock < until_step:
                 base = self.rows.key_rows(*key)
                 allowed[base + 1:base + vocab.N_VELOCITY_BINS] = False
+        for instrument_bin, constraint in self.constraints.items():
+            full = constraint.max_polyphony is not None and self._sounding(instrument_bin) >= constraint.max_polyphony
+            if full or not self._on_grid(instrument_bin):
+                allowed[self.rows.bin_rows(instrument_bin)] = False
         for key, open_step in self.open_keys.items():
-            if open_step < self.clock:
+            if open_step < self.clock and self._on_grid(key[0]):
                 allowed[self.rows.key_rows(*key)] = True
         limit = self._wait_limit_step()
         if self.need_note and self.n_notes == 0:
-            limit = min(limit, self.n_steps - 1)
-        max_wait = min(limit - self.clock, vocab.MAX_WAIT_STEPS_PER_TOKEN)
-        if max_wait > 0:
-            allowed[FIRST_WAIT_ROW:FIRST_WAIT_ROW + max_wait] = True
+            limit = min(limit, self._last_onset_step())
+        last_chance = self.n_sampled == self.max_sampled_tokens - 1
+        if not (self.need_note and self.n_notes == 0 and last_chance and allowed.any()):
+            allowed[FIRST_WAIT_ROW - 1 + self._allowed_waits(limit)] = True
+        if not allowed.any():  # the note an empty answer needs cannot start here: let it pass
+            allowed[FIRST_WAIT_ROW - 1 + self._allowed_waits(self._wait_limit_step())] = True
         return allowed
+
+    def row_bias(self) -> Optional[np.ndarray]:
+        """Logit biases (R,) of the density and note-length controls now, or None when there are none."""
+        if not any(c.expected_notes is not None or c.note_length_steps is not None for c in self.constraints.values()):
+            return None
+        bias = np.zeros(len(self.rows), dtype=np.float64)
+        for instrument_bin, constraint in self.constraints.items():
+            if constraint.expected_notes is not None:
+                chord = constraint.max_polyphony or 1
+                expected = constraint.expected_notes * self.clock / max(1, self.n_steps) + chord
+                drift = np.log((expected + 1.0) / (self.notes_per_bin[instrument_bin] + 1.0))
+                block = self.rows.bin_rows(instrument_bin)
+                push = np.clip(DENSITY_GAIN * drift, -MAX_DENSITY_PULL, MAX_DENSITY_PUSH)
+                if self.need_note and self.n_notes == 0:  # the note an empty answer needs is not held back
+                    push = max(push, 0.0)
+                bias[block] += push * self.rows.note_on_rows[block]
+        for key, open_step in self.open_keys.items():
+            constraint = self.constraints.get(key[0])
+            if constraint is not None and constraint.note_length_steps is not None:
+                age = self.clock - open_step
+                bias[self.rows.key_rows(*key)] += np.clip(
+                    LENGTH_GAIN * np.log((age + 0.5) / constraint.note_length_steps), -MAX_LENGTH_BIAS, MAX_LENGTH_BIAS)
+        return bias
 
     def sampled_row_token(self, row: int) -> int:
         return int(self.rows.token_ids[row])
@@ -229,6 +386,7 @@ class AnswerState:
             elif velocity_bin:
                 self.open_keys[key] = self.clock
                 self.n_notes += 1
+                self.notes_per_bin[instrument_bin] += 1
             else:
                 self.open_keys.pop(key, None)
             self._set_key(key, key in self.open_keys or key in self.fixed_keys)

@@ -8,7 +8,7 @@ import pytest
 from cmi_daemon import vocab
 from cmi_daemon.engine import Engine, InfillCancelled, InfillOptions
 from cmi_daemon.regions import build_region
-from cmi_daemon.sampling import SamplingOptions, fixed_events, requires_note
+from cmi_daemon.sampling import BinConstraints, SamplingOptions, fixed_events, requires_note
 from cmi_daemon.tokens import read_midi
 from conftest import POP909_FIXTURES, SHARED_DATA
 from tiny_bundle import tiny_bundle_dir
@@ -31,8 +31,8 @@ def songs():
     return [read_midi(path) for path in paths]
 
 
-def check_answer(song, start_qn, end_qn, targets, candidate):
-    """Every constraint of an answer, on its tokens and on its notes."""
+def check_answer(song, start_qn, end_qn, targets, candidate, controls):
+    """Every constraint of an answer, on its tokens and on its notes (controls: the result's)."""
     region = build_region(song, start_qn, end_qn, targets)
     ids = candidate.answer_ids
     assert ids[-1] == vocab.ANS_ID and vocab.ANS_ID not in ids[:-1]
@@ -55,7 +55,9 @@ def check_answer(song, start_qn, end_qn, targets, candidate):
         for note in notes:
             assert start_qn <= note.start_qn < end_qn and note.start_qn + note.duration_qn <= end_qn + 1e-9
             assert note.duration_qn > 0
-    if requires_note(region):
+    constraints = {b: BinConstraints.from_controls([controls[t] for t in tracks], song, region)
+                   for b, tracks in region.target_bins.items()}
+    if requires_note(region, constraints):
         assert any(candidate.notes.values()), "an empty answer in a dense context"
 
 
@@ -75,7 +77,7 @@ def test_two_hundred_seeded_infills_obey_every_constraint(engine):
         options = InfillOptions(n_candidates=CANDIDATES_PER_CALL, seed=int(rng.integers(1 << 31)), max_answer_tokens=cap)
         result = engine.infill(song, start_qn, end_qn, targets, options)
         for candidate in result.candidates:
-            check_answer(song, start_qn, end_qn, targets, candidate)
+            check_answer(song, start_qn, end_qn, targets, candidate, result.controls)
             if cap is not None:
                 assert candidate.n_sampled_tokens <= cap
         n_checked += len(result.candidates)
@@ -107,7 +109,7 @@ def test_candidates_decode_as_one_batch_like_separate_runs(engine, song):
     answers = [tuple(c.answer_ids) for c in batch.candidates]
     assert len(set(answers)) == 3
     for candidate in batch.candidates:
-        check_answer(song, start_qn, end_qn, [2], candidate)
+        check_answer(song, start_qn, end_qn, [2], candidate, batch.controls)
 
 
 def test_progress_is_reported_and_cancel_stops(engine, song):

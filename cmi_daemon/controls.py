@@ -1,0 +1,241 @@
+"""What a target track's infill may and should do: its controls, and their defaults from its context.
+
+Per target track a musician can set note density, polyphony (most notes at once), pitch range,
+note length, velocity range and the rhythmic grid; whatever they leave unset (None, or grid
+"auto") is what the track does in its context: CONTEXT_BARS bars each side of the range. The
+sampler (`sampling.BinConstraints`) enforces the hard limits (polyphony, pitch and velocity
+range, onsets and note ends on the grid) while it samples and steers density and note length
+with logit biases.
+
+The grid of a track is the coarsest of GRID_STEPS_QN, at the phase of the context's onsets,
+that holds at least QUANTIZED_SHARE of them to within GRID_TOLERANCE of a step; a track played
+by hand (Groove's drummers) has none, and nothing is forced onto one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import CMIError
+from .tokens import Note, Song
+
+CONTEXT_BARS = 8
+"""Bars each side of the range whose notes set a track's default controls."""
+GRID_STEPS_QN = (1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 6, 1 / 8, 1 / 12, 1 / 16)
+"""Quarter, 8th, 8th triplet, 16th, 16th triplet, 32nd, 16th + 8th-triplet union, 64th; coarsest first."""
+GRID_NAMES = {"1/4": 1.0, "1/8": 1 / 2, "1/8T": 1 / 3, "1/16": 1 / 4, "1/16T": 1 / 6, "1/32": 1 / 8,
+              "1/32T": 1 / 12, "1/64": 1 / 16}
+"""Grid names a musician writes (note values of a 4/4 bar) -> step in quarter notes."""
+GRID_TOLERANCE = 1 / 8
+"""An onset is on a grid when it lies within this fraction of a step of one of its lines."""
+QUANTIZED_SHARE = 0.9
+MIN_GRID_ONSETS = 8
+"""A context with fewer onsets has too little evidence of a grid: none is forced."""
+MAX_POLYPHONY = 64
+MIN_PITCH_SPAN = 12
+"""A context pitch range narrower than this (semitones) is widened to it around its middle: a few
+context notes are weak evidence of where a part may go."""
+
+
+class Grid(NamedTuple):
+    """Lines at phase_qn + k * step_qn."""
+
+    step_qn: float
+    phase_qn: float = 0.0
+
+    def lines_qn(self, start_qn: float, end_qn: float) -> np.ndarray:
+        """Grid lines in [start_qn, end_qn]."""
+        first = np.ceil((start_qn - self.phase_qn) / self.step_qn - 1e-9)
+        last = np.floor((end_qn - self.phase_qn) / self.step_qn + 1e-9)
+        return self.phase_qn + np.arange(first, last + 1) * self.step_qn
+
+    def name(self) -> str:
+        names = {round(step, 9): name for name, step in GRID_NAMES.items()}
+        return names.get(round(self.step_qn, 9), f"{Fraction(self.step_qn).limit_denominator(96)} QN")
+
+
+def grid_phase_qn(onsets_qn: np.ndarray, step_qn: float) -> float:
+    """The onsets' circular mean position inside a step_qn grid, in [0, step_qn)."""
+    angle = np.angle(np.exp(2j * np.pi * np.asarray(onsets_qn) / step_qn).mean())
+    return float(np.mod(angle / (2 * np.pi) * step_qn, step_qn))
+
+
+def grid_share(onsets_qn: np.ndarray, grid: Grid) -> float:
+    offset = np.mod((np.asarray(onsets_qn) - grid.phase_qn) / grid.step_qn + 0.5, 1.0) - 0.5
+    return float(np.mean(np.abs(offset) <= GRID_TOLERANCE + 1e-9))
+
+
+def detect_grid(onsets_qn: Sequence[float], song_onsets_qn: Optional[Sequence[float]] = None) -> Optional[Grid]:
+    """The coarsest grid of GRID_STEPS_QN holding QUANTIZED_SHARE of the onsets, or None; its phase
+    is that of song_onsets_qn (every track's, so that the tracks of a song share one grid) if given."""
+    onsets = np.asarray(onsets_qn, dtype=np.float64)
+    phase_onsets = onsets if song_onsets_qn is None else np.asarray(song_onsets_qn, dtype=np.float64)
+    if len(onsets) < MIN_GRID_ONSETS:
+        return None
+    for step_qn in GRID_STEPS_QN:
+        grid = Grid(step_qn, grid_phase_qn(phase_onsets, step_qn))
+        if grid_share(onsets, grid) >= QUANTIZED_SHARE:
+            return grid
+    return None
+
+
+def parse_grid(text: str) -> Union[str, float]:
+    """"auto", "off" or a grid name ("1/16", "1/8T", ...) -> "auto", "off" or the step in QN."""
+    value = text.strip()
+    if value.lower() in ("auto", "off"):
+        return value.lower()
+    for name, step_qn in GRID_NAMES.items():
+        if value.upper() == name.upper():
+            return step_qn
+    raise CMIError(f"grid {text!r}: write auto, off or one of " + ", ".join(GRID_NAMES))
+
+
+def max_polyphony(notes: Sequence[Note]) -> int:
+    """Most notes sounding at once (a note that ends where another starts does not overlap it)."""
+    events = sorted([(n.start_qn, 1) for n in notes] + [(n.start_qn + n.duration_qn, -1) for n in notes])
+    sounding = most = 0
+    for _, change in events:
+        sounding += change
+        most = max(most, sounding)
+    return most
+
+
+@dataclass(frozen=True)
+class ControlRequest:
+    """What a musician asks of one target track; None (grid "auto") takes the track's context."""
+
+    density_per_qn: Optional[float] = None
+    """Note onsets per quarter note."""
+    max_polyphony: Optional[int] = None
+    pitch_range: Optional[tuple[int, int]] = None
+    """Lowest and highest MIDI pitch, inclusive."""
+    note_length_qn: Optional[float] = None
+    """Typical (median) note length."""
+    velocity_range: Optional[tuple[int, int]] = None
+    grid: Union[str, float] = "auto"
+    """"auto" (the context's), "off", or a step in QN (phase 0: a DAW's grid starts at its bar lines)."""
+
+    def __post_init__(self):
+        if self.density_per_qn is not None and not 0 < self.density_per_qn <= 64:
+            raise CMIError(f"density {self.density_per_qn:g} notes per quarter note: choose a value in (0, 64]")
+        if self.max_polyphony is not None and not 1 <= self.max_polyphony <= MAX_POLYPHONY:
+            raise CMIError(f"polyphony {self.max_polyphony}: choose 1..{MAX_POLYPHONY} notes at once")
+        for name, bounds, top in (("pitch range", self.pitch_range, 127), ("velocity range", self.velocity_range, 127)):
+            if bounds is not None and not (len(bounds) == 2 and 0 <= bounds[0] <= bounds[1] <= top):
+                raise CMIError(f"{name} {bounds}: write LOW-HIGH with 0 <= LOW <= HIGH <= {top}")
+        if self.velocity_range is not None and self.velocity_range[1] < 1:
+            raise CMIError(f"velocity range {self.velocity_range}: the highest velocity must be at least 1")
+        if self.note_length_qn is not None and not 0 < self.note_length_qn <= 64:
+            raise CMIError(f"note length {self.note_length_qn:g} QN: choose a value in (0, 64]")
+        if not (self.grid in ("auto", "off") or (isinstance(self.grid, float) and 0 < self.grid <= 4)):
+            raise CMIError(f"grid {self.grid!r}: auto, off or a step in quarter notes in (0, 4]")
+
+
+@dataclass(frozen=True)
+class TrackControls:
+    """One target track's resolved controls; None: the context says nothing, so nothing is imposed."""
+
+    density_per_qn: Optional[float]
+    max_polyphony: Optional[int]
+    pitch_range: Optional[tuple[int, int]]
+    note_length_qn: Optional[float]
+    velocity_range: Optional[tuple[int, int]]
+    grid: Optional[Grid]
+
+    def describe(self) -> str:
+        parts = []
+        if self.density_per_qn is not None:
+            parts.append(f"density {self.density_per_qn:.2f}/QN")
+        if self.max_polyphony is not None:
+            parts.append(f"polyphony {self.max_polyphony}")
+        if self.pitch_range is not None:
+            parts.append(f"pitch {self.pitch_range[0]}-{self.pitch_range[1]}")
+        if self.note_length_qn is not None:
+            parts.append(f"length {self.note_length_qn:.2f} QN")
+        if self.velocity_range is not None:
+            parts.append(f"velocity {self.velocity_range[0]}-{self.velocity_range[1]}")
+        parts.append(f"grid {self.grid.name() if self.grid else 'off'}")
+        return ", ".join(parts)
+
+
+def context_notes(song: Song, track_indices: Sequence[int], start_qn: float,
+                  end_qn: float) -> tuple[list[Note], float]:
+    """(notes of the tracks starting in the CONTEXT_BARS bars each side of the range, outside it;
+    the QN those bars span)."""
+    first_bar = max(1.0, np.floor(song.meter.bar_at_qn(start_qn) + 1e-9) - CONTEXT_BARS)
+    context_start_qn = song.meter.bar_start_qn(first_bar)
+    context_end_qn = song.meter.bar_start_qn(np.ceil(song.meter.bar_at_qn(end_qn) - 1e-9) + CONTEXT_BARS)
+    notes = [n for t in track_indices for n in song.tracks[t].notes
+             if context_start_qn <= n.start_qn < context_end_qn and not start_qn <= n.start_qn < end_qn]
+    song_end_qn = max(end_qn, song.end_qn)
+    span_qn = (start_qn - context_start_qn) + max(0.0, min(context_end_qn, song_end_qn) - end_qn)
+    return notes, span_qn
+
+
+def widened(low: int, high: int) -> tuple[int, int]:
+    """The pitch range low..high, at least MIN_PITCH_SPAN wide, inside 0..127."""
+    missing = max(0, MIN_PITCH_SPAN - (high - low))
+    low, high = low - missing // 2, high + missing - missing // 2
+    shift = max(0, -low) - max(0, high - 127)
+    return low + shift, high + shift
+
+
+def resolve_controls(song: Song, track_index: int, start_qn: float, end_qn: float,
+                     request: ControlRequest = ControlRequest()) -> TrackControls:
+    """The track's controls: the musician's values, the rest from its context bars."""
+    notes, span_qn = context_notes(song, [track_index], start_qn, end_qn)
+    pitches = [n.pitch for n in notes]
+    velocities = [n.velocity for n in notes]
+    if request.grid == "auto":
+        pitched = [i for i, t in enumerate(song.tracks) if not t.is_drum]
+        song_notes, _ = context_notes(song, pitched if not song.tracks[track_index].is_drum else [track_index],
+                                      start_qn, end_qn)
+        grid = detect_grid([n.start_qn for n in notes], [n.start_qn for n in song_notes])
+    else:
+        grid = None if request.grid == "off" else Grid(float(request.grid))
+    return TrackControls(
+        density_per_qn=request.density_per_qn if request.density_per_qn is not None
+        else (len(notes) / span_qn if notes and span_qn > 0 else None),
+        max_polyphony=request.max_polyphony or (max_polyphony(notes) if notes else None),
+        pitch_range=request.pitch_range or (widened(min(pitches), max(pitches)) if notes else None),
+        note_length_qn=request.note_length_qn or (float(np.median([n.duration_qn for n in notes])) if notes else None),
+        velocity_range=request.velocity_range or ((min(velocities), max(velocities)) if notes else None),
+        grid=grid)
+
+
+SNAP_SHARE = 1 / 4
+"""A note edge within this fraction of a grid step of a line is put exactly on it."""
+
+
+def snap_to_grid(notes_by_track: dict[int, list[Note]], controls: dict[int, TrackControls], start_qn: float,
+                 end_qn: float) -> dict[int, list[Note]]:
+    """Answer notes in [start_qn, end_qn] with their onsets (and ends) moved exactly onto their track's
+    grid lines.
+
+    The sampler already placed them on the lines' 8 ms steps: this removes the rounding of steps
+    to milliseconds to QN, so a DAW shows them quantised. The range's edges count as lines; edges
+    far from every line stay as they are."""
+    result = {}
+    for track, notes in notes_by_track.items():
+        grid = controls[track].grid if track in controls else None
+        if grid is None:
+            result[track] = notes
+            continue
+        snapped = []
+        for note in notes:
+            on, off = (_snap(edge, grid, start_qn, end_qn) for edge in (note.start_qn, note.start_qn + note.duration_qn))
+            snapped.append(note._replace(start_qn=on, duration_qn=off - on) if off > on else note)
+        result[track] = snapped
+    return result
+
+
+def _snap(qn: float, grid: Grid, start_qn: float, end_qn: float) -> float:
+    """The nearest of the grid lines and the range's edges, if it is near enough."""
+    line = grid.phase_qn + round((qn - grid.phase_qn) / grid.step_qn) * grid.step_qn
+    nearest = min((line, start_qn, end_qn) if start_qn <= line <= end_qn else (start_qn, end_qn),
+                  key=lambda edge: abs(edge - qn))
+    return float(nearest) if abs(nearest - qn) <= SNAP_SHARE * grid.step_qn else qn
