@@ -44,12 +44,14 @@ DENSITY_GAIN = 16.0
 """Note-on logit bias per unit of log(expected notes so far / notes so far), each side + 1. It is
 high because the model's own preference is strong: after a note-off the shipped model puts the
 next note-on at the same step with probability 0.999 (a logit margin of about 7)."""
+DENSITY_LEAD_NOTES = 2
+"""Notes the answer may run ahead of the density's pace before it is held back (a two-note chord)."""
 MAX_DENSITY_PUSH = 4.0
 MAX_DENSITY_PULL = 16.0
 """Bounds of the density bias: toward more notes (gently) and toward fewer (as hard as it takes)."""
-LENGTH_GAIN = 2.0
+LENGTH_GAIN = 8.0
 """Note-off logit bias per unit of log(a note's age / the note length)."""
-MAX_LENGTH_BIAS = 4.0
+MAX_LENGTH_BIAS = 8.0
 NOTE_TOKENS_PER_BIN = vocab.N_PITCHES * vocab.N_VELOCITY_BINS
 ANS_ROW = 0
 FIRST_WAIT_ROW = 1
@@ -338,8 +340,8 @@ class AnswerState:
         bias = np.zeros(len(self.rows), dtype=np.float64)
         for instrument_bin, constraint in self.constraints.items():
             if constraint.expected_notes is not None:
-                chord = constraint.max_polyphony or 1
-                expected = constraint.expected_notes * self.clock / max(1, self.n_steps) + chord
+                ahead = min(constraint.max_polyphony or 1, DENSITY_LEAD_NOTES)
+                expected = constraint.expected_notes * self.clock / max(1, self.n_steps) + ahead
                 drift = np.log((expected + 1.0) / (self.notes_per_bin[instrument_bin] + 1.0))
                 block = self.rows.bin_rows(instrument_bin)
                 push = np.clip(DENSITY_GAIN * drift, -MAX_DENSITY_PULL, MAX_DENSITY_PUSH)
