@@ -1,6 +1,6 @@
 """Inference: a model bundle run with ONNX Runtime turns an infill request into candidate answers.
 
-One request: region (regions.build_region) -> context encoder + predictor (the base model's, or
+One request: region (regions.region_in_window) -> context encoder + predictor (the base model's, or
 a DIL profile's adapted weights, see install_profile_weights) -> conditioning
 vector (its blank has region.expected_answer_tokens() positions) -> prefill of
 `prefix <mask> suffix <sep>` in fixed-length chunks carrying the state -> N candidates decoded
@@ -33,7 +33,7 @@ from .device import onnx_providers, quiet_onnx_runtime
 from .dil.graph_weights import float_initializers
 from .controls import ControlRequest, TrackControls, resolve_controls, snap_to_grid
 from .errors import CMIError
-from .regions import Region, answer_notes, build_region
+from .regions import Region, answer_notes, jepa_sequence, region_in_window
 from .sampling import (AnswerRows, AnswerState, BinConstraints, SamplingOptions, fixed_events, held_keys,
                        requires_note, sample_row)
 from .schema import MAX_SEED
@@ -154,12 +154,11 @@ def session_options(intra_op_threads: int) -> ort.SessionOptions:
 
 
 def blank_positions(region: Region, n_blank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(context token ids, context positions, target positions) of the JEPA sequence prefix + blank + suffix."""
-    n_prefix, n_suffix = len(region.prefix_ids), len(region.suffix_ids)
-    context_ids = np.array(region.prefix_ids + region.suffix_ids, dtype=np.int64)
-    context_positions = np.concatenate([np.arange(n_prefix), n_prefix + n_blank + np.arange(n_suffix)]).astype(np.int64)
-    target_positions = np.arange(n_prefix, n_prefix + n_blank, dtype=np.int64)
-    return context_ids, context_positions, target_positions
+    """(context token ids, context positions, target positions) of the JEPA sequence prefix + blank + suffix
+    with n_blank blank positions (regions.jepa_sequence)."""
+    sequence = jepa_sequence(region.prefix_ids, [vocab.PAD_ID] * n_blank, region.suffix_ids)
+    context_ids, context_positions = sequence.context()
+    return context_ids, context_positions, sequence.target_positions
 
 
 class Engine:
@@ -330,12 +329,7 @@ class Engine:
 
     def region(self, song: Song, start_qn: float, end_qn: float, target_tracks: Sequence[int]) -> Region:
         """The region with context bounded so that prefix + blank + suffix fits the model's window."""
-        window = self.bundle.tokenizer.context_tokens
-        region = build_region(song, start_qn, end_qn, target_tracks, window)
-        n_blank = region.expected_answer_tokens()
-        if len(region.prefix_ids) + len(region.suffix_ids) + n_blank > window:
-            region = build_region(song, start_qn, end_qn, target_tracks, max(window // 4, window - n_blank))
-        return region
+        return region_in_window(song, start_qn, end_qn, target_tracks, self.bundle.tokenizer.context_tokens)
 
     def infill(self, song: Song, start_qn: float, end_qn: float, target_tracks: Sequence[int],
                options: InfillOptions = InfillOptions(), cancel: Optional[CancelCallback] = None,

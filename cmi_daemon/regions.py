@@ -6,22 +6,138 @@ start; notes that start at or after the range end are untouched. Notes of other 
 inside the range are context the model hears while it fills the blank (`fixed_notes`). Answers
 never produce a note outside the range.
 
-The ILM sequence is `prefix <mask> suffix <sep> [answer <ans>]`: the prefix ends with waits up
-to the range start, the answer spans exactly the range (its waits end at the range end), and
-the suffix continues from the range end.
+The cut (`cut_notes`), the ILM sequence (`ilm_sequence`) and the JEPA sequence (`jepa_sequence`)
+are defined here once, for training (`training.batches` cuts token windows with them), evaluation,
+DIL and the engine. The ILM sequence is `prefix <mask> suffix <sep> [answer <ans>]`: the prefix
+ends with waits up to the range start, the answer spans exactly the range (its waits end at the
+range end), and the suffix continues from the range end. The JEPA sequence is prefix + blank +
+suffix: the blank's positions are the predictor's targets, the others the encoder's context.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import numpy as np
 
 from . import vocab
 from .errors import RegionError
-from .tokens import Event, Note, Song, decode_ids, events_to_ids, ms_to_step, note_events, timed_notes
+from .tokens import Note, Song, TimedNote, decode_ids, events_to_ids, ms_to_step, note_events, timed_notes
 
 DEFAULT_CONTEXT_TOKENS = 2048
+
+
+class Cut(NamedTuple):
+    """Token ids of the music before, inside and after a range: prefix + blank + suffix, in order."""
+    prefix_ids: list[int]
+    blank_ids: list[int]
+    suffix_ids: list[int]
+    sides: np.ndarray
+    """Per note cut: 0 before the range, 1 inside, 2 after."""
+
+
+def cut_notes(notes: Sequence[TimedNote], start_ms: float, end_ms: float) -> Cut:
+    """The prefix / blank / suffix cut of timed notes at [start_ms, end_ms), for training and serving.
+
+    A note's side is where its onset lies; notes before the range end by its start, notes inside
+    it by its end. Each side becomes events on its own (tokens.note_events), so the tokenizer's
+    merge of two notes of one key starting in one 8 ms step never joins notes of two sides (it
+    would carry the later note's end across the boundary: a negative wait). The prefix ends with
+    waits up to the range start, the blank spans exactly the range, the suffix starts at its end.
+    """
+    onsets_ms = np.array([note.start_ms for note in notes], dtype=np.float64)
+    sides = (onsets_ms >= start_ms).astype(np.int64) + (onsets_ms >= end_ms)
+    parts: tuple[list[TimedNote], list[TimedNote], list[TimedNote]] = ([], [], [])
+    for note, side in zip(notes, sides.tolist()):
+        parts[side].append(note)
+    return Cut(*(side_ids(part, side, start_ms, end_ms) for side, part in enumerate(parts)), sides)
+
+
+def side_ids(notes: Sequence[TimedNote], side: int, start_ms: float, end_ms: float) -> list[int]:
+    """Token ids of one side of the cut at [start_ms, end_ms) (0 prefix, 1 blank, 2 suffix), from
+    the notes whose onsets lie on that side."""
+    bound_ms = (start_ms, end_ms, math.inf)[side]
+    clipped = [note._replace(duration_ms=max(0.0, min(note.start_ms + note.duration_ms, bound_ms) - note.start_ms))
+               for note in notes]
+    events, _ = note_events(clipped)
+    start_step, end_step = (int(s) for s in ms_to_step([start_ms, end_ms]))
+    if side == 0:
+        return events_to_ids(events, until_step=start_step)
+    if side == 1:
+        return events_to_ids(events, clock_step=start_step, until_step=end_step)
+    return events_to_ids(events, clock_step=end_step)
+
+
+class ILMSequence(NamedTuple):
+    """`prefix <mask> suffix <sep> [answer <ans>]` and where its infilling tokens are."""
+    ids: list[int]
+    mask_at: int
+    sep_at: int
+
+    @property
+    def answer_start(self) -> int:
+        """Position of the answer's first token (where sampling starts when there is no answer)."""
+        return self.sep_at + 1
+
+
+def ilm_sequence(prefix_ids: Sequence[int], suffix_ids: Sequence[int],
+                 answer_ids: Optional[Sequence[int]] = None) -> ILMSequence:
+    """The ILM sequence of a cut: `prefix <mask> suffix <sep>`, then `answer <ans>` when given."""
+    ids = [*prefix_ids, vocab.MASK_ID, *suffix_ids, vocab.SEP_ID]
+    if answer_ids is not None:
+        ids += [*answer_ids, vocab.ANS_ID]
+    return ILMSequence(ids, len(prefix_ids), len(prefix_ids) + 1 + len(suffix_ids))
+
+
+def ilm_parts(ilm_ids: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
+    """(prefix, suffix, answer without `<ans>`) of an ILM sequence."""
+    ilm_ids = list(ilm_ids)
+    mask_at, sep_at = ilm_ids.index(vocab.MASK_ID), ilm_ids.index(vocab.SEP_ID)
+    answer = ilm_ids[sep_at + 1:]
+    if answer and answer[-1] == vocab.ANS_ID:
+        answer.pop()
+    return ilm_ids[:mask_at], ilm_ids[mask_at + 1:sep_at], answer
+
+
+@dataclass(frozen=True)
+class JEPASequence:
+    """prefix + blank + suffix as the JEPA reads it: token_ids[blank_start:blank_end] is the blank
+    (the predictor's targets), the rest is the context encoder's input at its own positions."""
+
+    token_ids: tuple[int, ...]
+    blank_start: int
+    blank_end: int
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def span(self, start: int, end: int) -> np.ndarray:
+        mask = np.zeros(self.n_tokens, dtype=bool)
+        mask[start:end] = True
+        return mask
+
+    @property
+    def blank(self) -> np.ndarray:
+        return self.span(self.blank_start, self.blank_end)
+
+    def context(self) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, positions) of the context: every token outside the blank."""
+        positions = np.flatnonzero(~self.blank).astype(np.int64)
+        return np.asarray(self.token_ids, dtype=np.int64)[positions], positions
+
+    @property
+    def target_positions(self) -> np.ndarray:
+        return np.arange(self.blank_start, self.blank_end, dtype=np.int64)
+
+
+def jepa_sequence(prefix_ids: Sequence[int], blank_ids: Sequence[int], suffix_ids: Sequence[int]) -> JEPASequence:
+    """The JEPA sequence of a cut (blank_ids may be placeholders: only their count matters to the
+    context encoder and the predictor)."""
+    ids = tuple(int(t) for t in (*prefix_ids, *blank_ids, *suffix_ids))
+    return JEPASequence(ids, len(prefix_ids), len(prefix_ids) + len(blank_ids))
 
 
 @dataclass
@@ -49,10 +165,7 @@ class Region:
 
     def ilm_ids(self, answer_ids: Optional[Sequence[int]] = None) -> list[int]:
         """`prefix <mask> suffix <sep>`, followed by `answer <ans>` when an answer is given."""
-        ids = [*self.prefix_ids, vocab.MASK_ID, *self.suffix_ids, vocab.SEP_ID]
-        if answer_ids is not None:
-            ids += [*answer_ids, vocab.ANS_ID]
-        return ids
+        return ilm_sequence(self.prefix_ids, self.suffix_ids, answer_ids).ids
 
     def expected_answer_tokens(self) -> int:
         """Length of the blank: what it holds now, or the context's token rate over its steps."""
@@ -74,70 +187,97 @@ def track_bin(song: Song, track_index: int) -> int:
 
 def build_region(song: Song, start_qn: float, end_qn: float, target_tracks: Sequence[int],
                  context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> Region:
-    """Cut the song into prefix / blank / suffix around [start_qn, end_qn).
+    """Cut the song into prefix / blank / suffix around [start_qn, end_qn) (`cut_notes`).
 
     context_tokens bounds prefix + suffix together; each side gets half, and a side that needs
     less leaves the rest to the other.
     """
-    _check_request(song, start_qn, end_qn, target_tracks, context_tokens)
-    targets = tuple(sorted(set(target_tracks)))
-    start_ms, end_ms = song.tempo_map.ms_at(start_qn), song.tempo_map.ms_at(end_qn)
-    start_step, end_step = (int(s) for s in ms_to_step([start_ms, end_ms]))
-
-    notes, _ = timed_notes(song, fallback_bin=vocab.FALLBACK_BIN)
-    part = []  # 0 before the range, 1 inside, 2 after
-    clipped = []
-    for note in notes:  # ms_at is monotonic, so comparing in ms is comparing in QN
-        end_note_ms = note.start_ms + note.duration_ms
-        if note.start_ms < start_ms:
-            part.append(0)
-            end_note_ms = min(end_note_ms, start_ms)
-        elif note.start_ms < end_ms:
-            part.append(1)
-            end_note_ms = min(end_note_ms, end_ms)
-        else:
-            part.append(2)
-        clipped.append(note._replace(duration_ms=max(0.0, end_note_ms - note.start_ms)))
-    events, _ = note_events(clipped)
-    sides: tuple[list[Event], list[Event], list[Event]] = ([], [], [])
-    for event in events:
-        sides[part[event.note]].append(event)
-    prefix_events, blank_events, suffix_events = sides
-
-    prefix_ids = events_to_ids(prefix_events, until_step=start_step)
-    blank_ids = events_to_ids(blank_events, clock_step=start_step, until_step=end_step)
-    suffix_ids = events_to_ids(suffix_events, clock_step=end_step)
-    prefix_ids, suffix_ids = _bound_context(prefix_ids, suffix_ids, context_tokens)
-
-    fixed = frozenset(
-        (int(ms_to_step(note.start_ms)), note.instrument_bin, note.pitch)
-        for note, where in zip(clipped, part) if where == 1 and note.source not in targets)
-    target_bins: dict[int, tuple[int, ...]] = {}
-    for track_index in targets:
-        instrument_bin = track_bin(song, track_index)
-        target_bins[instrument_bin] = target_bins.get(instrument_bin, ()) + (track_index,)
-    pitch_centre = {}
-    for track_index in targets:
-        outside = [n.pitch for n in song.tracks[track_index].notes if not start_qn <= n.start_qn < end_qn]
-        pitch_centre[track_index] = sum(outside) / len(outside) if outside else 60.0
-    return Region(float(start_qn), float(end_qn), start_step, end_step, targets, prefix_ids, blank_ids,
-                  suffix_ids, fixed, target_bins, pitch_centre)
+    return SongCutter(song).regions(start_qn, end_qn, [target_tracks], context_tokens)[0]
 
 
-def _check_request(song: Song, start_qn, end_qn, target_tracks, context_tokens) -> None:
+class SongCutter:
+    """Regions of one song at many ranges. The song's notes are timed once, and a prefix or a
+    suffix, which depends on one boundary only, is made once for all the ranges that share it."""
+
+    def __init__(self, song: Song):
+        self.song = song
+        notes, _ = timed_notes(song, fallback_bin=vocab.FALLBACK_BIN)
+        self.notes = sorted(notes, key=lambda note: note.start_ms)
+        self.onsets_ms = np.array([note.start_ms for note in self.notes], dtype=np.float64)
+        self._prefixes: dict[float, list[int]] = {}
+        self._suffixes: dict[float, list[int]] = {}
+
+    def cut(self, start_ms: float, end_ms: float) -> Cut:
+        """cut_notes(the song's notes, start_ms, end_ms), its prefix and suffix kept for reuse."""
+        first, after = (int(i) for i in np.searchsorted(self.onsets_ms, [start_ms, end_ms], side="left"))
+        if start_ms not in self._prefixes:
+            self._prefixes[start_ms] = side_ids(self.notes[:first], 0, start_ms, end_ms)
+        if end_ms not in self._suffixes:
+            self._suffixes[end_ms] = side_ids(self.notes[after:], 2, start_ms, end_ms)
+        sides = np.repeat(np.arange(3), [first, after - first, len(self.notes) - after])
+        return Cut(self._prefixes[start_ms], side_ids(self.notes[first:after], 1, start_ms, end_ms),
+                   self._suffixes[end_ms], sides)
+
+    def regions(self, start_qn: float, end_qn: float, target_sets: Sequence[Sequence[int]],
+                context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> list[Region]:
+        """build_region of one range for each set of target tracks, from one cut (the cut does not
+        depend on the targets: every track's notes inside the range are the blank)."""
+        song = self.song
+        _check_range(start_qn, end_qn, context_tokens)
+        for target_tracks in target_sets:
+            _check_targets(song, target_tracks)
+        start_ms, end_ms = (float(t) for t in song.tempo_map.ms_at([start_qn, end_qn]))
+        start_step, end_step = (int(s) for s in ms_to_step([start_ms, end_ms]))
+        cut = self.cut(start_ms, end_ms)  # ms_at is monotonic, so comparing in ms is comparing in QN
+        prefix_ids, suffix_ids = _bound_context(cut.prefix_ids, cut.suffix_ids, context_tokens)
+        inside = [note for note, side in zip(self.notes, cut.sides.tolist()) if side == 1]
+        inside_steps = ms_to_step([note.start_ms for note in inside]).tolist()
+        regions = []
+        for target_tracks in target_sets:
+            targets = tuple(sorted(set(target_tracks)))
+            fixed = frozenset((step, note.instrument_bin, note.pitch)
+                              for note, step in zip(inside, inside_steps) if note.source not in targets)
+            target_bins: dict[int, tuple[int, ...]] = {}
+            for track_index in targets:
+                instrument_bin = track_bin(song, track_index)
+                target_bins[instrument_bin] = target_bins.get(instrument_bin, ()) + (track_index,)
+            pitch_centre = {}
+            for track_index in targets:
+                outside = [n.pitch for n in song.tracks[track_index].notes if not start_qn <= n.start_qn < end_qn]
+                pitch_centre[track_index] = sum(outside) / len(outside) if outside else 60.0
+            regions.append(Region(float(start_qn), float(end_qn), start_step, end_step, targets, prefix_ids,
+                                  cut.blank_ids, suffix_ids, fixed, target_bins, pitch_centre))
+        return regions
+
+
+def region_in_window(song: Song, start_qn: float, end_qn: float, target_tracks: Sequence[int], window_tokens: int,
+                     blank_tokens: Callable[[Region], int] = Region.expected_answer_tokens) -> Region:
+    """The region whose prefix + blank + suffix fits window_tokens (a model's window), the blank
+    counted by blank_tokens: context is cut first, down to a quarter of the window."""
+    region = build_region(song, start_qn, end_qn, target_tracks, window_tokens)
+    n_blank = blank_tokens(region)
+    if len(region.prefix_ids) + len(region.suffix_ids) + n_blank > window_tokens:
+        region = build_region(song, start_qn, end_qn, target_tracks, max(window_tokens // 4, window_tokens - n_blank))
+    return region
+
+
+def _check_range(start_qn, end_qn, context_tokens) -> None:
     if not (math.isfinite(start_qn) and math.isfinite(end_qn)):
         raise RegionError(f"range [{start_qn}, {end_qn}) is not finite")
     if start_qn < 0:
         raise RegionError(f"range starts at QN {start_qn}, before the start of the song")
     if end_qn <= start_qn:
         raise RegionError(f"range [{start_qn}, {end_qn}) is empty: its end must come after its start")
+    if context_tokens < 0:
+        raise RegionError(f"context budget {context_tokens} tokens is negative")
+
+
+def _check_targets(song: Song, target_tracks) -> None:
     if not target_tracks:
         raise RegionError("no target track: name at least one track to infill")
     for track_index in target_tracks:
         if not 0 <= track_index < len(song.tracks):
             raise RegionError(f"target track {track_index} does not exist (the song has {len(song.tracks)} tracks)")
-    if context_tokens < 0:
-        raise RegionError(f"context budget {context_tokens} tokens is negative")
 
 
 def _bound_context(prefix_ids: list[int], suffix_ids: list[int], budget: int) -> tuple[list[int], list[int]]:

@@ -57,7 +57,7 @@ def test_baselines_stay_inside_the_range_and_are_deterministic(path, system):
     for index, blank in enumerate(blanks):
         hidden = evaluate.masked_song(song, blank, targets)
         infill = system.infill(hidden, blank, targets, np.random.default_rng(index))
-        evaluate.check_infill(system.name, infill, blank, targets)
+        evaluate.check_infill(system.name, infill, blank.start_qn, blank.end_qn, targets)
         assert set(infill) == set(targets)
         assert any(infill.values())
         for notes in infill.values():
@@ -101,9 +101,9 @@ def test_check_infill_refuses_notes_outside_the_range():
     blank = blanks[0]
     note = song.tracks[0].notes[0]._replace(start_qn=blank.end_qn - 0.5, duration_qn=1.0)
     with pytest.raises(ValueError, match="outside"):
-        evaluate.check_infill("test", {0: [note]}, blank, targets)
+        evaluate.check_infill("test", {0: [note]}, blank.start_qn, blank.end_qn, targets)
     with pytest.raises(ValueError, match="not a target"):
-        evaluate.check_infill("test", {7: []}, blank, targets)
+        evaluate.check_infill("test", {7: []}, blank.start_qn, blank.end_qn, targets)
 
 
 def test_ground_truth_nll_under_a_uniform_model():

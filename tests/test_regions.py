@@ -2,17 +2,21 @@
 
 import random
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cmi_daemon import vocab
 from cmi_daemon.annotations import bar_lines_qn
+from cmi_daemon.dil.examples import piece
+from cmi_daemon.engine import blank_positions
 from cmi_daemon.errors import RegionError
-from cmi_daemon.regions import answer_notes, apply_answer, build_region
+from cmi_daemon.regions import SongCutter, answer_notes, apply_answer, build_region, ilm_parts, jepa_sequence
 from cmi_daemon.tempo import TempoMap
-from cmi_daemon.tokens import Note, Song, Track, read_midi
-from conftest import POP909_FIXTURES, shared_data
+from cmi_daemon.tokens import Note, Song, Track, ms_to_step, read_midi, tokenize
+from conftest import ALL_FIXTURES, POP909_FIXTURES, shared_data
+from training import batches
 
 
 ONSET_TOLERANCE_MS = vocab.WAIT_STEP_MS / 2 + 1e-6
@@ -93,6 +97,45 @@ def test_ilm_sequence_layout():
     assert region.expected_answer_tokens() == len(region.blank_ids)
 
 
+@pytest.mark.parametrize("path", ALL_FIXTURES, ids=lambda p: p.name)
+def test_a_training_example_of_a_song_is_the_region_the_engine_builds(path):
+    """Training cuts the song's token stream at a range's steps; the engine cuts the song. Both
+    give the same prefix, blank and suffix, ILM sequence and JEPA sequence (as the engine's graphs,
+    the evaluation's conditioning and DIL read it), except where a note starts within half a wait
+    step before a boundary: the token stream has it at the boundary, the song before it."""
+    song = read_midi(path)
+    assert all(track.instrument_bin is not None for track in song.tracks), "tokens would drop a track"
+    encoding = tokenize(song)
+    first_step = encoding.events[0].step
+    onsets_ms = np.array([note.start_ms for note in encoding.notes])
+    lines_qn = bar_lines_qn(song, path)[0]
+    everything = list(range(len(song.tracks)))
+    ranges = [(lines_qn[first], lines_qn[first + bars]) for bars in (1, 2, 4)
+              for first in range(0, len(lines_qn) - bars, 4)]
+    compared = 0
+    for start_qn, end_qn in ranges:
+        region = build_region(song, start_qn, end_qn, everything, context_tokens=10 ** 6)
+        if any(np.any((onsets_ms < song.tempo_map.ms_at(qn)) & (ms_to_step(onsets_ms) >= step))
+               for qn, step in ((start_qn, region.start_step), (end_qn, region.end_step))):
+            continue
+        split = batches.cut_at_steps(encoding.ids, region.start_step - first_step, region.end_step - first_step)
+        assert (split.prefix, split.blank, split.suffix) == (region.prefix_ids, region.blank_ids, region.suffix_ids)
+        assert batches.ilm_example(split).ids == region.ilm_ids(region.blank_ids)
+        jepa = batches.jepa_example(split)
+        target_mask = np.array(jepa.target_mask)
+        context_ids, context_positions, target_positions = blank_positions(region, len(region.blank_ids))
+        assert context_ids.tolist() == np.array(jepa.ids)[~target_mask].tolist()
+        assert context_positions.tolist() == np.flatnonzero(~target_mask).tolist()
+        assert target_positions.tolist() == np.flatnonzero(target_mask).tolist()
+        prefix, suffix, answer = ilm_parts(region.ilm_ids(region.blank_ids))  # the evaluation's conditioning
+        conditioned = jepa_sequence(prefix, answer, suffix)
+        rejected = piece(song, start_qn, end_qn, everything, 10 ** 6)
+        for sequence in (conditioned, rejected):
+            assert list(sequence.token_ids) == jepa.ids and sequence.blank.tolist() == jepa.target_mask
+        compared += 1
+    assert compared >= 0.8 * len(ranges)
+
+
 def test_context_budget_bounds_prefix_and_suffix():
     song = read_midi(POP909_FIXTURES[0])
     full = build_region(song, 40.0, 48.0, [2], context_tokens=100_000)
@@ -115,6 +158,33 @@ def test_notes_sounding_into_the_range_are_seen_ending_at_its_start():
     assert vocab.ids_to_text(region.prefix_ids) == "pi:3c:a t125 pi:3c:0"
     assert vocab.ids_to_text(region.blank_ids) == "t125 pi:40:a t63 pi:40:0 t62"
     assert apply_answer(song, region, []).tracks[0].notes == [Note(0.0, 8.0, 60, 100)]
+
+
+@pytest.mark.parametrize("boundary_qn", [8.0, 12.0], ids=["range start", "range end"])
+def test_notes_of_one_key_in_one_step_across_a_boundary_stay_on_their_sides(boundary_qn):
+    """POP909 train/008 bar 24: the melody plays a note 3.5 ms before the bar line, the bridge the
+    same pitch 0.3 ms after it. Both start in one 8 ms step; merged into one note, the earlier
+    side carried the later note's end past the boundary ("a gap cannot be negative")."""
+    song = Song([Track("melody", 0, False, [Note(2.0, 1.0, 72, 90), Note(boundary_qn - 0.007, 0.25, 77, 100)]),
+                 Track("bridge", 0, False, [Note(boundary_qn + 0.0006, 1.5, 77, 90), Note(14.0, 1.0, 67, 90)])],
+                TempoMap.constant(120))
+    for targets in ([0], [0, 1]):
+        build_region(song, 8.0, 12.0, targets)
+    region = assert_blank_reproduced(song, 8.0, 12.0, [1])
+    after = region.blank_ids if boundary_qn == 8.0 else region.suffix_ids
+    before = region.prefix_ids if boundary_qn == 8.0 else region.blank_ids
+    assert vocab.ids_to_text(after).startswith("pi:4d:9 t94 pi:4d:0")  # the later note starts its side, whole
+    assert vocab.ids_to_text(before).endswith("pi:4d:a pi:4d:0")  # the earlier one ends at the boundary
+
+
+def test_pop909_song_that_crossed_a_boundary_builds_every_range():
+    path = shared_data("pop909/train") / "008" / "008.mid"
+    song = read_midi(path)
+    downbeats = bar_lines_qn(song, path)[0]
+    for first, bars in ((23, 1), (22, 2), (20, 4), (16, 8)):  # each raised before
+        for region in SongCutter(song).regions(downbeats[first], downbeats[first + bars], [[0, 1, 2], [0], [1], [2]]):
+            assert sum(vocab.wait_steps(t) for t in region.blank_ids) == region.n_steps
+            assert sum(vocab.wait_steps(t) for t in region.prefix_ids) <= region.start_step
 
 
 def test_other_tracks_inside_the_range_are_context_not_answer():

@@ -8,12 +8,13 @@ by index without talking to each other.
 A blank is one of two kinds, mixed by `BlankConfig.time_aligned_fraction`:
 - a random token span (the paper's masking): one contiguous span covering 10-80 % of the window;
 - a time-aligned blank, what a musician selects: it starts at a note onset and covers k seconds
-  of music, read off the wait tokens. It is cut like `cmi_daemon.regions` cuts a song: notes
-  starting before the blank are kept whole but end at its start, notes starting inside it are
-  the answer and end by its end, the rest is the suffix; the prefix ends with waits up to the
-  blank start, the answer's waits end exactly at the blank end, the suffix continues from there.
-  The cut reuses the tokenizer's own note_events / events_to_ids, so the token order is the one
-  the daemon produces at inference.
+  of music, read off the wait tokens. It is cut by `cmi_daemon.regions.cut_notes`, the cut the
+  daemon makes of a song: notes starting before the blank are kept whole but end at its start,
+  notes starting inside it are the answer and end by its end, the rest is the suffix; the prefix
+  ends with waits up to the blank start, the answer's waits end exactly at the blank end, the
+  suffix continues from there.
+The ILM and JEPA sequences of a split are `regions.ilm_sequence` and `regions.jepa_sequence`, the
+layouts the engine, the evaluation and DIL use.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import numpy as np
 import torch
 
 from cmi_daemon import vocab
-from cmi_daemon.tokens import decode_ids, events_to_ids, note_events
+from cmi_daemon.regions import cut_notes, ilm_sequence, jepa_sequence
+from cmi_daemon.tokens import decode_ids
 
 N_ILM_SPECIAL_TOKENS = 3
 """<mask>, <sep> and <ans> added to a window to make an ILM sequence."""
@@ -89,24 +91,10 @@ def random_span(window: Sequence[int], rng: np.random.Generator, config: BlankCo
 
 
 def cut_at_steps(window: Sequence[int], start_step: int, end_step: int) -> Split:
-    """Region-style cut of a token window (clock 0 at its first token) at [start_step, end_step)."""
-    notes = decode_ids(window)
-    parts, clipped = [], []
-    for note in notes:
-        on_step = round(note.start_ms / vocab.WAIT_STEP_MS)
-        off_step = round((note.start_ms + note.duration_ms) / vocab.WAIT_STEP_MS)
-        part = 0 if on_step < start_step else 1 if on_step < end_step else 2
-        if part < 2:
-            off_step = min(off_step, start_step if part == 0 else end_step)
-        parts.append(part)
-        clipped.append(note._replace(duration_ms=(off_step - on_step) * vocab.WAIT_STEP_MS))
-    events, _ = note_events(clipped)
-    sides: tuple[list, list, list] = ([], [], [])
-    for event in events:
-        sides[parts[event.note]].append(event)
-    return Split(events_to_ids(sides[0], until_step=start_step),
-                 events_to_ids(sides[1], clock_step=start_step, until_step=end_step),
-                 events_to_ids(sides[2], clock_step=end_step), True)
+    """The region cut (`regions.cut_notes`) of a token window (clock 0 at its first token) at
+    [start_step, end_step)."""
+    cut = cut_notes(decode_ids(window), start_step * vocab.WAIT_STEP_MS, end_step * vocab.WAIT_STEP_MS)
+    return Split(cut.prefix_ids, cut.blank_ids, cut.suffix_ids, True)
 
 
 def time_aligned_span(window: Sequence[int], rng: np.random.Generator, config: BlankConfig):
@@ -191,13 +179,12 @@ def ilm_example(split: Split) -> ILMExample:
     keep the generator a good continuation model of the music around the blank; the answer is
     still where conditioning matters, and dev NLL is measured on the answer and <ans> alone.
     """
-    n_prefix, n_suffix, n_answer = len(split.prefix), len(split.suffix), len(split.blank)
-    ids = [*split.prefix, vocab.MASK_ID, *split.suffix, vocab.SEP_ID, *split.blank, vocab.ANS_ID]
-    answer_start = n_prefix + n_suffix + 2
-    answer_mask = [position >= answer_start for position in range(1, len(ids))]
-    not_trained = {n_prefix, n_prefix + n_suffix + 1}  # positions of <mask> and <sep>
+    sequence = ilm_sequence(split.prefix, split.suffix, split.blank)
+    ids = sequence.ids
+    answer_mask = [position >= sequence.answer_start for position in range(1, len(ids))]
+    not_trained = {sequence.mask_at, sequence.sep_at}
     loss_mask = [position not in not_trained for position in range(1, len(ids))]
-    assert len(ids) == n_prefix + n_suffix + n_answer + N_ILM_SPECIAL_TOKENS
+    assert len(ids) == len(split.prefix) + len(split.suffix) + len(split.blank) + N_ILM_SPECIAL_TOKENS
     return ILMExample(ids, loss_mask, answer_mask)
 
 
@@ -208,9 +195,8 @@ class JEPAExample(NamedTuple):
 
 
 def jepa_example(split: Split) -> JEPAExample:
-    ids = [*split.prefix, *split.blank, *split.suffix]
-    start, end = len(split.prefix), len(split.prefix) + len(split.blank)
-    return JEPAExample(ids, [start <= position < end for position in range(len(ids))])
+    sequence = jepa_sequence(split.prefix, split.blank, split.suffix)
+    return JEPAExample(list(sequence.token_ids), sequence.blank.tolist())
 
 
 def pad(rows: Sequence[Sequence], value, dtype) -> torch.Tensor:

@@ -27,6 +27,7 @@ from cmi_daemon import vocab
 from cmi_daemon.annotations import bar_lines_qn
 from cmi_daemon.errors import MidiFileError
 from cmi_daemon.files import write_bytes_atomic
+from cmi_daemon.regions import ilm_sequence
 from cmi_daemon.tokens import Note, Song, read_midi
 from training import metrics
 from training.baselines import BASELINES, Blank, InfillSystem, notes_in_range
@@ -145,15 +146,15 @@ def ground_truth_infill(song: Song, blank: Blank, targets: Sequence[int]) -> dic
     return {t: notes_in_range(song.tracks[t].notes, blank.start_qn, blank.end_qn) for t in targets}
 
 
-def check_infill(system_name: str, infill: dict[int, list[Note]], blank: Blank, targets: Sequence[int]) -> None:
-    """Refuse an answer with notes outside the range or on tracks that are not targets."""
+def check_infill(system_name: str, infill: dict[int, list[Note]], start_qn: float, end_qn: float,
+                 targets: Sequence[int]) -> None:
+    """Refuse an answer with notes outside [start_qn, end_qn) or on tracks that are not targets."""
     for track_index, notes in infill.items():
         if track_index not in targets:
             raise ValueError(f"{system_name} wrote notes on track {track_index}, which is not a target {tuple(targets)}")
         for note in notes:
-            if not (blank.start_qn <= note.start_qn < blank.end_qn
-                    and note.start_qn + note.duration_qn <= blank.end_qn + 1e-9):
-                raise ValueError(f"{system_name} put a note outside [{blank.start_qn}, {blank.end_qn}): {note}")
+            if not (start_qn <= note.start_qn < end_qn and note.start_qn + note.duration_qn <= end_qn + 1e-9):
+                raise ValueError(f"{system_name} put a note outside [{start_qn}, {end_qn}): {note}")
 
 
 def infill_metrics(song: Song, blank: Blank, targets: Sequence[int], infill: dict[int, list[Note]],
@@ -178,9 +179,9 @@ def blank_nll_bits(system, song: Song, blank: Blank, targets: Sequence[int]) -> 
     """Bits per token and per note of the ground-truth answer of the blank, teacher-forced, in the
     region the system itself would infill (its context window)."""
     region = system.region(song, blank.start_qn, blank.end_qn, targets)
-    answer_start = len(region.prefix_ids) + 1 + len(region.suffix_ids) + 1
+    sequence = ilm_sequence(region.prefix_ids, region.suffix_ids, region.blank_ids)
+    ilm_ids, answer_start = sequence.ids, sequence.answer_start
     n_notes = sum(1 for t in region.blank_ids if vocab.is_note(t) and vocab.note_fields(t)[2] > 0)
-    ilm_ids = region.ilm_ids(region.blank_ids)
     per_token, per_note = metrics.nll_bits(system.logprob_fn, ilm_ids, answer_start, n_notes)
     values = {"bits_per_token": per_token, "bits_per_note": per_note}
     if getattr(system, "conditioned", False):
@@ -237,7 +238,7 @@ def evaluate_song(path: Path, systems: Sequence[InfillSystem], n_blanks: int, se
         infills = {}
         for system_index, system in enumerate(systems):
             infill = system.infill(hidden, blank, targets, system_rng(seed, song_id, blank_index, system_index))
-            check_infill(system.name, infill, blank, targets)
+            check_infill(system.name, infill, blank.start_qn, blank.end_qn, targets)
             infills[system.name] = [n for notes in infill.values() for n in notes]
             result.values[system.name] = infill_metrics(song, blank, targets, infill, truth)
             if hasattr(system, "logprob_fn"):

@@ -15,7 +15,7 @@ import torch
 from cmi_daemon import vocab
 from cmi_daemon.bundle import load_torch_models
 from cmi_daemon.engine import Engine, InfillOptions
-from cmi_daemon.regions import Region
+from cmi_daemon.regions import Region, ilm_parts, jepa_sequence
 from cmi_daemon.tokens import Note, Song
 from training.baselines import Blank
 
@@ -43,13 +43,10 @@ class ModelSystem:
 
     def conditioning(self, ilm_ids: Sequence[int]):
         """The JEPA conditioning vector (1, E) of an ILM sequence: its answer is the blank."""
-        mask_at, sep_at = ilm_ids.index(vocab.MASK_ID), ilm_ids.index(vocab.SEP_ID)
-        prefix, suffix = ilm_ids[:mask_at], ilm_ids[mask_at + 1:sep_at]
-        blank = [t for t in ilm_ids[sep_at + 1:] if t != vocab.ANS_ID] or [vocab.PAD_ID]
-        token_ids = torch.tensor([prefix + blank + suffix])
-        target_mask = torch.zeros_like(token_ids, dtype=torch.bool)
-        target_mask[0, len(prefix):len(prefix) + len(blank)] = True
-        return self.jepa.conditioning(token_ids, ~target_mask, target_mask)
+        prefix, suffix, answer = ilm_parts(ilm_ids)
+        sequence = jepa_sequence(prefix, answer or [vocab.PAD_ID], suffix)
+        target_mask = torch.from_numpy(sequence.blank)[None]
+        return self.jepa.conditioning(torch.tensor([sequence.token_ids]), ~target_mask, target_mask)
 
     @property
     def conditioned(self) -> bool:

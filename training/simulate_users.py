@@ -50,11 +50,12 @@ from cmi_daemon.bench import window_song
 from cmi_daemon.bundle import load_torch_jepa
 from cmi_daemon.dil.adapter import ProfileModel
 from cmi_daemon.dil.settings import DILSettings
-from cmi_daemon.dil.examples import Piece, neutral_span, piece, song_with_content
+from cmi_daemon.dil.examples import neutral_span, piece, song_with_content
 from cmi_daemon.dil.learner import served_initializers, trainable_keys
 from cmi_daemon.engine import Engine, InfillOptions
 from cmi_daemon.errors import CMIError
 from cmi_daemon.files import write_bytes_atomic
+from cmi_daemon.regions import JEPASequence
 from cmi_daemon.tokens import Song, read_midi
 from training import metrics
 from training.baselines import Blank
@@ -116,7 +117,7 @@ class Evaluator:
         self.jepa = jepa
 
     @torch.no_grad()
-    def features(self, piece_: Piece, span: tuple[int, int]) -> np.ndarray:
+    def features(self, piece_: JEPASequence, span: tuple[int, int]) -> np.ndarray:
         representations = self.jepa.target_representations(torch.tensor([piece_.token_ids]))[0]
         return representations[span[0]:span[1]].mean(dim=0).numpy()
 
@@ -151,21 +152,21 @@ class SimulatedSystem:
         if any(step()["stepped"] for _ in range(self.settings.steps_per_signal)):
             self.engine.install_profile_weights(PROFILE, self.model.graph_weights(self.initializers))
 
-    def reject(self, rejected: Piece, neutral: Optional[tuple[int, int]]) -> None:
+    def reject(self, rejected: JEPASequence, neutral: Optional[tuple[int, int]]) -> None:
         if self.strategy in ("iteration", "both") and neutral is not None:
             self._steps(lambda: self.model.iteration_step(rejected, neutral))
 
-    def accept(self, accepted: Piece, first: Piece) -> None:
+    def accept(self, accepted: JEPASequence, first: JEPASequence) -> None:
         if self.strategy in ("sample", "both") and accepted.token_ids != first.token_ids:
             self._steps(lambda: self.model.sample_step(accepted, first))
 
 
-def case_piece(case: Case, content: dict, window: int) -> Piece:
+def case_piece(case: Case, content: dict, window: int) -> JEPASequence:
     song = song_with_content(case.song, case.blank.start_qn, case.blank.end_qn, content)
     return piece(song, case.blank.start_qn, case.blank.end_qn, case.targets, window)
 
 
-def satisfied_span(original: Piece, rng: np.random.Generator, window: int) -> tuple[int, int]:
+def satisfied_span(original: JEPASequence, rng: np.random.Generator, window: int) -> tuple[int, int]:
     """The paper user's satisfied part as (tokens back from the blank start, length): a stretch of the
     original blank's token length inside the last eighth of the window before the blank (the
     prefix keeps at least that much, however long the infill: examples.piece cuts the context
@@ -175,13 +176,13 @@ def satisfied_span(original: Piece, rng: np.random.Generator, window: int) -> tu
     return int(rng.integers(0, reachable - length + 1)), length
 
 
-def span_before_blank(piece_: Piece, back: tuple[int, int]) -> tuple[int, int]:
+def span_before_blank(piece_: JEPASequence, back: tuple[int, int]) -> tuple[int, int]:
     offset, length = back
     end = max(1, piece_.blank_start - offset)
     return max(0, end - length), end
 
 
-def neutral_blank_distance(evaluator: Evaluator, piece_: Piece, back: tuple[int, int]) -> float:
+def neutral_blank_distance(evaluator: Evaluator, piece_: JEPASequence, back: tuple[int, int]) -> float:
     """Diff(f_neu, f_dis) of eq. 4: Euclidean distance between the target-encoder features of the
     neutral span and of the blank."""
     return float(np.linalg.norm(evaluator.features(piece_, span_before_blank(piece_, back))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..model.jepa import JEPA
-from .examples import Piece
+from ..regions import JEPASequence
 from .losses import iteration_loss, sample_loss
 from .settings import DILSettings
 
@@ -80,7 +80,7 @@ class ProfileModel:
     def _tensor(self, values) -> torch.Tensor:
         return torch.as_tensor(np.asarray(values), device=self.device)[None]
 
-    def iteration_step(self, rejected: Piece, neutral: tuple[int, int]) -> dict:
+    def iteration_step(self, rejected: JEPASequence, neutral: tuple[int, int]) -> dict:
         """One eq. 2 step on the piece holding the rejected content; returns the loss terms before it."""
         token_ids = self._tensor(rejected.token_ids)
         unsatisfied = self._tensor(rejected.blank)
@@ -92,7 +92,7 @@ class ProfileModel:
         terms["stepped"] = self._apply(loss)
         return terms
 
-    def sample_step(self, accepted: Piece, first: Piece) -> dict:
+    def sample_step(self, accepted: JEPASequence, first: JEPASequence) -> dict:
         """One eq. 3 step: accepted version positive, first version negative."""
         token_ids = self._tensor(accepted.token_ids)
         blank = self._tensor(accepted.blank)

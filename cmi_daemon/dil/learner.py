@@ -33,8 +33,9 @@ import torch
 from ..bundle import JEPA_WEIGHTS, load_torch_jepa
 from ..device import choose_device
 from ..model.jepa import JEPA
+from ..regions import JEPASequence
 from .adapter import TRAINED_MODULES, ProfileModel, graph_weight_key, graph_weights
-from .examples import Piece, neutral_span, piece, song_with_content
+from .examples import neutral_span, piece, song_with_content
 from .settings import DILSettings
 from .store import ProfileStore
 
@@ -223,7 +224,7 @@ class Learner:
             self.last_rejected.pop(session, None)
         log.info("DIL: profile %s reset to the base model", profile)
 
-    def _piece(self, request, content: dict) -> Piece:
+    def _piece(self, request, content: dict) -> JEPASequence:
         song = song_with_content(request.song, request.start_qn, request.end_qn, content)
         return piece(song, request.start_qn, request.end_qn, request.target_tracks, self.window_tokens)
 
