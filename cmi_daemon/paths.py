@@ -62,6 +62,15 @@ def data_dir() -> Path:
     return Path(appdirs.user_data_dir(APP_NAME))
 
 
+def cache_dir() -> Path:
+    """Files that can be rebuilt at any time (compiled kernels)."""
+    home = _home()
+    if home is not None:
+        return home / "cache"
+    import appdirs
+    return Path(appdirs.user_cache_dir(APP_NAME))
+
+
 def connection_file() -> Path:
     return state_dir() / CONNECTION_FILE_NAME
 

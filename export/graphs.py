@@ -46,12 +46,7 @@ POSITION_TABLE_TOLERANCE = 1e-6
 
 def generator_hidden(generator: RWKVGenerator, token_ids, state, cond):
     """(ln_out output, new state) for token_ids (B,) or (B, T): the generator without its head."""
-    x = generator.embed(token_ids, cond)
-    new_states = []
-    for layer_id, block in enumerate(generator.blocks):
-        x, layer_state = block(x, state[layer_id], WKV_CHUNK_LEN)
-        new_states.append(layer_state)
-    return generator.ln_out(x), torch.stack(new_states)
+    return generator.hidden(token_ids, state, cond, WKV_CHUNK_LEN)
 
 
 class StepGraph(nn.Module):

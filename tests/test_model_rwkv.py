@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cmi_daemon.model import wkv_kernel
 from cmi_daemon.model.config import GeneratorConfig, preset
-from cmi_daemon.model.rwkv import RWKVGenerator, load_blinkdl_checkpoint
+from cmi_daemon.model.rwkv import RWKVGenerator, load_blinkdl_checkpoint, wkv_chunked, wkv_step
 from cmi_daemon.vocab import FIRST_NOTE_ID, LAST_NOTE_ID, LAST_WAIT_ID, PUBLIC_VOCAB_SIZE, VOCAB_SIZE
 from conftest import FIXTURES, SHARED_DATA
 
@@ -290,3 +291,113 @@ def test_parallel_gradients_match_recurrent_gradients():
         gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
     for name, parallel_grad in gradients[0].items():
         assert torch.allclose(parallel_grad, gradients[1][name], rtol=1e-3, atol=1e-5), name
+
+
+# --- the CPU WKV kernel ---------------------------------------------------------------------------
+
+
+def wkv_inputs(dtype, batch: int, n_tokens: int, n_channels: int, seed: int = 0):
+    """Decays from slow to very fast, large keys, and a carried-in state that is not empty."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = lambda *shape: torch.randn(*shape, generator=generator, dtype=dtype)  # noqa: E731
+    decay = (torch.linspace(-6.0, 4.0, n_channels, dtype=dtype) + 0.5 * noise(n_channels)).requires_grad_()
+    u = noise(n_channels).requires_grad_()
+    k, v = (3 * noise(batch, n_tokens, n_channels)).requires_grad_(), noise(batch, n_tokens, n_channels).requires_grad_()
+    state = (noise(batch, n_channels), noise(batch, n_channels).abs() + 0.1, noise(batch, n_channels))
+    return decay, u, k, v, state
+
+
+def kernel_wkv(decay, u, k, v, state):
+    return wkv_kernel.WKV.apply(-torch.exp(decay), u, k, v, *state)
+
+
+def chunked_wkv(decay, u, k, v, state):
+    return wkv_chunked(-torch.exp(decay), u, k, v, *state)
+
+
+def values_and_gradients(wkv, inputs, grad_y):
+    decay, u, k, v, state = inputs
+    y, aa, bb, pp = wkv(decay, u, k, v, state)
+    gradients = torch.autograd.grad((y * grad_y).sum(), (decay, u, k, v))
+    # The state as the true numerator and denominator: the two paths may pick other scales.
+    return (y.detach(), (aa * torch.exp(pp)).detach(), (bb * torch.exp(pp)).detach(), *gradients)
+
+
+@pytest.fixture
+def kernel():
+    if wkv_kernel.library() is None:
+        pytest.skip(f"the CPU WKV kernel cannot be built here: {wkv_kernel.problem()}")
+
+
+def test_wkv_kernel_matches_the_chunked_torch_path_in_float64(kernel):
+    inputs = wkv_inputs(torch.float64, 3, 70, 130)  # 130 channels: two full blocks of 64 and a partial one
+    grad_y = torch.randn(inputs[2].shape, dtype=torch.float64)
+    names = ("wkv", "numerator", "denominator", "d decay", "d u", "d k", "d v")
+    for name, ours, reference in zip(names, values_and_gradients(kernel_wkv, inputs, grad_y),
+                                     values_and_gradients(chunked_wkv, inputs, grad_y)):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10 * float(reference.abs().max()), msg=name)
+
+
+def test_wkv_kernel_gradients_match_finite_differences(kernel):
+    decay, u, k, v, state = wkv_inputs(torch.float64, 2, 9, 5, seed=1)
+    assert torch.autograd.gradcheck(lambda *x: kernel_wkv(*x, state)[0], (decay, u, k, v))
+
+
+def stepped_wkv(decay, u, k, v, state):
+    """The recurrence token by token with wkv_step, as decoding runs it."""
+    w, (aa, bb, pp), outputs = -torch.exp(decay), state, []
+    for t in range(k.shape[1]):
+        y, aa, bb, pp = wkv_step(w, u, k[:, t], v[:, t], aa, bb, pp)
+        outputs.append(y)
+    return torch.stack(outputs, dim=1), aa, bb, pp
+
+
+def test_wkv_kernel_in_float32_computes_the_decoders_recurrence(kernel):
+    """In fp32 the kernel rounds as the token-by-token recurrence does (errors that grow with the
+    sequence, 2-4e-5 of the largest value after 400 slowly decaying tokens, where the chunked path
+    stays near 1e-6), and both stay within 1e-4 of the exact (float64) result."""
+    exact = wkv_inputs(torch.float64, 2, 400, 96, seed=2)
+    single = tuple(x.float().detach().requires_grad_() for x in exact[:4]) + (tuple(s.float() for s in exact[4]),)
+    grad_y = torch.randn(exact[2].shape, dtype=torch.float64)
+    names = ("wkv", "numerator", "denominator", "d decay", "d u", "d k", "d v")
+    for name, ours, stepped, reference in zip(names, values_and_gradients(kernel_wkv, single, grad_y.float()),
+                                              values_and_gradients(stepped_wkv, single, grad_y.float()),
+                                              values_and_gradients(chunked_wkv, exact, grad_y)):
+        scale = float(reference.abs().max())
+        torch.testing.assert_close(ours, stepped, rtol=0, atol=2e-6 * scale, msg=name)
+        assert float((ours.double() - reference).abs().max()) <= 1e-4 * scale, name
+
+
+def test_a_training_step_has_the_same_gradients_with_and_without_the_kernel(kernel):
+    model = randomize_(RWKVGenerator(tiny_config(conditioned=True)), seed=6)
+    token_ids = torch.randint(0, VOCAB_SIZE, (3, 150), generator=torch.Generator().manual_seed(6))
+    cond = torch.randn(3, model.config.cond_in_dim)
+    gradients = []
+    for use_kernel in (True, False):
+        model.use_wkv_kernel(use_kernel).zero_grad()
+        logits, _ = model(token_ids, cond=cond)
+        logits.logsumexp(-1).mean().backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    for name, with_kernel in gradients[0].items():
+        reference = gradients[1][name]
+        torch.testing.assert_close(with_kernel, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()),
+                                   msg=name)
+
+
+def test_without_a_compiler_the_model_falls_back_to_the_torch_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing cached: a build is needed
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    model = randomize_(RWKVGenerator(tiny_config(conditioned=False)), seed=7)
+    token_ids = torch.randint(0, VOCAB_SIZE, (2, 40))
+    wkv_kernel.forget()
+    try:
+        with pytest.warns(RuntimeWarning, match="CPU WKV kernel is not available .*no-such-compiler"):
+            logits, _ = model(token_ids)
+        assert wkv_kernel.library() is None and "no-such-compiler" in wkv_kernel.problem()
+        logits.logsumexp(-1).mean().backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        with torch.no_grad():
+            assert torch.equal(logits, model.use_wkv_kernel(False)(token_ids)[0])
+    finally:
+        wkv_kernel.forget()
+    assert not list(tmp_path.glob("*.so"))

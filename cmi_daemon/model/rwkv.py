@@ -1,9 +1,11 @@
 """RWKV-4 generator with JEP conditioning, in the public RWKV-4 checkpoint layout.
 
 One definition runs two ways that compute the same function:
-- `forward`: a whole (B, T) batch at once, for training and prompt prefill. The WKV recurrence
-  is evaluated chunk by chunk: inside a chunk with (T x T) log-space weights, across chunks
-  through the carried state. No Python loop per token.
+- `forward`: a whole (B, T) batch at once, for training and prompt prefill. On the CPU the WKV
+  recurrence runs in a C++ kernel (wkv_kernel, wkv_cpu.cpp) with its own backward; elsewhere,
+  when the kernel cannot be built, under ONNX export and when gradients must reach the carried-in
+  state, it is evaluated chunk by chunk: inside a chunk with (T x T) log-space weights, across
+  chunks through the carried state. No Python loop per token either way.
 - `step`: one token per sequence, (B,) -> (B, V), for decoding; plain tensors in and out so
   it exports to ONNX.
 
@@ -32,6 +34,7 @@ import math
 import torch
 import torch.nn as nn
 
+from cmi_daemon.model import wkv_kernel
 from cmi_daemon.model.config import GeneratorConfig
 from cmi_daemon.vocab import PUBLIC_VOCAB_SIZE, VOCAB_SIZE
 
@@ -127,6 +130,7 @@ class TimeMix(nn.Module):
         self.value = nn.Linear(n_embd, n_embd, bias=False)
         self.receptance = nn.Linear(n_embd, n_embd, bias=False)
         self.output = nn.Linear(n_embd, n_embd, bias=False)
+        self.use_kernel = True  # sequences go through the CPU WKV kernel where it applies
 
     def forward(self, xx, x_prev, aa, bb, pp, chunk_len: int = WKV_CHUNK_LEN):
         """xx: ln1 output, (B, T, C) or one step (B, C). Returns (out, last xx, aa, bb, pp)."""
@@ -140,7 +144,10 @@ class TimeMix(nn.Module):
             last_xx = xx
         else:
             with torch.autocast(device_type=xx.device.type, enabled=False):
-                wkv, aa, bb, pp = wkv_chunked(w, u, k, v, aa, bb, pp, chunk_len)
+                if self.use_kernel and wkv_kernel.applicable(k, aa, bb, pp):
+                    wkv, aa, bb, pp = wkv_kernel.WKV.apply(w, u, k, v, aa, bb, pp)
+                else:
+                    wkv, aa, bb, pp = wkv_chunked(w, u, k, v, aa, bb, pp, chunk_len)
             last_xx = xx[:, -1]
         return self.output(r * wkv.to(r.dtype)), last_xx, aa, bb, pp
 
@@ -246,6 +253,12 @@ class RWKVGenerator(nn.Module):
         self.cond_mean.copy_(vectors.mean(dim=0))
         self.cond_inv_std.copy_(1.0 / std.clamp(min=COND_STD_FLOOR_FRACTION * float(std.mean())))
 
+    def use_wkv_kernel(self, enabled: bool) -> "RWKVGenerator":
+        """Whether sequences use the CPU WKV kernel where it applies (default) or always wkv_chunked."""
+        for block in self.blocks:
+            block.att.use_kernel = enabled
+        return self
+
     def empty_state(self, batch_size: int, device=None) -> torch.Tensor:
         """State before any token: zeros, and pp = EMPTY_LOG_SCALE."""
         state = torch.zeros(self.config.n_layer, N_STATE_FIELDS, batch_size, self.config.n_embd,
@@ -266,12 +279,17 @@ class RWKVGenerator(nn.Module):
             projected = projected[:, None].expand(-1, x.shape[1], -1)
         return self.cond_fuse(torch.cat([x, projected.to(x.dtype)], dim=-1))
 
-    def _run(self, x, state, chunk_len: int):
+    def hidden(self, token_ids, state, cond=None, chunk_len: int = WKV_CHUNK_LEN):
+        """The generator without its head: token_ids (B,) or (B, T) -> (ln_out output, new state).
+
+        Training applies the head itself (training.losses), to the positions it trains on.
+        """
+        x = self.embed(token_ids, cond)
         new_states = []
         for layer_id, block in enumerate(self.blocks):
             x, layer_state = block(x, state[layer_id], chunk_len)
             new_states.append(layer_state)
-        return self.head(self.ln_out(x)), torch.stack(new_states)
+        return self.ln_out(x), torch.stack(new_states)
 
     def forward(self, token_ids, state=None, cond=None, chunk_len: int = WKV_CHUNK_LEN):
         """Parallel mode: token_ids (B, T) -> (logits (B, T, V), state after the last token).
@@ -280,11 +298,13 @@ class RWKVGenerator(nn.Module):
         """
         if state is None:
             state = self.empty_state(token_ids.shape[0], token_ids.device)
-        return self._run(self.embed(token_ids, cond), state, chunk_len)
+        hidden, state = self.hidden(token_ids, state, cond, chunk_len)
+        return self.head(hidden), state
 
     def step(self, token_ids, state, cond=None):
         """Recurrent mode: token_ids (B,) -> (logits (B, V), new state)."""
-        return self._run(self.embed(token_ids, cond), state, WKV_CHUNK_LEN)
+        hidden, state = self.hidden(token_ids, state, cond)
+        return self.head(hidden), state
 
 
 def load_blinkdl_checkpoint(path, conditioned: bool = False, cond_in_dim: int = 512,
