@@ -37,8 +37,8 @@ MIN_GRID_ONSETS = 8
 """A context with fewer onsets has too little evidence of a grid: none is forced."""
 MAX_POLYPHONY = 64
 MIN_PITCH_SPAN = 12
-"""A context pitch range narrower than this (semitones) is widened to it around its middle: a few
-context notes are weak evidence of where a part may go."""
+"""The pitch range of a context with fewer than MIN_GRID_ONSETS notes is widened to this many
+semitones around its middle: a few notes are weak evidence of where a part may go."""
 
 
 class Grid(NamedTuple):
@@ -201,7 +201,8 @@ def resolve_controls(song: Song, track_index: int, start_qn: float, end_qn: floa
         density_per_qn=request.density_per_qn if request.density_per_qn is not None
         else (len(notes) / span_qn if notes and span_qn > 0 else None),
         max_polyphony=request.max_polyphony or (max_polyphony(notes) if notes else None),
-        pitch_range=request.pitch_range or (widened(min(pitches), max(pitches)) if notes else None),
+        pitch_range=request.pitch_range or (None if not notes else (min(pitches), max(pitches))
+                                            if len(notes) >= MIN_GRID_ONSETS else widened(min(pitches), max(pitches))),
         note_length_qn=request.note_length_qn or (float(np.median([n.duration_qn for n in notes])) if notes else None),
         velocity_range=request.velocity_range or ((min(velocities), max(velocities)) if notes else None),
         grid=grid)
