@@ -5,24 +5,31 @@ Shards are built from the committed fixture MIDI with training.prepare's own fun
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 from safetensors.torch import load_file
 
 from cmi_daemon import vocab
 from cmi_daemon.bundle import JEPA_WEIGHTS
+from cmi_daemon.model.config import preset
+from cmi_daemon.model.jepa import JEPA
+from cmi_daemon.model.rwkv import RWKVGenerator
 from export.__main__ import main as export_main
 from tests.conftest import ALL_FIXTURES, GROOVE_FIXTURES, POP909_FIXTURES, REPO
-from training import batches, train
+from training import batches, bench_train, train
+from training.losses import ROW_CHUNK, head_cross_entropy
 from tests.tiny_bundle import tiny_bundle_dir
 from training.prepare import work_items, write_split
 
@@ -156,6 +163,83 @@ def test_ranks_split_the_global_stream():
     one = list(batches.micro_batch_indices(32, 0, 0, 1, 8))
     two = [i for rank in (0, 1) for i in batches.micro_batch_indices(32, 0, rank, 2, 4)]
     assert one == two == list(range(32, 40))
+
+
+# --- the loss and the fast path ----------------------------------------------------------------
+
+
+def test_head_cross_entropy_is_the_full_cross_entropy():
+    generator = torch.Generator().manual_seed(0)
+    n_rows = ROW_CHUNK + 37  # a full chunk and a partial one
+    hidden = torch.randn(n_rows, 24, dtype=torch.float64, generator=generator, requires_grad=True)
+    head = torch.randn(vocab.VOCAB_SIZE, 24, dtype=torch.float64, generator=generator, requires_grad=True)
+    targets = torch.randint(0, vocab.VOCAB_SIZE, (n_rows,), generator=generator)
+    row_weights = torch.rand(n_rows, dtype=torch.float64, generator=generator)
+    reference_losses = F.cross_entropy(hidden @ head.T, targets, reduction="none")
+    reference_gradients = torch.autograd.grad((reference_losses * row_weights).sum() * 3, (hidden, head))
+    loss, losses = head_cross_entropy(hidden, head, targets, row_weights)
+    gradients = torch.autograd.grad(loss * 3, (hidden, head))
+    torch.testing.assert_close(losses, reference_losses.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss.detach(), (reference_losses * row_weights).sum().detach(), rtol=1e-12, atol=0)
+    for ours, reference in zip(gradients, reference_gradients):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+
+
+def tiny_paths(shards):
+    """The trainer's objective and the pure-torch fp32 reference on copies of one tiny generator,
+    with a real batch and a random frozen JEPA's conditioning."""
+    config = train.train_preset("smoke", "generator")
+    model_config = preset(config.model)
+    torch.manual_seed(0)
+    model = RWKVGenerator(replace(model_config.generator, ctx_len=config.ctx_len))
+    with torch.no_grad():  # fresh init leaves several matrices at zero
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    reference = bench_train.ReferenceGeneratorObjective(copy.deepcopy(model))
+    frozen_jepa = JEPA(model_config.encoder, model_config.predictor).eval().requires_grad_(False)
+    stream = batches.ExampleStream(batches.TokenShard(shards, "train"), "generator", config.ctx_len, 3, config.blanks)
+    return train.GeneratorObjective(model), reference, stream.batch(range(4)), frozen_jepa
+
+
+def objective_gradients(objective, batch, frozen_jepa):
+    objective.zero_grad()
+    loss, per_token = train.generator_losses(objective, batch, frozen_jepa)
+    loss.backward()
+    return loss.detach(), per_token.detach(), {name: p.grad for name, p in objective.generator.named_parameters()
+                                               if p.grad is not None}
+
+
+def test_the_trainers_objective_has_the_reference_loss_and_gradients(shards):
+    """CPU WKV kernel and fused head loss against full logits, F.cross_entropy and the chunked WKV,
+    both fp32: the same loss and gradients up to fp32 rounding."""
+    fast, reference, batch, frozen_jepa = tiny_paths(shards)
+    loss, per_token, gradients = objective_gradients(fast, batch, frozen_jepa)
+    reference_loss, reference_per_token, reference_gradients = objective_gradients(reference, batch, frozen_jepa)
+    assert gradients.keys() == reference_gradients.keys()
+    assert float(loss) == pytest.approx(float(reference_loss), rel=1e-5)
+    torch.testing.assert_close(per_token, reference_per_token, rtol=1e-4, atol=1e-4)
+    assert not per_token[~batch.loss_mask].any()
+    for name, gradient in gradients.items():
+        scale = float(reference_gradients[name].abs().max())
+        torch.testing.assert_close(gradient, reference_gradients[name], rtol=1e-3, atol=1e-4 * scale, msg=name)
+
+
+def test_bf16_autocast_gradients_point_the_same_way(shards):
+    """Under bf16 autocast (CUDA and CPUs with AMX) the matmuls round inputs to 8 significant bits
+    (relative error up to 2^-9 per element, accumulated over the layers), so gradients cannot agree
+    elementwise; what must hold is that each weight's gradient points the same way (cosine > 0.99)
+    with a norm within 5 % of fp32's."""
+    fast, _, batch, frozen_jepa = tiny_paths(shards)
+    loss, _, gradients = objective_gradients(fast, batch, frozen_jepa)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_loss, _, bf16_gradients = objective_gradients(fast, batch, frozen_jepa)
+    assert float(bf16_loss) == pytest.approx(float(loss), rel=1e-2)
+    for name, gradient in gradients.items():
+        if gradient.norm() < 1e-3 * max(g.norm() for g in gradients.values()):
+            continue  # a gradient this small is rounding noise in both
+        cosine = F.cosine_similarity(bf16_gradients[name].flatten().double(), gradient.flatten().double(), dim=0)
+        assert cosine > 0.99, (name, float(cosine))
+        assert float(bf16_gradients[name].norm() / gradient.norm()) == pytest.approx(1.0, abs=0.05), name
 
 
 # --- the loop --------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from cmi_daemon.device import choose_device
@@ -44,6 +43,7 @@ from cmi_daemon.model.rwkv import RWKVGenerator, load_blinkdl_checkpoint
 from cmi_daemon.vocab import PAD_ID
 from export.checkpoint import read_jepa
 from training.batches import BlankConfig, ExampleStream, TokenShard, micro_batch_indices
+from training.losses import head_cross_entropy
 
 CHECKPOINT_FORMAT = "cmi-train-1"
 STAGES = ("jepa", "generator")
@@ -192,28 +192,80 @@ class JEPAObjective(torch.nn.Module):
         return self.jepa.loss(token_ids, context_mask, target_mask)
 
 
-def generator_losses(model, batch, frozen_jepa: Optional[JEPA]):
-    """(loss per target token (B, T), conditioning vector or None) of one generator batch."""
+class GeneratorObjective(torch.nn.Module):
+    """The generator's loss as a forward(), so DistributedDataParallel can wrap it: the head is
+    applied only at the trained positions, fused with the cross-entropy (training.losses)."""
+
+    def __init__(self, generator: RWKVGenerator):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, input_ids, target_ids, loss_mask, cond=None):
+        """-> (mean over examples of each example's mean loss over its loss_mask tokens, so that
+        N ranks averaging their batch means equal one rank with all N batches; the loss of each
+        target token (B, T), 0 where loss_mask is False)."""
+        state = self.generator.empty_state(input_ids.shape[0], input_ids.device)
+        hidden, _ = self.generator.hidden(input_ids, state, cond)
+        mask = loss_mask.float()
+        row_weights = mask / mask.sum(1, keepdim=True).clamp(min=1.0) / mask.shape[0]
+        rows = loss_mask.flatten().nonzero()[:, 0]
+        loss, losses = head_cross_entropy(hidden.flatten(0, 1)[rows], self.generator.head.weight,
+                                          target_ids.flatten()[rows], row_weights.flatten()[rows])
+        per_token = torch.zeros(loss_mask.numel(), device=losses.device).index_copy_(0, rows, losses)
+        return loss, per_token.view(loss_mask.shape)
+
+
+def generator_losses(objective, batch, frozen_jepa: Optional[JEPA]):
+    """GeneratorObjective's (loss, loss per target token) of one generator batch, conditioned on
+    the frozen JEPA's vector when there is one."""
     cond = None
     if frozen_jepa is not None:
         with torch.no_grad():
             cond = frozen_jepa.conditioning(batch.jepa.token_ids, batch.jepa.context_mask, batch.jepa.target_mask)
-    logits, _ = model(batch.input_ids, cond=cond)
-    per_token = F.cross_entropy(logits.float().flatten(0, 1), batch.target_ids.flatten(), reduction="none")
-    return per_token.view(batch.target_ids.shape)
+    return objective(batch.input_ids, batch.target_ids, batch.loss_mask, cond)
 
 
-def masked_example_mean(per_token, mask):
-    """Mean over examples of each example's mean over its masked tokens: every example counts
-    the same, so N ranks averaging their batch means equal one rank with all N batches."""
-    mask = mask.float()
-    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1.0)).mean()
-
-
-def batch_loss(stage: str, model, batch, frozen_jepa):
+def batch_loss(stage: str, objective, batch, frozen_jepa):
     if stage == "jepa":
-        return model(batch.token_ids, batch.context_mask, batch.target_mask)
-    return masked_example_mean(generator_losses(model, batch, frozen_jepa), batch.loss_mask)
+        return objective(batch.token_ids, batch.context_mask, batch.target_mask)
+    return generator_losses(objective, batch, frozen_jepa)[0]
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX tiles): without it, oneDNN
+    emulates bf16 and a bf16 matmul is far slower than fp32 (DEVELOPERS.md: Training speed)."""
+    return torch.cpu._is_amx_tile_supported()
+
+
+def training_autocast(device):
+    """bf16 autocast for the matmuls on CUDA and on CPUs with native bf16, else none (fp32)."""
+    if device.type == "cuda" or (device.type == "cpu" and native_bf16_cpu()):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def input_tokens(stage: str, batch) -> torch.Tensor:
+    """Real (not padding) input tokens of a batch: what tokens/s counts."""
+    return (batch.valid if stage == "jepa" else batch.input_ids != PAD_ID).sum()
+
+
+def train_step(stage: str, trained, model, optimizer, micro_batches, frozen_jepa, autocast, grad_clip: float,
+               distributed: bool = False):
+    """One optimiser step with gradients accumulated over the micro-batches (DDP synchronises on
+    the last) -> (tensor [summed loss, real input tokens], gradient norm before clipping)."""
+    losses, tokens = [], []
+    for micro_step, batch in enumerate(micro_batches):
+        sync = micro_step == len(micro_batches) - 1 or not distributed
+        with nullcontext() if sync else trained.no_sync():
+            with autocast:
+                loss = batch_loss(stage, trained, batch, frozen_jepa) / len(micro_batches)
+            loss.backward()
+        losses.append(loss.detach().float())
+        tokens.append(input_tokens(stage, batch))
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained_parameters(model), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.stack([torch.stack(losses).sum(), torch.stack(tokens).sum().float()]), grad_norm
 
 
 @torch.no_grad()
@@ -231,8 +283,8 @@ def evaluate(stage: str, model, frozen_jepa, dev: ExampleStream, n_examples: int
             if stage == "jepa":
                 totals[0] += model.loss(batch.token_ids, batch.context_mask, batch.target_mask) * len(indices)
             else:
-                per_token = generator_losses(model, batch, frozen_jepa)
-                totals[0] += masked_example_mean(per_token, batch.loss_mask) * len(indices)
+                loss, per_token = generator_losses(GeneratorObjective(model), batch, frozen_jepa)
+                totals[0] += loss * len(indices)
                 totals[2] += (per_token * batch.answer_mask).sum()
                 totals[3] += batch.answer_mask.sum()
         totals[1] += len(indices)
@@ -335,7 +387,7 @@ def main(argv=None) -> None:
     else:
         rank, world_size, device = 0, 1, choose_device()
     master = rank == 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = training_autocast(device)
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -362,7 +414,7 @@ def main(argv=None) -> None:
         step, examples_seen = checkpoint["step"], checkpoint["examples_seen"]
         elapsed_s, best_dev = checkpoint["elapsed_s"], checkpoint["best_dev"]
         restore_rng_states(checkpoint["rng"])
-    trained = JEPAObjective(model) if stage == "jepa" else model
+    trained = JEPAObjective(model) if stage == "jepa" else GeneratorObjective(model)
     if distributed:
         trained = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
     start_step = step
@@ -421,20 +473,11 @@ def main(argv=None) -> None:
             group["lr"] = lr
 
         step_started = time.time()
-        loss_sum = torch.zeros(2, device=device)  # loss, real input tokens
-        for micro_step in range(config.grad_accum):
-            indices = micro_batch_indices(examples_seen, micro_step, rank, world_size, config.batch_size)
-            batch = train_data.batch(indices).to(device)
-            sync = micro_step == config.grad_accum - 1 or not distributed
-            with nullcontext() if sync else trained.no_sync():
-                with autocast:
-                    loss = batch_loss(stage, trained, batch, frozen_jepa) / config.grad_accum
-                loss.backward()
-            loss_sum[0] += loss.detach()
-            loss_sum[1] += (batch.valid if stage == "jepa" else batch.input_ids != PAD_ID).sum()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trained_parameters(model), config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        micro_batches = [train_data.batch(micro_batch_indices(examples_seen, micro_step, rank, world_size,
+                                                              config.batch_size)).to(device)
+                         for micro_step in range(config.grad_accum)]
+        loss_sum, grad_norm = train_step(stage, trained, model, optimizer, micro_batches, frozen_jepa, autocast,
+                                         config.grad_clip, distributed)
         if stage == "jepa":
             model.update_target(ema_momentum(step, horizon))
         step += 1
