@@ -59,7 +59,8 @@ def side_ids(notes: Sequence[TimedNote], side: int, start_ms: float, end_ms: flo
     """Token ids of one side of the cut at [start_ms, end_ms) (0 prefix, 1 blank, 2 suffix), from
     the notes whose onsets lie on that side."""
     bound_ms = (start_ms, end_ms, math.inf)[side]
-    clipped = [note._replace(duration_ms=max(0.0, min(note.start_ms + note.duration_ms, bound_ms) - note.start_ms))
+    clipped = [note if 0.0 <= note.duration_ms and note.start_ms + note.duration_ms <= bound_ms else
+               note._replace(duration_ms=max(0.0, min(note.start_ms + note.duration_ms, bound_ms) - note.start_ms))
                for note in notes]
     events, _ = note_events(clipped)
     start_step, end_step = (int(s) for s in ms_to_step([start_ms, end_ms]))
@@ -204,6 +205,9 @@ class SongCutter:
         notes, _ = timed_notes(song, fallback_bin=vocab.FALLBACK_BIN)
         self.notes = sorted(notes, key=lambda note: note.start_ms)
         self.onsets_ms = np.array([note.start_ms for note in self.notes], dtype=np.float64)
+        self._track_notes = [(np.array([n.start_qn for n in track.notes], dtype=np.float64),
+                              np.array([n.pitch for n in track.notes], dtype=np.int64)) for track in song.tracks]
+        """Per track: its notes' onsets (QN) and pitches."""
         self._prefixes: dict[float, list[int]] = {}
         self._suffixes: dict[float, list[int]] = {}
 
@@ -230,7 +234,7 @@ class SongCutter:
         start_step, end_step = (int(s) for s in ms_to_step([start_ms, end_ms]))
         cut = self.cut(start_ms, end_ms)  # ms_at is monotonic, so comparing in ms is comparing in QN
         prefix_ids, suffix_ids = _bound_context(cut.prefix_ids, cut.suffix_ids, context_tokens)
-        inside = [note for note, side in zip(self.notes, cut.sides.tolist()) if side == 1]
+        inside = [self.notes[i] for i in np.flatnonzero(cut.sides == 1)]
         inside_steps = ms_to_step([note.start_ms for note in inside]).tolist()
         regions = []
         for target_tracks in target_sets:
@@ -243,8 +247,9 @@ class SongCutter:
                 target_bins[instrument_bin] = target_bins.get(instrument_bin, ()) + (track_index,)
             pitch_centre = {}
             for track_index in targets:
-                outside = [n.pitch for n in song.tracks[track_index].notes if not start_qn <= n.start_qn < end_qn]
-                pitch_centre[track_index] = sum(outside) / len(outside) if outside else 60.0
+                onsets_qn, pitches = self._track_notes[track_index]
+                outside = pitches[(onsets_qn < start_qn) | (onsets_qn >= end_qn)]
+                pitch_centre[track_index] = int(outside.sum()) / len(outside) if len(outside) else 60.0
             regions.append(Region(float(start_qn), float(end_qn), start_step, end_step, targets, prefix_ids,
                                   cut.blank_ids, suffix_ids, fixed, target_bins, pitch_centre))
         return regions

@@ -70,11 +70,12 @@ def load_model_system(model_path: Path, name: str) -> InfillSystem:
 # Songs, bars and blanks
 
 
-def song_paths(data_dir: Path, n_songs: Optional[int]) -> list[Path]:
-    """MIDI files under data_dir in path order, the first n_songs of them when given."""
-    paths = sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in (".mid", ".midi"))
+def song_paths(data_dir: Path, n_songs: Optional[int], pattern: str = "**/*") -> list[Path]:
+    """MIDI files under data_dir matching the glob pattern, in path order, the first n_songs of them
+    when given."""
+    paths = sorted(p for p in data_dir.glob(pattern) if p.suffix.lower() in (".mid", ".midi"))
     if not paths:
-        raise SystemExit(f"--data {data_dir}: no .mid files there")
+        raise SystemExit(f"--data {data_dir}: no .mid files there" + ("" if pattern == "**/*" else f" match {pattern}"))
     return paths[:n_songs] if n_songs else paths
 
 
