@@ -34,8 +34,6 @@ class Cut(NamedTuple):
     prefix_ids: list[int]
     blank_ids: list[int]
     suffix_ids: list[int]
-    sides: np.ndarray
-    """Per note cut: 0 before the range, 1 inside, 2 after."""
 
 
 def cut_notes(notes: Sequence[TimedNote], start_ms: float, end_ms: float) -> Cut:
@@ -47,12 +45,17 @@ def cut_notes(notes: Sequence[TimedNote], start_ms: float, end_ms: float) -> Cut
     would carry the later note's end across the boundary: a negative wait). The prefix ends with
     waits up to the range start, the blank spans exactly the range, the suffix starts at its end.
     """
-    onsets_ms = np.array([note.start_ms for note in notes], dtype=np.float64)
-    sides = (onsets_ms >= start_ms).astype(np.int64) + (onsets_ms >= end_ms)
-    parts: tuple[list[TimedNote], list[TimedNote], list[TimedNote]] = ([], [], [])
-    for note, side in zip(notes, sides.tolist()):
-        parts[side].append(note)
-    return Cut(*(side_ids(part, side, start_ms, end_ms) for side, part in enumerate(parts)), sides)
+    notes = sorted(notes, key=lambda note: note.start_ms)
+    first, after = side_bounds(np.array([note.start_ms for note in notes], dtype=np.float64), start_ms, end_ms)
+    return Cut(side_ids(notes[:first], 0, start_ms, end_ms), side_ids(notes[first:after], 1, start_ms, end_ms),
+               side_ids(notes[after:], 2, start_ms, end_ms))
+
+
+def side_bounds(onsets_ms: np.ndarray, start_ms: float, end_ms: float) -> tuple[int, int]:
+    """Where the blank's notes start and end in notes sorted by onset: [:first] lie before the
+    range, [first:after] inside it, [after:] after it."""
+    first, after = np.searchsorted(onsets_ms, [start_ms, end_ms], side="left")
+    return int(first), int(after)
 
 
 def side_ids(notes: Sequence[TimedNote], side: int, start_ms: float, end_ms: float) -> list[int]:
@@ -213,14 +216,13 @@ class SongCutter:
 
     def cut(self, start_ms: float, end_ms: float) -> Cut:
         """cut_notes(the song's notes, start_ms, end_ms), its prefix and suffix kept for reuse."""
-        first, after = (int(i) for i in np.searchsorted(self.onsets_ms, [start_ms, end_ms], side="left"))
+        first, after = side_bounds(self.onsets_ms, start_ms, end_ms)
         if start_ms not in self._prefixes:
             self._prefixes[start_ms] = side_ids(self.notes[:first], 0, start_ms, end_ms)
         if end_ms not in self._suffixes:
             self._suffixes[end_ms] = side_ids(self.notes[after:], 2, start_ms, end_ms)
-        sides = np.repeat(np.arange(3), [first, after - first, len(self.notes) - after])
         return Cut(self._prefixes[start_ms], side_ids(self.notes[first:after], 1, start_ms, end_ms),
-                   self._suffixes[end_ms], sides)
+                   self._suffixes[end_ms])
 
     def regions(self, start_qn: float, end_qn: float, target_sets: Sequence[Sequence[int]],
                 context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> list[Region]:
@@ -234,7 +236,7 @@ class SongCutter:
         start_step, end_step = (int(s) for s in ms_to_step([start_ms, end_ms]))
         cut = self.cut(start_ms, end_ms)  # ms_at is monotonic, so comparing in ms is comparing in QN
         prefix_ids, suffix_ids = _bound_context(cut.prefix_ids, cut.suffix_ids, context_tokens)
-        inside = [self.notes[i] for i in np.flatnonzero(cut.sides == 1)]
+        inside = self.notes[slice(*side_bounds(self.onsets_ms, start_ms, end_ms))]
         inside_steps = ms_to_step([note.start_ms for note in inside]).tolist()
         regions = []
         for target_tracks in target_sets:
