@@ -93,7 +93,7 @@ def command_infill(args) -> int:
     if args.daemon:
         return infill_via_daemon(args, midi, song, (first_bar, last_bar), (start_qn, end_qn), targets)
     settings = load_settings(config_file(), {"device": args.device})
-    options = infill_cli.checked_options(args, settings.limits)
+    options = infill_cli.checked_options(args, settings.limits, targets)
     paths = offline.output_paths(args.file, args.output, options.candidates, args.force)
     engine = load_engine(args.model or offline.default_model_dir(), settings.device, warn=_warn)
     if settings.dil.enabled and engine.bundle.conditioned and (data_dir() / "dil").is_dir():

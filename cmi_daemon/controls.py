@@ -36,6 +36,8 @@ QUANTIZED_SHARE = 0.9
 MIN_GRID_ONSETS = 8
 """A context with fewer onsets has too little evidence of a grid: none is forced."""
 MAX_POLYPHONY = 64
+MAX_DENSITY_PER_QN = 64.0
+MAX_NOTE_LENGTH_QN = 64.0
 MIN_PITCH_SPAN = 12
 """The pitch range of a context with fewer than MIN_GRID_ONSETS notes is widened to this many
 semitones around its middle: a few notes are weak evidence of where a part may go."""
@@ -91,7 +93,7 @@ def parse_grid(text: str) -> Union[str, float]:
     for name, step_qn in GRID_NAMES.items():
         if value.upper() == name.upper():
             return step_qn
-    raise CMIError(f"grid {text!r}: write auto, off or one of " + ", ".join(GRID_NAMES))
+    raise CMIError(f"{text!r} is not a grid: write auto, off or one of " + ", ".join(GRID_NAMES))
 
 
 def max_polyphony(notes: Sequence[Note]) -> int:
@@ -120,8 +122,9 @@ class ControlRequest:
     """"auto" (the context's), "off", or a step in QN (phase 0: a DAW's grid starts at its bar lines)."""
 
     def __post_init__(self):
-        if self.density_per_qn is not None and not 0 < self.density_per_qn <= 64:
-            raise CMIError(f"density {self.density_per_qn:g} notes per quarter note: choose a value in (0, 64]")
+        if self.density_per_qn is not None and not 0 < self.density_per_qn <= MAX_DENSITY_PER_QN:
+            raise CMIError(f"density {self.density_per_qn:g} notes per quarter note: choose a value in "
+                           f"(0, {MAX_DENSITY_PER_QN:g}]")
         if self.max_polyphony is not None and not 1 <= self.max_polyphony <= MAX_POLYPHONY:
             raise CMIError(f"polyphony {self.max_polyphony}: choose 1..{MAX_POLYPHONY} notes at once")
         for name, bounds, top in (("pitch range", self.pitch_range, 127), ("velocity range", self.velocity_range, 127)):
@@ -129,8 +132,8 @@ class ControlRequest:
                 raise CMIError(f"{name} {bounds}: write LOW-HIGH with 0 <= LOW <= HIGH <= {top}")
         if self.velocity_range is not None and self.velocity_range[1] < 1:
             raise CMIError(f"velocity range {self.velocity_range}: the highest velocity must be at least 1")
-        if self.note_length_qn is not None and not 0 < self.note_length_qn <= 64:
-            raise CMIError(f"note length {self.note_length_qn:g} QN: choose a value in (0, 64]")
+        if self.note_length_qn is not None and not 0 < self.note_length_qn <= MAX_NOTE_LENGTH_QN:
+            raise CMIError(f"note length {self.note_length_qn:g} QN: choose a value in (0, {MAX_NOTE_LENGTH_QN:g}]")
         if not (self.grid in ("auto", "off") or (isinstance(self.grid, float) and 0 < self.grid <= 4)):
             raise CMIError(f"grid {self.grid!r}: auto, off or a step in quarter notes in (0, 4]")
 

@@ -68,13 +68,13 @@ def infill_via_daemon(args, midi, song, bars: tuple[int, int], range_qn: tuple[f
             raise CMIError(f"--{name} does not apply with --daemon: the daemon uses the {name} it was started "
                            "with (`cmi-daemon status` shows it)")
     start_qn, end_qn = range_qn
-    options = infill_cli.checked_options(args, load_settings(paths.config_file(), {}).limits)
+    options = infill_cli.checked_options(args, load_settings(paths.config_file(), {}).limits, targets)
     output_paths = offline.output_paths(args.file, args.output, options.candidates, args.force)
     with DaemonClient() as client:
         hello = client.hello()
-        infill_cli.checked_options(args, infill_cli.limits_from_hello(hello))
+        infill_cli.checked_options(args, infill_cli.limits_from_hello(hello), targets)
         content = infill_content(song, start_qn, end_qn, targets, f"{Path(args.file).name}:{start_qn:g}-{end_qn:g}",
-                                 infill_cli.wire_options(args))
+                                 infill_cli.wire_options(args, targets))
         reply = client.infill(content)
     candidates = [{entry["track"]: [Note(*note) for note in entry["notes"]] for entry in candidate["tracks"]}
                   for candidate in reply["candidates"]]

@@ -40,7 +40,8 @@ def engine_options(options: schema.InfillOptions) -> InfillOptions:
         top_k=defaults.top_k if options.top_k is None else options.top_k,
         repetition_penalty=(defaults.repetition_penalty if options.repetition_penalty is None
                             else options.repetition_penalty))
-    return InfillOptions(n_candidates=options.candidates, seed=options.seed, sampling=sampling)
+    return InfillOptions(n_candidates=options.candidates, seed=options.seed, sampling=sampling,
+                         controls=dict(options.controls))
 
 
 class EngineBackend:

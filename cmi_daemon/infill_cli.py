@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -24,6 +25,10 @@ from .tokens import Note, Song
 
 OPTION_NAMES = ("candidates", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "profile")
 """The infill options of docs/protocol.md 5.2 that are flags: --candidates, --top-p, ..."""
+CONTROL_FLAGS = {"density_per_qn": "--density", "max_polyphony": "--polyphony", "pitch_range": "--pitch-range",
+                 "note_length_qn": "--note-length", "velocity_range": "--velocity-range", "grid": "--grid"}
+"""Per-track control (a key of options.controls[i]) -> its flag; each takes VALUE for every target
+track or TRACK=VALUE,... for some (tracks numbered from 1, as --tracks)."""
 _FLAGS_PATH = "options"
 
 
@@ -71,23 +76,91 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(flag("seed"), type=whole_number, metavar="N",
                         help=f"same seed, same notes: 0..{schema.MAX_SEED} (default: a random one, printed); "
                              "candidate k is drawn with seed + k - 1, which alone gives it again")
+    for_tracks = " (VALUE for every target track, or TRACK=VALUE,... for some)"
+    parser.add_argument("--density", metavar="VALUE", dest="density_per_qn",
+                        help="notes per quarter note the infill aims for, 0 < d <= 64" + for_tracks +
+                             "; default: the track's rate in its context bars")
+    parser.add_argument("--polyphony", metavar="VALUE", dest="max_polyphony",
+                        help="most notes sounding at once, 1..64" + for_tracks + "; default: the most in the "
+                             "track's context bars")
+    parser.add_argument("--pitch-range", metavar="VALUE", dest="pitch_range",
+                        help="lowest-highest MIDI pitch new notes may have, e.g. 60-84" + for_tracks +
+                             "; default: the track's range in its context bars")
+    parser.add_argument("--note-length", metavar="VALUE", dest="note_length_qn",
+                        help="typical note length in quarter notes, 0 < l <= 64" + for_tracks +
+                             "; default: the track's median in its context bars")
+    parser.add_argument("--velocity-range", metavar="VALUE", dest="velocity_range",
+                        help="lowest-highest velocity of new notes, 1..127, e.g. 60-100" + for_tracks +
+                             "; default: the track's range in its context bars")
+    parser.add_argument("--grid", metavar="VALUE", dest="grid",
+                        help="where new notes start and end: auto (the grid of the track's context bars, none "
+                             "when it is played freely), off, or 1/4, 1/8, 1/8T, 1/16, 1/16T, 1/32, 1/32T, 1/64"
+                             + for_tracks + "; default auto")
     parser.add_argument(flag("profile"), metavar="NAME",
                         help=f"the DIL profile whose learned taste conditions the infill (default "
                              f"{schema.DEFAULT_PROFILE!r}); offline it is only read, the daemon also learns")
 
 
-def wire_options(args) -> dict:
-    """The flags given, as an infill's `options` map (docs/protocol.md 5.2)."""
-    return {name: getattr(args, name) for name in OPTION_NAMES if getattr(args, name) is not None}
+def wire_options(args, targets: Sequence[int]) -> dict:
+    """The flags given, as an infill's `options` map (docs/protocol.md 5.2) for these target tracks."""
+    options = {name: getattr(args, name) for name in OPTION_NAMES if getattr(args, name) is not None}
+    controls: dict[int, dict] = {}
+    for key, flag_name in CONTROL_FLAGS.items():
+        text = getattr(args, key, None)
+        if text is not None:
+            for track, value in _per_track(flag_name, text, targets).items():
+                controls.setdefault(track, {"track": track})[key] = _control_value(flag_name, key, value)
+    if controls:
+        options["controls"] = [controls[track] for track in sorted(controls)]
+    return options
 
 
-def checked_options(args, limits: Limits) -> schema.InfillOptions:
+def _per_track(flag_name: str, text: str, targets: Sequence[int]) -> dict[int, str]:
+    """"VALUE" -> every target track's; "2=VALUE,3=VALUE" -> those tracks' (numbered from 1)."""
+    values: dict[int, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        number, equals, value = part.rpartition("=")
+        if not equals:
+            values.update(dict.fromkeys(targets, part))
+            continue
+        try:
+            track = int(number) - 1
+        except ValueError:
+            raise CMIError(f"{flag_name} {text!r}: write VALUE or TRACK=VALUE,... with track numbers") from None
+        if track not in targets:
+            raise CMIError(f"{flag_name} {text!r}: track {track + 1} is not being infilled (tracks "
+                           + ", ".join(str(t + 1) for t in targets) + ")")
+        values[track] = value
+    return values
+
+
+def _control_value(flag_name: str, key: str, value: str):
+    """A control's text as the wire carries it: a number, a [low, high] pair or a grid name."""
+    try:
+        if key in ("pitch_range", "velocity_range"):
+            low, high = value.split("-")
+            return [int(low), int(high)]
+        if key == "max_polyphony":
+            return int(value)
+        if key == "grid":
+            return value
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError
+        return number
+    except ValueError:
+        example = {"pitch_range": "60-84", "velocity_range": "60-100", "max_polyphony": "2"}.get(key, "1.5")
+        raise CMIError(f"{flag_name} {value!r}: not a value it takes (e.g. {example})") from None
+
+
+def checked_options(args, limits: Limits, targets: Sequence[int]) -> schema.InfillOptions:
     """The flags checked exactly as the daemon checks an infill's options; CMIError naming the flag."""
     try:
-        return schema.parse_options(wire_options(args), limits, [], path=_FLAGS_PATH)
+        return schema.parse_options(wire_options(args, targets), limits, [], path=_FLAGS_PATH)
     except ProtocolError as error:
-        name = (error.field or "").rsplit(".", 1)[-1]
-        raise CMIError(error.message.replace(error.field, flag(name)) if error.field else error.message) from None
+        name = re.sub(r"\[\d+\]$", "", (error.field or "").rsplit(".", 1)[-1])
+        flag_name = CONTROL_FLAGS.get(name, flag(name))
+        raise CMIError(error.message.replace(error.field, flag_name) if error.field else error.message) from None
 
 
 def limits_from_hello(hello: dict) -> Limits:

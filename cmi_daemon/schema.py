@@ -11,7 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .errors import TimeMapError
+from . import controls as track_controls
+from .errors import CMIError, TimeMapError
 from .protocol import MESSAGE_TYPES, PROTOCOL_VERSION, Limits, ProtocolError, version_compatible
 from .tempo import Meter, TempoMap
 from .notes import Note, normalize_notes
@@ -50,6 +51,8 @@ class InfillOptions:
     repetition_penalty: Optional[float] = None
     seed: Optional[int] = None
     profile: str = DEFAULT_PROFILE
+    controls: tuple[tuple[int, track_controls.ControlRequest], ...] = ()
+    """(track index, what the request sets of its controls), at most one per target track."""
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,10 @@ def parse_infill(content: dict, limits: Limits, warnings: list[str]) -> InfillRe
     start_qn, end_qn = _parse_range(reader, limits)
     targets = _parse_targets(reader, len(tracks), limits)
     options = parse_options(reader.get("options", False), limits, warnings)
+    for index, (track, _) in enumerate(options.controls):
+        if track not in targets:
+            path = f"content.options.controls[{index}].track"
+            raise ProtocolError("invalid_field", f"{path} = {track} is not one of the targets {list(targets)}", path)
     timeout_ms = reader.integer("timeout_ms", 1, limits.max_timeout_ms, required=False)
     reader.finish()
     song = Song(tracks=tracks, tempo_map=tempo_map, meter=meter)
@@ -329,9 +336,53 @@ def parse_options(value: Any, limits: Limits, warnings: list[str], path: str = "
         seed=reader.integer("seed", 0, MAX_SEED, required=False),
         profile=reader.string("profile", required=False, max_chars=MAX_PROFILE_CHARS, pattern=PROFILE_PATTERN,
                               default=DEFAULT_PROFILE),
+        controls=_parse_controls(reader, limits, warnings),
     )
     reader.finish()
     return options
+
+
+def _parse_controls(options: _Reader, limits: Limits, warnings: list[str]) -> tuple:
+    """`options.controls`: a list of per-track control maps (docs/protocol.md 5.2)."""
+    values = options.array("controls", limits.max_tracks, required=False) or []
+    parsed, seen = [], set()
+    for index, value in enumerate(values):
+        reader = _Reader(value, f"{options.child('controls')}[{index}]", warnings)
+        track = reader.integer("track", 0, limits.max_tracks - 1)
+        if track in seen:
+            raise ProtocolError("invalid_field", f"{reader.child('track')} = {track} has controls twice",
+                                reader.child("track"))
+        seen.add(track)
+        grid = reader.string("grid", required=False, max_chars=16, default="auto")
+        try:
+            request = track_controls.ControlRequest(
+                density_per_qn=reader.number("density_per_qn", 0.0, track_controls.MAX_DENSITY_PER_QN,
+                                             low_open=True, required=False),
+                max_polyphony=reader.integer("max_polyphony", 1, track_controls.MAX_POLYPHONY, required=False),
+                pitch_range=_pair(reader, "pitch_range", 0, 127),
+                note_length_qn=reader.number("note_length_qn", 0.0, track_controls.MAX_NOTE_LENGTH_QN,
+                                             low_open=True, required=False),
+                velocity_range=_pair(reader, "velocity_range", 1, 127),
+                grid=track_controls.parse_grid(grid))
+        except CMIError as error:  # the grid's name
+            raise ProtocolError("invalid_field", f"{reader.child('grid')}: {error}", reader.child("grid")) from None
+        reader.finish()
+        parsed.append((track, request))
+    return tuple(parsed)
+
+
+def _pair(reader: _Reader, key: str, low: int, high: int) -> Optional[tuple[int, int]]:
+    """An optional [low, high] of integers in low..high, low <= high."""
+    values = reader.array(key, 2, required=False)
+    if values is None:
+        return None
+    path = reader.child(key)
+    if len(values) != 2:
+        raise ProtocolError("invalid_field", f"{path} must be [low, high], not {len(values)} numbers", path)
+    pair = (check_int(values[0], f"{path}[0]", low, high), check_int(values[1], f"{path}[1]", low, high))
+    if pair[0] > pair[1]:
+        raise ProtocolError("invalid_field", f"{path}: low {pair[0]} is above high {pair[1]}", path)
+    return pair
 
 
 def fixed_limits() -> dict:

@@ -4,6 +4,8 @@ polyphony measures, which share no code with the engine's controls."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,7 @@ from cmi_daemon.controls import ControlRequest, detect_grid, parse_grid, resolve
 from cmi_daemon.engine import Engine, InfillOptions
 from cmi_daemon.errors import CMIError
 from cmi_daemon.offline import default_model_dir
-from cmi_daemon.tokens import read_midi
+from cmi_daemon.tokens import Note, read_midi
 from conftest import GROOVE_FIXTURES, POP909_FIXTURES
 from training import musicality
 
@@ -126,3 +128,62 @@ def test_defaults_come_from_the_tracks_context(song):
 def test_bad_controls_say_what_is_wrong(bad):
     with pytest.raises(CMIError):
         ControlRequest(**bad) if bad.get("grid") is None else parse_grid(bad["grid"])
+
+
+def test_cli_flags_set_controls_per_track(tmp_path, capsys):
+    from cmi_daemon.cli import main
+
+    out = tmp_path / "out.mid"
+    assert main(["infill", str(POP909_FIXTURES[0]), "--bars", "17-18", "--tracks", "1,3", "--seed", "4",
+                 "--polyphony", "3=2", "--pitch-range", "1=70-76", "--grid", "1/8", "--json", "-o", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    melody, piano = (report["candidates"][0]["tracks"][t] for t in ("1", "3"))
+    as_notes = [[Note(n["start_qn"], n["duration_qn"], n["pitch"], n["velocity"]) for n in notes]
+                for notes in (melody, piano)]
+    assert melody and piano and all(70 <= n.pitch <= 76 for n in as_notes[0])
+    assert musicality.max_polyphony(as_notes[1]) <= 2
+    assert all(n.start_qn * 2 == round(n.start_qn * 2) for notes in as_notes for n in notes)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--polyphony", "0"], "--polyphony = 0 is outside 1..64"),
+    (["--pitch-range", "72-60"], "--pitch-range: low 72 is above high 60"),
+    (["--grid", "1/7"], "--grid: '1/7' is not a grid"),
+    (["--density", "3=1"], "--density '3=1': track 3 is not being infilled (tracks 1)"),
+    (["--note-length", "long"], "--note-length 'long': not a value it takes"),
+])
+def test_bad_control_flags_say_which_and_why(tmp_path, capsys, flags, words):
+    from cmi_daemon.cli import main
+
+    out = tmp_path / "out.mid"
+    assert main(["infill", str(POP909_FIXTURES[0]), "--bars", "17", "--tracks", "1", *flags, "-o", str(out)]) == 2
+    assert words in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("controls, field", [
+    ([{"track": 1, "max_polyphony": 1}], "content.options.controls[0].track"),
+    ([{"track": 0, "pitch_range": [60]}], "content.options.controls[0].pitch_range"),
+    ([{"track": 0, "velocity_range": [0, 90]}], "content.options.controls[0].velocity_range[0]"),
+    ([{"track": 0}, {"track": 0}], "content.options.controls[1].track"),
+    ([{"track": 0, "grid": "1/5"}], "content.options.controls[0].grid"),
+])
+def test_the_daemon_refuses_bad_controls_naming_the_field(controls, field):
+    from cmi_daemon import schema
+    from cmi_daemon.protocol import Limits, ProtocolError
+    from daemon_support import infill_request
+
+    with pytest.raises(ProtocolError) as error:
+        schema.parse_infill(infill_request(controls=controls), Limits(), [])
+    assert (error.value.code, error.value.field) == ("invalid_field", field)
+
+
+def test_the_daemon_reads_controls_into_the_engines_options():
+    from cmi_daemon import schema
+    from cmi_daemon.engine_backend import engine_options
+    from cmi_daemon.protocol import Limits
+    from daemon_support import infill_request
+
+    request = schema.parse_infill(infill_request(controls=[{"track": 0, "max_polyphony": 2, "grid": "1/8T",
+                                                            "pitch_range": [50, 70]}]), Limits(), [])
+    asked = engine_options(request.options).controls[0]
+    assert (asked.max_polyphony, asked.pitch_range, asked.grid) == (2, (50, 70), pytest.approx(1 / 3))

@@ -197,7 +197,7 @@ def test_untrusted_messages_get_error_replies_without_id():
         socket.send_multipart([protocol.sign(daemon.key, wrong_version), wrong_version])
         reply = _raw_reply(socket, daemon.key)
         assert (reply["id"], reply["type"], reply["error"]["code"]) == ("r2", "error", "unsupported_version")
-        assert "1.0" in reply["error"]["message"]
+        assert protocol.PROTOCOL_VERSION in reply["error"]["message"]
         socket.close()
 
 

@@ -135,7 +135,8 @@ def test_daemon_infill_takes_the_same_flags_and_json_and_gives_the_offline_notes
                                   capture_output=True, text=True, timeout=120, cwd=REPO)
 
         flags = ["--bars", "9-10", "--candidates", "2", "--seed", "123", "--temperature", "0.8", "--top-k", "40",
-                 "--repetition-penalty", "1.5", "--json"]
+                 "--repetition-penalty", "1.5", "--polyphony", "1=1,2=3", "--pitch-range", "48-84", "--grid", "1/8",
+                 "--json"]
         by_daemon = cli("infill", str(SONG), "--daemon", "-o", str(tmp_path / "daemon.mid"), *flags)
         assert by_daemon.returncode == 0, by_daemon.stderr
         offline = cli("infill", str(SONG), "--model", str(model), "-o", str(tmp_path / "offline.mid"), *flags)
