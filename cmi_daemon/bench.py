@@ -14,6 +14,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -165,7 +166,8 @@ def run(model_dir, songs_dir: Optional[Path], repeats: int) -> None:
     bar_lines = [bar_lines_qn(song, path)[0] for song, path in zip(songs, paths)]
     for width in BLANK_WIDTHS_BARS:
         for n_candidates in ((1, 4) if width == max(BLANK_WIDTHS_BARS) else (1,)):
-            totals_ms, answer_tokens, decode_ms = [], 0, 0.0
+            compare = width == max(BLANK_WIDTHS_BARS) and n_candidates == 1
+            totals_ms, free_totals_ms, answer_tokens, decode_ms = [], [], 0, 0.0
             for song, lines in zip(songs, bar_lines):
                 for window, start_qn, end_qn in latency_requests(song, lines, width):
                     targets = [i for i, track in enumerate(window.tracks) if track.notes]
@@ -174,6 +176,9 @@ def run(model_dir, songs_dir: Optional[Path], repeats: int) -> None:
                     totals_ms.append(result.timings_ms["total"])
                     answer_tokens += sum(c.n_tokens for c in result.candidates)
                     decode_ms += result.timings_ms["decode"]
+                    if compare:  # the same request without the per-track controls, right after it
+                        free = engine.infill(window, start_qn, end_qn, targets, replace(options, controls=None))
+                        free_totals_ms.append(free.timings_ms["total"])
             if not totals_ms:
                 print(f"{width}-bar infill: no song has {width + 2 * CONTEXT_BARS} bars")
                 continue
@@ -181,6 +186,10 @@ def run(model_dir, songs_dir: Optional[Path], repeats: int) -> None:
             print(f"{width}-bar infill, {CONTEXT_BARS} bars of context each side, {n_candidates} candidate(s), "
                   f"{len(totals_ms)} infills on {len(songs)} songs: p50 {p50:,.0f} ms, p95 {p95:,.0f} ms "
                   f"(decoding incl. sampling {answer_tokens / (decode_ms / 1000):,.0f} tokens/s)")
+            if free_totals_ms:
+                free_p50 = float(np.percentile(free_totals_ms, 50))
+                print(f"  the same infills without per-track controls: p50 {free_p50:,.0f} ms; with / without "
+                      f"{p50 / free_p50:.2f}")
     print(f"peak memory (RSS high-water mark): {peak_rss_mb():,.0f} MB")
 
     peer = rwkv_package_decode(engine, decode_ids, repeats)

@@ -63,8 +63,9 @@ class InfillOptions:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     max_answer_tokens: Optional[int] = None
     """Cap on sampled answer tokens (default: from the blank's expected length)."""
-    controls: dict[int, ControlRequest] = field(default_factory=dict)
-    """Target track -> what the musician sets of its controls; a track not named takes its context's."""
+    controls: Optional[dict[int, ControlRequest]] = field(default_factory=dict)
+    """Target track -> what the musician sets of its controls; a track not named takes its context's.
+    None: no controls at all, the model's notes under the range's constraints alone."""
 
     def __post_init__(self):
         if self.n_candidates < 1:
@@ -362,11 +363,12 @@ class Engine:
 
         cap = options.max_answer_tokens or max(MIN_ANSWER_CAP_TOKENS, ANSWER_CAP_FACTOR * n_blank)
         held = held_keys(song, region)
-        controls = {track: resolve_controls(song, track, region.start_qn, region.end_qn,
-                                            options.controls.get(track, ControlRequest()))
-                    for track in region.target_tracks}
+        controls = {} if options.controls is None else {
+            track: resolve_controls(song, track, region.start_qn, region.end_qn,
+                                    options.controls.get(track, ControlRequest()))
+            for track in region.target_tracks}
         constraints = {instrument_bin: BinConstraints.from_controls([controls[t] for t in tracks], song, region)
-                       for instrument_bin, tracks in region.target_bins.items()}
+                       for instrument_bin, tracks in region.target_bins.items() if controls}
         answers = self._decode(region, rows, head_rows, logits, state, cond, options, seed, cap, held, constraints,
                                cancel, progress)
         decode_done = time.perf_counter()
