@@ -114,7 +114,7 @@ def forget() -> None:
 
 
 def applicable(k: torch.Tensor, *state: torch.Tensor) -> bool:
-    """Whether wkv() may run: CPU float32/float64 tensors, outside ONNX export and tracing, with a
+    """Whether WKV may run: CPU float32/float64 tensors, outside ONNX export and tracing, with a
     carried-in state that needs no gradient (the kernel gives it none)."""
     return (k.device.type == "cpu" and k.dtype in (torch.float32, torch.float64)
             and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
