@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -351,6 +352,27 @@ def test_resume_after_kill_continues_the_same_run(shards, tmp_path):
         assert torch.equal(final_straight[name], final_resumed[name]), name
     best = torch.load(killed / "best.pt", weights_only=True)
     assert set(best) >= {"model", "optimizer", "step", "examples_seen", "rng", "model_config", "train_config"}
+
+
+def test_a_public_checkpoint_shaped_generator_loads_and_trains(shards, tmp_path):
+    """BlinkDL's layout (bf16, 20,096 rows) through --init-rwkv: the trainer's path (CPU kernel,
+    fused head loss) starts from exactly the loaded weights and moves them."""
+    source = RWKVGenerator(replace(preset("tiny").generator, conditioned=False))
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    public = {name: (tensor[:vocab.PUBLIC_VOCAB_SIZE] if name in ("emb.weight", "head.weight") else tensor)
+              .to(torch.bfloat16).clone() for name, tensor in source.state_dict().items()}
+    torch.save(public, tmp_path / "public.pth")
+    out = tmp_path / "generator"
+    train.main(["--stage", "generator", "--conditioning", "off", "--init-rwkv", str(tmp_path / "public.pth"),
+                "--shards", str(shards), "--out", str(out), *SMOKE, "--max-steps", "2"])
+    trained = params(out / "last.pt")
+    for name, tensor in public.items():
+        start = tensor.float()
+        assert not torch.equal(trained[name][:start.shape[0]], start), name
+        assert (trained[name][:start.shape[0]] - start).abs().max() <= 2 * 2 * 3e-3, name  # two steps of lr 3e-3
+    assert all(math.isfinite(loss) for loss in log_losses(out).values())
 
 
 def test_smoke_training_lowers_the_loss(shards, tmp_path):
