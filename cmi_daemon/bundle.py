@@ -55,6 +55,9 @@ class TokenizerSettings:
     context_tokens: int
     """Most tokens of prefix + blank + suffix the model reads (its training window)."""
     prefill_chunk_tokens: int
+    role_bins: bool = False
+    """Trained on songs whose tracks of one bin were given a bin each by role (`roles.distinct_bins`):
+    the engine then does the same to every request."""
 
 
 @dataclass(frozen=True)

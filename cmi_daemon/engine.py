@@ -34,6 +34,7 @@ from .dil.graph_weights import float_initializers
 from .controls import ControlRequest, TrackControls, resolve_controls, snap_to_grid
 from .errors import CMIError
 from .regions import Region, answer_notes, jepa_sequence, region_in_window
+from .roles import distinct_bins, song_roles, with_bins
 from .sampling import (AnswerRows, AnswerState, BinConstraints, SamplingOptions, fixed_events, held_keys,
                        requires_note, sample_row)
 from .schema import MAX_SEED
@@ -347,6 +348,8 @@ class Engine:
     def _infill(self, song, start_qn, end_qn, target_tracks, options, cancel, progress, profile) -> InfillResult:
         started = time.perf_counter()
         seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        if self.bundle.tokenizer.role_bins:
+            song = with_bins(song, distinct_bins(song, range(len(song.tracks)), song_roles(song)))
         region = self.region(song, start_qn, end_qn, target_tracks)
         n_blank = max(1, min(region.expected_answer_tokens(), self.bundle.tokenizer.context_tokens
                              - len(region.prefix_ids) - len(region.suffix_ids)))

@@ -99,7 +99,8 @@ def write_bundle(checkpoint: Checkpoint, out_dir, context_tokens: Optional[int] 
         "model_config": checkpoint.model_config.to_dict(),
         "tokenizer": {"wait_step_ms": vocab.WAIT_STEP_MS,
                       "context_tokens": context_tokens or default_context_tokens(checkpoint.model_config),
-                      "prefill_chunk_tokens": PREFILL_CHUNK_TOKENS},
+                      "prefill_chunk_tokens": PREFILL_CHUNK_TOKENS,
+                      "role_bins": bool((data_summary or {}).get("role_bins", False))},
         "training": training or None,
         "files": {name: sha256_of(staging / name) for name in bundle_files(conditioned)},
     }
