@@ -16,6 +16,7 @@ from cmi_daemon import vocab
 from cmi_daemon.bundle import load_torch_models
 from cmi_daemon.engine import Engine, InfillOptions
 from cmi_daemon.regions import Region, ilm_parts, jepa_sequence
+from cmi_daemon.schema import MAX_SEED
 from cmi_daemon.tokens import Note, Song
 from training.baselines import Blank
 
@@ -31,7 +32,7 @@ class ModelSystem:
 
     def infill(self, song: Song, blank: Blank, target_tracks: Sequence[int],
                rng: np.random.Generator) -> dict[int, list[Note]]:
-        seed = int(rng.integers(0, 2 ** 63 - 1))
+        seed = int(rng.integers(0, MAX_SEED, endpoint=True))
         options = InfillOptions(n_candidates=1, seed=seed, sampling=self.options.sampling,
                                 max_answer_tokens=self.options.max_answer_tokens)
         result = self.engine.infill(song, blank.start_qn, blank.end_qn, target_tracks, options)
