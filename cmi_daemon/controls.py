@@ -3,7 +3,7 @@
 Per target track a musician can set note density, polyphony (most notes at once), pitch range,
 note length, velocity range and the rhythmic grid; whatever they leave unset (None, or grid
 "auto") is what the track does in its context: CONTEXT_BARS bars each side of the range. The
-sampler (`sampling.BinConstraints`) enforces the hard limits (polyphony, pitch and velocity
+sampler (`sampling.TrackConstraints`) enforces the hard limits (polyphony, pitch and velocity
 range, onsets and note ends on the grid) while it samples and steers density and note length
 with logit biases.
 

@@ -35,8 +35,8 @@ from .controls import ControlRequest, TrackControls, resolve_controls, snap_to_g
 from .errors import CMIError
 from .regions import Region, answer_notes, jepa_sequence, region_in_window
 from .roles import distinct_bins, song_roles, with_bins
-from .sampling import (AnswerRows, AnswerState, BinConstraints, SamplingOptions, fixed_events, held_keys,
-                       requires_note, sample_row)
+from .sampling import (AnswerRows, AnswerState, SamplingOptions, TrackConstraints, fixed_events, held_keys,
+                       pitch_owners, requires_note, sample_row)
 from .schema import MAX_SEED
 from .tokens import Note, Song
 
@@ -370,14 +370,14 @@ class Engine:
             track: resolve_controls(song, track, region.start_qn, region.end_qn,
                                     options.controls.get(track, ControlRequest()))
             for track in region.target_tracks}
-        constraints = {instrument_bin: BinConstraints.from_controls([controls[t] for t in tracks], song, region)
-                       for instrument_bin, tracks in region.target_bins.items() if controls}
+        constraints = {track: TrackConstraints.from_controls(c, song, region) for track, c in controls.items()}
+        owners = pitch_owners(region, controls) if controls else None
         answers = self._decode(region, rows, head_rows, logits, state, cond, options, seed, cap, held, constraints,
-                               cancel, progress)
+                               owners, cancel, progress)
         decode_done = time.perf_counter()
 
         seeds = candidate_seeds(seed, options.n_candidates)
-        candidates = [Candidate(index, snap_to_grid(answer_notes(song, region, answer.answer_ids), controls,
+        candidates = [Candidate(index, snap_to_grid(answer_notes(song, region, answer.answer_ids, owners), controls,
                                              region.start_qn, region.end_qn),
                                 answer.answer_ids,
                                 answer.n_sampled, round((done_at - prefill_done) * 1000.0, 2), seeds[index])
@@ -389,12 +389,13 @@ class Engine:
         return InfillResult(region.start_qn, region.end_qn, region.target_tracks, seed, candidates,
                             len(prompt), n_blank, timings_ms, controls)
 
-    def _decode(self, region, rows, head_rows, logits, state, cond, options, seed, cap, held, constraints, cancel,
-                progress):
+    def _decode(self, region, rows, head_rows, logits, state, cond, options, seed, cap, held, constraints, owners,
+                cancel, progress):
         n = options.n_candidates
         events = fixed_events(region)
         need_note = requires_note(region, constraints)
-        answers = [AnswerState(rows, region.n_steps, events, need_note, cap, held, constraints) for _ in range(n)]
+        answers = [AnswerState(rows, region.n_steps, events, need_note, cap, held, constraints, owners)
+                   for _ in range(n)]
         rngs = [np.random.default_rng(candidate_seed) for candidate_seed in candidate_seeds(seed, n)]
         done_at = [0.0] * n
         active = list(range(n))

@@ -302,12 +302,15 @@ def _bound_context(prefix_ids: list[int], suffix_ids: list[int], budget: int) ->
     return prefix, suffix
 
 
-def answer_notes(song: Song, region: Region, answer_ids: Sequence[int]) -> dict[int, list[Note]]:
+def answer_notes(song: Song, region: Region, answer_ids: Sequence[int],
+                 owners: Optional[dict[int, Sequence[int]]] = None) -> dict[int, list[Note]]:
     """Notes an answer puts on each target track, all inside [start_qn, end_qn).
 
     A trailing `<ans>` is allowed. Notes of other tracks that the answer repeats (the fixed
     notes), notes of bins no target plays and notes starting at or after the range end are left
-    out; notes still sounding at the end stop there.
+    out; notes still sounding at the end stop there. A note goes to the track `owners` (bin ->
+    track per pitch, as the sampler's `sampling.pitch_owners`) gives its pitch, else to its bin's
+    target track whose notes around the range are nearest its pitch.
     """
     answer_ids = list(answer_ids)
     if answer_ids and answer_ids[-1] == vocab.ANS_ID:
@@ -321,7 +324,8 @@ def answer_notes(song: Song, region: Region, answer_ids: Sequence[int]) -> dict[
         tracks = region.target_bins.get(note.instrument_bin)
         if not tracks:
             continue
-        track = min(tracks, key=lambda t: abs(region.pitch_centre[t] - note.pitch))
+        owner = -1 if owners is None or note.instrument_bin not in owners else owners[note.instrument_bin][note.pitch]
+        track = int(owner) if owner >= 0 else min(tracks, key=lambda t: abs(region.pitch_centre[t] - note.pitch))
         start = max(region.start_qn, float(tempo_map.qn_at(note.start_ms)))
         end = min(region.end_qn, float(tempo_map.qn_at(note.start_ms + note.duration_ms)))
         if end > start:

@@ -15,12 +15,13 @@ answer as it grows and says what is allowed next:
   a note, and the last token before max_sampled_tokens is a note-on if one may start then;
 - after max_sampled_tokens sampled tokens the answer is finished by force: open notes closed,
   waits to the end (through any fixed notes), `<ans>`;
-- per target bin, its tracks' controls (`controls.TrackControls`, as `BinConstraints`): note-ons
-  only inside the pitch and velocity range and while fewer notes than the polyphony sound;
-  on a grid, note-ons and note-offs only on its lines and waits only to them (the model's timing
-  renormalised over the allowed steps, not snapped afterwards); a logit bias on note-ons pulls
-  the note count toward the density, one on each open note's note-off pulls its length toward
-  the note length.
+- per target track, its controls (`controls.TrackControls`, as `TrackConstraints`), over the
+  pitches it owns in its bin (`pitch_owners`: tracks of one bin share it by pitch range and
+  register): note-ons only inside its pitch and velocity range and while fewer of its notes than
+  its polyphony sound; on its grid, its note-ons and note-offs only on the lines, and waits only to
+  a line of some track (the model's timing renormalised over the allowed steps, not snapped
+  afterwards); a logit bias on its note-ons pulls its note count toward its density, one on each
+  open note's note-off pulls its length toward its note length.
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ class AnswerRows:
 
 
 @dataclass(frozen=True)
-class BinConstraints:
-    """What the controls of a bin's target tracks allow and ask, in the region's steps."""
+class TrackConstraints:
+    """What one target track's controls allow and ask, in the region's steps."""
 
     pitch_range: Optional[tuple[int, int]] = None
     velocity_bins: Optional[tuple[int, int]] = None
@@ -114,36 +115,44 @@ class BinConstraints:
     note_length_steps: Optional[float] = None
 
     @classmethod
-    def from_controls(cls, controls: Sequence[TrackControls], song: Song, region: Region) -> "BinConstraints":
-        """One bin's constraints from its target tracks' controls: the union of their ranges and grids
-        (no grid if one has none), their polyphonies and densities added, their note lengths' median."""
-        def union(ranges):
-            ranges = [r for r in ranges if r is not None]
-            return (min(r[0] for r in ranges), max(r[1] for r in ranges)) if len(ranges) == len(controls) else None
-
+    def from_controls(cls, controls: TrackControls, song: Song, region: Region) -> "TrackConstraints":
         tempo_map = song.tempo_map
-        start_ms = float(tempo_map.ms_at(region.start_qn))
-        velocities = union([c.velocity_range for c in controls])
-        polyphonies = [c.max_polyphony for c in controls]
-        densities = [c.density_per_qn for c in controls]
-        lengths = [c.note_length_qn for c in controls if c.note_length_qn is not None]
-        grid_steps = None
-        if all(c.grid is not None for c in controls):
-            lines_qn = np.concatenate([c.grid.lines_qn(region.start_qn, region.end_qn) for c in controls])
+        grid_steps = length_steps = None
+        if controls.grid is not None:
+            lines_qn = controls.grid.lines_qn(region.start_qn, region.end_qn)
             steps = ms_to_step(tempo_map.ms_at(lines_qn)).astype(np.int64) - region.start_step
             grid_steps = np.unique(steps[(steps >= 0) & (steps <= region.n_steps)])
-        length_steps = None
-        if lengths:
-            length_qn = float(np.median(lengths))
-            length_steps = (float(tempo_map.ms_at(region.start_qn + length_qn)) - start_ms) / vocab.WAIT_STEP_MS
+        if controls.note_length_qn is not None:
+            start_ms = float(tempo_map.ms_at(region.start_qn))
+            end_ms = float(tempo_map.ms_at(region.start_qn + controls.note_length_qn))
+            length_steps = max(1.0, (end_ms - start_ms) / vocab.WAIT_STEP_MS)
+        velocities = controls.velocity_range
         return cls(
-            pitch_range=union([c.pitch_range for c in controls]),
+            pitch_range=controls.pitch_range,
             velocity_bins=None if velocities is None else
             (max(1, vocab.velocity_to_bin(velocities[0])), max(1, vocab.velocity_to_bin(velocities[1]))),
-            max_polyphony=sum(polyphonies) if None not in polyphonies else None,
-            grid_steps=grid_steps,
-            expected_notes=sum(densities) * (region.end_qn - region.start_qn) if None not in densities else None,
-            note_length_steps=max(1.0, length_steps) if length_steps is not None else None)
+            max_polyphony=controls.max_polyphony, grid_steps=grid_steps,
+            expected_notes=None if controls.density_per_qn is None
+            else controls.density_per_qn * (region.end_qn - region.start_qn),
+            note_length_steps=length_steps)
+
+
+def pitch_owners(region: Region, controls: dict[int, TrackControls]) -> dict[int, np.ndarray]:
+    """Target bin -> (128,) the target track each pitch of that bin belongs to, -1 where no track's
+    pitch range holds it: of the bin's tracks whose range holds the pitch, the one whose notes
+    around the range are nearest it on average. The sampler keeps each track to its own controls
+    through this, and `regions.answer_notes` gives each answer note to that track."""
+    owners = {}
+    pitches = np.arange(vocab.N_PITCHES)
+    for instrument_bin, tracks in region.target_bins.items():
+        distance = np.full((len(tracks), vocab.N_PITCHES), np.inf)
+        for row, track in enumerate(tracks):
+            low, high = controls[track].pitch_range or (0, vocab.N_PITCHES - 1)
+            holds = (pitches >= low) & (pitches <= high)
+            distance[row, holds] = np.abs(pitches[holds] - region.pitch_centre[track])
+        nearest = np.argmin(distance, axis=0)
+        owners[instrument_bin] = np.where(np.isfinite(distance.min(axis=0)), np.asarray(tracks)[nearest], -1)
+    return owners
 
 
 def fixed_events(region: Region) -> list[tuple[int, int]]:
@@ -180,7 +189,7 @@ def held_keys(song: Song, region: Region) -> dict[tuple[int, int], int]:
     return held
 
 
-def requires_note(region: Region, constraints: Optional[dict[int, BinConstraints]] = None) -> bool:
+def requires_note(region: Region, constraints: Optional[dict[int, TrackConstraints]] = None) -> bool:
     """Whether the context's target-bin note rate predicts at least MIN_EXPECTED_NOTES in the blank,
     and so do the target tracks' densities where the constraints know them all."""
     expected = [c.expected_notes for c in (constraints or {}).values()]
@@ -200,7 +209,8 @@ class AnswerState:
 
     def __init__(self, rows: AnswerRows, n_steps: int, events: Sequence[tuple[int, int]], need_note: bool,
                  max_sampled_tokens: int, held: Optional[dict[tuple[int, int], int]] = None,
-                 constraints: Optional[dict[int, BinConstraints]] = None):
+                 constraints: Optional[dict[int, TrackConstraints]] = None,
+                 owners: Optional[dict[int, np.ndarray]] = None):
         self.rows = rows
         self.n_steps = n_steps
         self.events = deque(events)
@@ -220,24 +230,34 @@ class AnswerState:
         self.held = {key: step for key, step in (held or {}).items() if rows.key_rows(*key) is not None}
         """Keys still sounding from before the range -> the step they stop at."""
         self.done = False
-        self.constraints = {b: c for b, c in (constraints or {}).items() if b in rows.bins}
-        self.notes_per_bin = dict.fromkeys(rows.bins, 0)
-        self.on_permitted = np.ones(len(rows), dtype=bool)
-        """Note-on rows the pitch and velocity ranges allow."""
+        self.constraints = dict(constraints or {})
+        """Target track -> its constraints (none: the bins play freely)."""
+        self.owners = {b: o for b, o in (owners or {}).items() if b in rows.bins}
+        self.notes_per_track = dict.fromkeys(self.constraints, 0)
         velocity_bin = (np.arange(len(rows)) - FIRST_NOTE_ROW) % vocab.N_VELOCITY_BINS
         pitch = (np.arange(len(rows)) - FIRST_NOTE_ROW) // vocab.N_VELOCITY_BINS % vocab.N_PITCHES
-        for instrument_bin, constraint in self.constraints.items():
-            block = rows.bin_rows(instrument_bin)
-            if constraint.pitch_range is not None:
-                low, high = constraint.pitch_range
-                self.on_permitted[block] &= (pitch[block] >= low) & (pitch[block] <= high)
+        self.track_rows: dict[int, np.ndarray] = {}
+        """Track -> its note-on rows: the pitches it owns at the velocities it allows."""
+        for track, constraint in self.constraints.items():
+            mask = np.zeros(len(rows), dtype=bool)
+            for instrument_bin, owner in self.owners.items():
+                block = rows.bin_rows(instrument_bin)
+                mask[block] = (owner[pitch[block]] == track) & rows.note_on_rows[block]
             if constraint.velocity_bins is not None:
                 low, high = constraint.velocity_bins
-                self.on_permitted[block] &= (velocity_bin[block] >= low) & (velocity_bin[block] <= high)
-        gridded = [c.grid_steps for c in self.constraints.values() if c.grid_steps is not None]
+                mask &= (velocity_bin >= low) & (velocity_bin <= high)
+            self.track_rows[track] = mask
+        self.on_permitted = np.ones(len(rows), dtype=bool)
+        """Note-on rows some track's pitch and velocity range allow."""
+        for instrument_bin in self.owners:
+            self.on_permitted[rows.bin_rows(instrument_bin)] = False
+        for mask in self.track_rows.values():
+            self.on_permitted |= mask
+        gridded = [c.grid_steps for track, c in self.constraints.items() if self.track_rows[track].any()]
         self.landing_steps = (np.unique(np.concatenate(gridded))
-                              if gridded and len(gridded) == len(rows.bins) else None)
-        """Where waits may end when every bin has a grid (besides the next fixed event and the end)."""
+                              if gridded and all(g is not None for g in gridded) else None)
+        """Where waits may end when every track that can play has a grid (besides the next fixed event
+        and the end)."""
 
     @property
     def finishing(self) -> bool:
@@ -247,19 +267,24 @@ class AnswerState:
         next_event = self.events[0][0] if self.events else self.n_steps
         return min(next_event, self.n_steps)
 
-    def _on_grid(self, instrument_bin: int) -> bool:
-        """Whether the bin's notes may start or end at the clock."""
-        constraint = self.constraints.get(instrument_bin)
+    def _owner(self, key: tuple[int, int]) -> Optional[int]:
+        """The target track a key's notes belong to, None in a bin without controls."""
+        owner = self.owners.get(key[0])
+        return None if owner is None or owner[key[1]] < 0 else int(owner[key[1]])
+
+    def _on_grid(self, track: Optional[int]) -> bool:
+        """Whether the track's notes may start or end at the clock."""
+        constraint = self.constraints.get(track)
         if constraint is None or constraint.grid_steps is None:
             return True
         steps = constraint.grid_steps
         index = np.searchsorted(steps, self.clock)
         return bool(index < len(steps) and steps[index] == self.clock)
 
-    def _sounding(self, instrument_bin: int) -> int:
-        """Notes of the bin's target tracks sounding now: opened by the answer or held from before."""
-        return (sum(1 for b, _ in self.open_keys if b == instrument_bin)
-                + sum(1 for (b, _), until in self.held.items() if b == instrument_bin and self.clock < until))
+    def _sounding(self, track: int) -> int:
+        """Notes of the track sounding now: opened by the answer or held from before the range."""
+        return (sum(1 for key in self.open_keys if self._owner(key) == track)
+                + sum(1 for key, until in self.held.items() if self._owner(key) == track and self.clock < until))
 
     def _allowed_waits(self, limit: int) -> np.ndarray:
         """Wait lengths (1..) the clock may move by, up to limit: onto a grid line or the limit itself
@@ -316,12 +341,12 @@ class AnswerState:
             if self.clock < until_step:
                 base = self.rows.key_rows(*key)
                 allowed[base + 1:base + vocab.N_VELOCITY_BINS] = False
-        for instrument_bin, constraint in self.constraints.items():
-            full = constraint.max_polyphony is not None and self._sounding(instrument_bin) >= constraint.max_polyphony
-            if full or not self._on_grid(instrument_bin):
-                allowed[self.rows.bin_rows(instrument_bin)] = False
+        for track, constraint in self.constraints.items():
+            full = constraint.max_polyphony is not None and self._sounding(track) >= constraint.max_polyphony
+            if full or not self._on_grid(track):
+                allowed &= ~self.track_rows[track]
         for key, open_step in self.open_keys.items():
-            if open_step < self.clock and self._on_grid(key[0]):
+            if open_step < self.clock and self._on_grid(self._owner(key)):
                 allowed[self.rows.key_rows(*key)] = True
         limit = self._wait_limit_step()
         if self.need_note and self.n_notes == 0:
@@ -338,18 +363,17 @@ class AnswerState:
         if not any(c.expected_notes is not None or c.note_length_steps is not None for c in self.constraints.values()):
             return None
         bias = np.zeros(len(self.rows), dtype=np.float64)
-        for instrument_bin, constraint in self.constraints.items():
+        for track, constraint in self.constraints.items():
             if constraint.expected_notes is not None:
                 ahead = min(constraint.max_polyphony or 1, DENSITY_LEAD_NOTES)
                 expected = constraint.expected_notes * self.clock / max(1, self.n_steps) + ahead
-                drift = np.log((expected + 1.0) / (self.notes_per_bin[instrument_bin] + 1.0))
-                block = self.rows.bin_rows(instrument_bin)
+                drift = np.log((expected + 1.0) / (self.notes_per_track[track] + 1.0))
                 push = np.clip(DENSITY_GAIN * drift, -MAX_DENSITY_PULL, MAX_DENSITY_PUSH)
                 if self.need_note and self.n_notes == 0:  # the note an empty answer needs is not held back
                     push = max(push, 0.0)
-                bias[block] += push * self.rows.note_on_rows[block]
+                bias += push * self.track_rows[track]
         for key, open_step in self.open_keys.items():
-            constraint = self.constraints.get(key[0])
+            constraint = self.constraints.get(self._owner(key))
             if constraint is not None and constraint.note_length_steps is not None:
                 age = self.clock - open_step
                 bias[self.rows.key_rows(*key)] += np.clip(
@@ -388,7 +412,9 @@ class AnswerState:
             elif velocity_bin:
                 self.open_keys[key] = self.clock
                 self.n_notes += 1
-                self.notes_per_bin[instrument_bin] += 1
+                owner = self._owner(key)
+                if owner in self.notes_per_track:
+                    self.notes_per_track[owner] += 1
             else:
                 self.open_keys.pop(key, None)
             self._set_key(key, key in self.open_keys or key in self.fixed_keys)

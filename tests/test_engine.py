@@ -8,7 +8,7 @@ import pytest
 from cmi_daemon import vocab
 from cmi_daemon.engine import Engine, InfillCancelled, InfillOptions
 from cmi_daemon.regions import build_region
-from cmi_daemon.sampling import BinConstraints, SamplingOptions, fixed_events, requires_note
+from cmi_daemon.sampling import SamplingOptions, TrackConstraints, fixed_events, requires_note
 from cmi_daemon.tokens import read_midi
 from conftest import POP909_FIXTURES, SHARED_DATA
 from tiny_bundle import tiny_bundle_dir
@@ -55,8 +55,7 @@ def check_answer(song, start_qn, end_qn, targets, candidate, controls):
         for note in notes:
             assert start_qn <= note.start_qn < end_qn and note.start_qn + note.duration_qn <= end_qn + 1e-9
             assert note.duration_qn > 0
-    constraints = {b: BinConstraints.from_controls([controls[t] for t in tracks], song, region)
-                   for b, tracks in region.target_bins.items()}
+    constraints = {t: TrackConstraints.from_controls(c, song, region) for t, c in controls.items()}
     if requires_note(region, constraints):
         assert any(candidate.notes.values()), "an empty answer in a dense context"
 
