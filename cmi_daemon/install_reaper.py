@@ -24,8 +24,9 @@ from .errors import CMIError
 from .files import write_bytes_atomic
 from .paths import bridge_dir
 
-SCRIPT_FILES = ("cmi_reaper.py", "cmi_infill_selection.py", "cmi_accept_infill.py")
-ACTIONS = (("cmi_infill_selection.py", "CMI: Infill selection"), ("cmi_accept_infill.py", "CMI: Accept infill"))
+SCRIPT_FILES = ("cmi_reaper.py", "cmi_infill_selection.py", "cmi_accept_infill.py", "cmi_infill_settings.py")
+ACTIONS = (("cmi_infill_selection.py", "CMI: Infill selection"), ("cmi_accept_infill.py", "CMI: Accept infill"),
+           ("cmi_infill_settings.py", "CMI: Infill settings"))
 SCRIPTS_FOLDER = ("Scripts", "CMI")
 PATHS_FILE_NAME = "cmi_python.json"
 MANIFEST_FILE_NAME = "cmi-install.json"

@@ -120,6 +120,11 @@ class FakeReaper:
         self.console: list[str] = []
         self.message_boxes: list[tuple] = []
         self.ext_state: dict[tuple, str] = {}
+        self.project_ext_state: dict[tuple, str] = {}
+        """SetProjExtState's values: saved with the project, so they outlive the actions that set them."""
+        self.user_inputs: deque = deque()
+        """What the musician types into the next GetUserInputs dialogs: a CSV string each, or None for Cancel."""
+        self.dialogs: list[tuple] = []
         self.deferred: deque = deque()
         self.atexit_codes: list[str] = []
         self.main: Optional[types.ModuleType] = None
@@ -521,6 +526,24 @@ class FakeReaper:
 
     def RPR_GetResourcePath(self):
         return ""
+
+    def RPR_GetUserInputs(self, title, num_inputs, captions_csv, retvals_csv, retvals_csv_sz):
+        """(ok 0/1, title, n, captions, the fields' CSV, size), as the wrapper returns them; Cancel keeps
+        the CSV as it was passed in."""
+        self.dialogs.append((str(title), int(num_inputs), str(captions_csv), str(retvals_csv)))
+        answer = self.user_inputs.popleft()
+        if answer is None:
+            return (0, title, num_inputs, captions_csv, str(retvals_csv), retvals_csv_sz)
+        return (1, title, num_inputs, captions_csv, str(answer)[:retvals_csv_sz - 1], retvals_csv_sz)
+
+    def RPR_SetProjExtState(self, proj, extname, key, value):
+        self.project_ext_state[(str(extname), str(key))] = str(value)
+        return 1
+
+    def RPR_GetProjExtState(self, proj, extname, key, valOutNeedBig, valOutNeedBig_sz):
+        """(length of the value, 0 when there is none; proj, extname, key, the value, size)."""
+        value = self.project_ext_state.get((str(extname), str(key)), "")
+        return (len(value), proj, extname, key, value, valOutNeedBig_sz)
 
 
 def _note_order(note: list) -> tuple:

@@ -26,6 +26,7 @@ from fake_reaper import FakeReaper
 BRIDGE = REPO / "bridges" / "reaper"
 INFILL_SCRIPT = BRIDGE / "cmi_infill_selection.py"
 ACCEPT_SCRIPT = BRIDGE / "cmi_accept_infill.py"
+SETTINGS_SCRIPT = BRIDGE / "cmi_infill_settings.py"
 SONG = FIXTURES / "pop909" / "235" / "235.mid"
 REPLY_WAIT_S = 60.0
 TICK_PAUSE_S = 0.01
@@ -445,7 +446,7 @@ def test_install_and_uninstall_restore_reaper_byte_for_byte(tmp_path, capsys):
     assert cli.main(["install", "reaper", "--path", str(resource)]) == 0
     assert cli.main(["install", "reaper", "--path", str(resource)]) == 0, "installing twice is harmless"
     scripts = resource / "Scripts" / "CMI"
-    for name in ("cmi_reaper.py", "cmi_infill_selection.py", "cmi_accept_infill.py"):
+    for name in ("cmi_reaper.py", "cmi_infill_selection.py", "cmi_accept_infill.py", "cmi_infill_settings.py"):
         assert (scripts / name).read_bytes() == (BRIDGE / name).read_bytes()
     recorded = json.loads((scripts / "cmi_python.json").read_text())
     assert recorded["python"] == sys.executable and str(REPO) in recorded["sys_path"]
@@ -465,7 +466,9 @@ def test_install_and_uninstall_restore_reaper_byte_for_byte(tmp_path, capsys):
         f'SCR 4 0 {install_reaper.action_id("cmi_infill_selection.py")} "Custom: CMI: Infill selection" '
         f'"{scripts / "cmi_infill_selection.py"}"',
         f'SCR 4 0 {install_reaper.action_id("cmi_accept_infill.py")} "Custom: CMI: Accept infill" '
-        f'"{scripts / "cmi_accept_infill.py"}"']
+        f'"{scripts / "cmi_accept_infill.py"}"',
+        f'SCR 4 0 {install_reaper.action_id("cmi_infill_settings.py")} "Custom: CMI: Infill settings" '
+        f'"{scripts / "cmi_infill_settings.py"}"']
     assert all(line.split()[3].startswith("RS") and len(line.split()[3]) == 42 for line in kb_lines[2:])
 
     (scripts / "__pycache__").mkdir()
@@ -529,3 +532,41 @@ def test_the_pip_command_names_the_interpreter_reaper_loaded(reaper, monkeypatch
     monkeypatch.setattr(sys, "executable", "/opt/REAPER/reaper")
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
     assert cmi_reaper.reaper_python_path() == str(Path(sys.base_prefix) / "bin" / f"python{version}")
+
+
+def test_infill_settings_are_kept_with_the_project_and_shape_the_infill(reaper, song_project, daemon_home,
+                                                                       monkeypatch):
+    """The settings dialog shows what the project holds, keeps what the musician types (empty fields
+    follow each track), and the next infill's notes keep to it: one note at a time, pitches 60-72,
+    onsets on the 1/8 grid of the bar lines."""
+    monkeypatch.setenv("CMI_HOME", str(daemon_home))
+    reaper.user_inputs.extend([",1,60-72,,,1/8", None])
+    reaper.run_script(SETTINGS_SCRIPT)
+    assert reaper.message_boxes == [], reaper.message_boxes
+    title, n_fields, captions, shown = reaper.dialogs[0]
+    assert (title, n_fields, shown) == ("CMI: Infill settings", 6, ",,,,,")
+    assert captions.endswith(",extrawidth=120") and len(captions.split(",")) == 7
+    assert json.loads(reaper.project_ext_state[("CMI", "controls")]) == {
+        "max_polyphony": 1, "pitch_range": [60, 72], "grid": "1/8"}
+    reaper.run_script(SETTINGS_SCRIPT)  # shown again, then cancelled: nothing changes
+    assert reaper.dialogs[1][3] == ",1,60-72,,,1/8"
+    assert json.loads(reaper.project_ext_state[("CMI", "controls")])["max_polyphony"] == 1
+
+    reaper.run_script(INFILL_SCRIPT)
+    drive(reaper)
+    assert reaper.message_boxes == [], reaper.message_boxes
+    for name in ("MELODY", "PIANO"):
+        _, inside = split_by_range(reaper, song_project[name])
+        spans = [(reaper.take_qn(song_project[name], n[2]), reaper.take_qn(song_project[name], n[3]), n[5])
+                 for n in inside]
+        assert spans, f"{name}: no new notes"
+        assert all(60 <= pitch <= 72 for _, _, pitch in spans)
+        assert all(abs(start * 2 - round(start * 2)) < 1e-6 for start, _, _ in spans)
+        assert all(end_a <= start_b + 1e-6 for (_, end_a, _), (start_b, _, _) in zip(sorted(spans), sorted(spans)[1:]))
+
+
+def test_a_setting_it_cannot_read_is_refused_and_nothing_is_kept(reaper):
+    reaper.user_inputs.append("lots,,,,,")
+    reaper.run_script(SETTINGS_SCRIPT)
+    assert ("CMI", "controls") not in reaper.project_ext_state
+    assert "Notes per quarter note: 'lots' is not a value it takes" in reaper.message_boxes[0][0]

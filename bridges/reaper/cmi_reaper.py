@@ -57,6 +57,20 @@ ABANDON_CODE = "import cmi_reaper; cmi_reaper.abandon_pending()"
 
 INFILL_ACTION = "CMI: Infill selection"
 ACCEPT_ACTION = "CMI: Accept infill"
+SETTINGS_ACTION = "CMI: Infill settings"
+CONTROLS_KEY = "controls"
+"""Project state (saved with the project) holding the infill settings as JSON."""
+CONTROL_FIELDS = (
+    ("density_per_qn", "Notes per quarter note", float),
+    ("max_polyphony", "Most notes at once", int),
+    ("pitch_range", "Pitch range (e.g. 48-72)", "range"),
+    ("note_length_qn", "Note length (quarter notes)", float),
+    ("velocity_range", "Velocity range (e.g. 60-110)", "range"),
+    ("grid", "Grid (auto or off or 1/16 or 1/8T ...)", str),
+)
+"""Settings of the dialog: the daemon's per-track controls (docs/protocol.md 5.2), a caption each;
+an empty field takes what the track does around the selection."""
+USER_INPUT_CHARS = 512
 START_COMMAND = "cmi-daemon start --detach"
 CLIENT_NAME = "cmi-reaper"
 
@@ -574,8 +588,80 @@ def infill_content(selection: Selection, limits: DaemonLimits) -> dict:
     tempo, signatures = read_tempo_map(context_end_qn)
     return {"session": session_id(selection, limits.max_session_chars), "tracks": tracks, "tempo": tempo,
             "time_signatures": signatures, "range": [selection.start_qn, selection.end_qn],
-            "targets": list(range(len(tracks))), "options": {"candidates": 1},
+            "targets": list(range(len(tracks))), "options": infill_options(len(tracks)),
             "timeout_ms": limits.request_timeout_ms}
+
+
+# ----- settings -----
+
+def saved_controls() -> dict:
+    """The project's infill settings (control name -> value); {} when none were set."""
+    size, _, _, _, text, _ = rpr.RPR_GetProjExtState(CURRENT_PROJECT, EXT_SECTION, CONTROLS_KEY, "",
+                                                     USER_INPUT_CHARS)
+    if not size:
+        return {}
+    try:
+        controls = json.loads(text)
+    except ValueError:
+        return {}
+    return {key: controls[key] for key, _, _ in CONTROL_FIELDS if key in controls} if isinstance(controls, dict) else {}
+
+
+def infill_options(n_tracks: int) -> dict:
+    """The infill's options: one candidate, and the project's settings for every track."""
+    controls = saved_controls()
+    options = {"candidates": 1}
+    if controls:
+        options["controls"] = [dict(controls, track=index) for index in range(n_tracks)]
+    return options
+
+
+def control_text(value) -> str:
+    """A setting as the dialog shows it: 48-72 for a range, 1.5 for a number, "" for none."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return f"{value[0]}-{value[1]}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def parse_control(caption: str, kind, text: str):
+    """A dialog field's text as the daemon takes it; None for an empty field; BridgeError naming the field."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        if kind == "range":
+            low, high = (int(part) for part in text.split("-"))
+            return [low, high]
+        return kind(text)
+    except ValueError:
+        raise BridgeError(f"{caption}: {text!r} is not a value it takes. Leave it empty for what the track "
+                          "does around the selection.") from None
+
+
+def start_settings() -> None:
+    """Ask for the infill settings and keep them with the project."""
+    current = saved_controls()
+    captions = ",".join(caption for _, caption, _ in CONTROL_FIELDS) + ",extrawidth=120"
+    defaults = ",".join(control_text(current.get(key)) for key, _, _ in CONTROL_FIELDS)
+    ok, _, _, _, answer, _ = rpr.RPR_GetUserInputs(SETTINGS_ACTION, len(CONTROL_FIELDS), captions, defaults,
+                                                   USER_INPUT_CHARS)
+    if not ok:
+        return
+    texts = answer.split(",")
+    if len(texts) != len(CONTROL_FIELDS):
+        raise BridgeError(f"{SETTINGS_ACTION}: a field held a comma; write ranges as 48-72.")
+    controls = {}
+    for (key, caption, kind), text in zip(CONTROL_FIELDS, texts):
+        value = parse_control(caption, kind, text)
+        if value is not None:
+            controls[key] = value
+    rpr.RPR_SetProjExtState(CURRENT_PROJECT, EXT_SECTION, CONTROLS_KEY, json.dumps(controls))
+    show_status("infill settings for this project: " + (", ".join(f"{caption} {control_text(controls[key])}"
+                                                                 for key, caption, _ in CONTROL_FIELDS
+                                                                 if key in controls)
+                                                       or "all from each track's own bars") + ".")
 
 
 # ----- writing the answer -----
@@ -695,3 +781,8 @@ def run_infill() -> None:
 def run_accept() -> None:
     """The action "CMI: Accept infill"."""
     run_action(start_accept)
+
+
+def run_settings() -> None:
+    """The action "CMI: Infill settings"."""
+    run_action(start_settings)
