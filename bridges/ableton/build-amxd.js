@@ -41,6 +41,9 @@ function uiFields(box) {
       return { maxclass: "live.dial", numinlets: 1, numoutlets: 2, outlettype: ["", "float"],
         ...liveParameter(box, 0, { parameter_mmin: box.range[0], parameter_mmax: box.range[1],
           parameter_initial: [box.initial], parameter_initial_enable: 1, parameter_unitstyle: 1 }) };
+    case "live.menu":
+      return { maxclass: "live.menu", numinlets: 1, numoutlets: 3, outlettype: ["", "", "float"],
+        ...liveParameter(box, 2, { parameter_enum: box.items, parameter_mmax: box.items.length - 1 }) };
     case "umenu":
       return { maxclass: "umenu", items: [], numinlets: 1, numoutlets: 3, outlettype: ["int", "", ""],
         parameter_enable: 0, varname: box.id };

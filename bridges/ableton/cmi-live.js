@@ -8,7 +8,8 @@
 // new note in one of them, and the notes that were there are put back if it then takes none of the rest.
 //
 // Messages in (from the device's UI and the node part): init, infill, again, keep, candidate N,
-// temperature T, ready, response ID INDEX COUNT CHUNK.
+// temperature T, control NAME VALUE (the per-track controls' dials and grid menu), ready,
+// response ID INDEX COUNT CHUNK.
 // Outlets: 0 to node.script (request ID INDEX COUNT CHUNK), 1 to the status comment (set TEXT),
 // 2 to the candidate menu (clear, append ITEM, set N).
 
@@ -39,8 +40,14 @@ var NOTE_ARGUMENT_FORMS = [
 	{ name: "an object", make: function (notes) { return { notes: notes }; } },
 ];
 
+// The grid menu's items, in its order: what options.controls[].grid takes (docs/protocol.md 5.2).
+var GRID_CHOICES = ["auto", "off", "1/4", "1/8", "1/8T", "1/16", "1/16T", "1/32"];
+var INSTRUMENT_DEVICE_TYPE = 1;
+
 var device = null;
 var temperatureValue = 1.0;
+// The control dials as set: 0 (Low 0, High 127, grid auto) leaves a control to the clip's own notes.
+var controlValues = { polyphony: 0, density: 0, length: 0, low: 0, high: ALL_PITCHES - 1, grid: 0 };
 var pending = {};
 var nextRequest = 1;
 var last = null;
@@ -67,6 +74,18 @@ function objectAt(idList) {
 }
 
 // The track holding a device or a clip: up through canonical_parent (a clip slot, a rack chain ...).
+// A track plays drums when its first instrument is a Drum Rack (daw-apis.md section B).
+function isDrumRackTrack(track) {
+	var ids = track.get("devices");
+	for (var i = 0; i + 1 < ids.length; i += 2) {
+		var instrument = new LiveAPI("id " + ids[i + 1]);
+		if (exists(instrument) && value(instrument, "type") === INSTRUMENT_DEVICE_TYPE) {
+			return value(instrument, "can_have_drum_pads") === 1;
+		}
+	}
+	return false;
+}
+
 function trackOf(api) {
 	var parent = objectAt(api.get("canonical_parent"));
 	while (exists(parent) && parent.type !== "Track") {
@@ -251,17 +270,32 @@ function infillRequest(clip, limits) {
 		endBeats: range.endBeats,
 		content: {
 			session: "live:" + device.id + ":" + clipId + ":" + range.startBeats + "-" + range.endBeats,
-			tracks: [{ name: text(trackOf(clip), "name").substr(0, limits.max_track_name_chars), program: 0, drum: false,
-				notes: notes }],
+			tracks: [{ name: text(trackOf(clip), "name").substr(0, limits.max_track_name_chars), program: 0,
+				drum: isDrumRackTrack(trackOf(clip)), notes: notes }],
 			tempo: [[0, meter.tempoBpm]],
 			time_signatures: [[0, meter.numerator, meter.denominator]],
 			range: [startQn, endQn],
 			targets: [0],
-			options: { candidates: Math.min(CANDIDATES, limits.max_candidates),
-				temperature: Math.min(temperatureValue, limits.max_temperature) },
+			options: infillOptions(limits),
 			timeout_ms: limits.request_timeout_ms,
 		},
 	};
+}
+
+// The options of an infill: candidates, temperature and the controls the dials set.
+function infillOptions(limits) {
+	var options = { candidates: Math.min(CANDIDATES, limits.max_candidates),
+		temperature: Math.min(temperatureValue, limits.max_temperature) };
+	var controls = { track: 0 };
+	if (controlValues.polyphony >= 1) controls.max_polyphony = Math.round(controlValues.polyphony);
+	if (controlValues.density > 0) controls.density_per_qn = controlValues.density;
+	if (controlValues.length > 0) controls.note_length_qn = controlValues.length;
+	var low = Math.round(Math.min(controlValues.low, controlValues.high));
+	var high = Math.round(Math.max(controlValues.low, controlValues.high));
+	if (low > 0 || high < ALL_PITCHES - 1) controls.pitch_range = [low, high];
+	if (controlValues.grid > 0) controls.grid = GRID_CHOICES[controlValues.grid];
+	if (Object.keys(controls).length > 1) options.controls = [controls];
+	return options;
 }
 
 // ---- Writing an answer ------------------------------------------------------------------------
@@ -420,7 +454,7 @@ function again() {
 	}
 	var request = { clipId: last.clipId, limits: last.limits, offsetBeats: last.offsetBeats,
 		startBeats: last.startBeats, endBeats: last.endBeats, content: JSON.parse(JSON.stringify(last.content)) };
-	request.content.options.temperature = Math.min(temperatureValue, last.limits.max_temperature);
+	request.content.options = infillOptions(last.limits);
 	sendInfill(request);
 }
 
@@ -446,6 +480,12 @@ function candidate(index) {
 // Called by Max when the device is removed.
 function notifydeleted() {
 	outlet(NODE_OUTLET, "close");
+}
+
+function control(name, newValue) {
+	if (!(name in controlValues)) return;
+	controlValues[name] = name === "grid" ? Math.max(0, Math.min(GRID_CHOICES.length - 1, Math.round(newValue)))
+		: Math.max(0, newValue);
 }
 
 function temperature(newTemperature) {

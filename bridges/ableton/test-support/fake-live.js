@@ -36,9 +36,19 @@ class FakeLiveSet {
   }
 
   addDevice(track) {
-    const device = this.add("MaxDevice", track, { name: "CMI" });
+    const device = this.add("MaxDevice", track, { name: "CMI", type: 4, can_have_drum_pads: 0 });
     track.props.devices.push(device);
     return device;
+  }
+
+  // An instrument after the devices already on the track: a Drum Rack (class DrumGroupDevice, which can
+  // have drum pads) or another instrument.
+  addInstrument(track, { drumRack = false } = {}) {
+    const instrument = this.add(drumRack ? "RackDevice" : "Device", track, {
+      name: drumRack ? "Drum Rack" : "Electric", type: 1, can_have_drum_pads: drumRack ? 1 : 0,
+      class_name: drumRack ? "DrumGroupDevice" : "LoungeLizard" });
+    track.props.devices.push(instrument);
+    return instrument;
   }
 
   clipProps(notes, { lengthBeats, loopStartBeats = 0, loopEndBeats = lengthBeats, startMarkerBeats = 0 }) {

@@ -173,7 +173,7 @@ class FakeDevice {
     const kind = box.message !== undefined ? "message" : box.ui || box.text.split(" ")[0];
     const behaviour = {
       message: () => this.send(id, 0, box.message.split(" ")),
-      prepend: () => this.send(id, 0, [box.text.split(" ")[1], ...atoms]),
+      prepend: () => this.send(id, 0, [...box.text.split(" ").slice(1), ...atoms]),
       js: () => this.js.message(atoms),
       "node.script": () => {
         if (this.nodeRunning) this.maxApi.deliver(atoms[0], atoms.slice(1));
@@ -230,6 +230,13 @@ class FakeDevice {
 
   turnTemperature(value) {
     this.send("temperature", 0, [value]);
+  }
+
+  // A control dial (polyphony, density, length, low, high) turned, or the grid menu's item chosen.
+  turn(controlId, value) {
+    const ui = this.boxes.get(controlId).ui;
+    if (ui !== "live.dial" && ui !== "live.menu") throw new Error(`${controlId} is not a dial or menu`);
+    this.send(controlId, 0, [value]);
   }
 
   remove() {

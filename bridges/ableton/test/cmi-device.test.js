@@ -281,6 +281,48 @@ describe("the CMI device in a fake Live, against a live daemon", () => {
     assert.match(device.posts.at(-1), /Live refused the new notes \(add_new_notes with a JSON string: .*invalid syntax/);
   });
 
+  it("sends the controls its dials set, and the new notes keep to them", async () => {
+    live.showClip(sessionClip);
+    const { request: free } = await infillAndWait(keysDevice);
+    assert.equal(free.options.controls, undefined, "dials at rest leave every control to the clip");
+    assert.equal(free.tracks[0].drum, false);
+    for (const [dial, value] of [["polyphony", 1], ["low", 62], ["high", 70], ["grid", 4], ["length", 0.5]]) {
+      keysDevice.turn(dial, value);
+    }
+    try {
+      const { request, reply } = await infillAndWait(keysDevice);
+      assert.deepEqual(request.options.controls,
+        [{ track: 0, max_polyphony: 1, pitch_range: [62, 70], grid: "1/8T", note_length_qn: 0.5 }]);
+      const notes = candidateNotes(reply, 0, 0);
+      assert.ok(notes.length > 0, "the candidate should hold notes");
+      for (const [start, duration, pitch] of notes) {
+        assert.ok(pitch >= 62 && pitch <= 70, `pitch ${pitch} outside 62-70`);
+        assert.ok(Math.abs(start * 3 - Math.round(start * 3)) < 1e-6, `onset ${start} off the 1/8T grid`);
+        assert.ok(duration > 0);
+      }
+      for (let i = 1; i < notes.length; i++) {
+        assert.ok(notes[i - 1][0] + notes[i - 1][1] <= notes[i][0] + 1e-6, "two notes at once with polyphony 1");
+      }
+    } finally {
+      for (const [dial, value] of [["polyphony", 0], ["low", 0], ["high", 127], ["grid", 0], ["length", 0]]) {
+        keysDevice.turn(dial, value);
+      }
+    }
+  });
+
+  it("tells the daemon a track whose first instrument is a Drum Rack plays drums", async () => {
+    const beat = live.addTrack("Beat");
+    const beatClip = live.addSessionClip(beat, melody(16).map((note) => ({ ...note, pitch: 36 + (note.pitch % 3) })),
+      { lengthBeats: 16, loopStartBeats: 4, loopEndBeats: 8 });
+    const beatDevice = await connectedDevice(live, beat);
+    devices.push(beatDevice);
+    live.addInstrument(beat, { drumRack: true });
+    live.addInstrument(beat);
+    live.showClip(beatClip);
+    const { request } = await infillAndWait(beatDevice);
+    assert.equal(request.tracks[0].drum, true);
+  });
+
   it("refuses a clip of another track and changes nothing", () => {
     live.showClip(arrangementClip);
     const notes = snapshot(arrangementClip);
