@@ -231,7 +231,10 @@ def snap_to_grid(notes_by_track: dict[int, list[Note]], controls: dict[int, Trac
             continue
         snapped = []
         for note in notes:
-            on, off = (_snap(edge, grid, start_qn, end_qn) for edge in (note.start_qn, note.start_qn + note.duration_qn))
+            end = note.start_qn + note.duration_qn
+            on, off = _snap(note.start_qn, grid, start_qn, end_qn), _snap(end, grid, start_qn, end_qn)
+            if off <= on:  # a note shorter than the snap: its onset goes on the line, its end stays
+                off = end
             snapped.append(note._replace(start_qn=on, duration_qn=off - on) if off > on else note)
         result[track] = snapped
     return result
