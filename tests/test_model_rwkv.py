@@ -49,9 +49,10 @@ def recurrent_logits(model, token_ids, state=None, cond=None):
     return torch.stack(logits, dim=1), state
 
 
+@pytest.mark.parametrize("use_kernel", [True, False])
 @pytest.mark.parametrize("n_tokens", [1, 17, 512])
-def test_parallel_matches_recurrent(n_tokens):
-    model = randomize_(RWKVGenerator(tiny_config(conditioned=False))).eval()
+def test_parallel_matches_recurrent(n_tokens, use_kernel):
+    model = randomize_(RWKVGenerator(tiny_config(conditioned=False))).eval().use_wkv_kernel(use_kernel)
     token_ids = torch.randint(0, VOCAB_SIZE, (3, n_tokens), generator=torch.Generator().manual_seed(n_tokens))
     with torch.no_grad():
         parallel, parallel_state = model(token_ids)
@@ -62,7 +63,7 @@ def test_parallel_matches_recurrent(n_tokens):
 
 
 def test_chunk_length_does_not_change_the_result():
-    model = randomize_(RWKVGenerator(tiny_config(conditioned=False))).eval()
+    model = randomize_(RWKVGenerator(tiny_config(conditioned=False))).eval().use_wkv_kernel(False)
     token_ids = torch.randint(0, VOCAB_SIZE, (2, 45))
     with torch.no_grad():
         reference, _ = model(token_ids, chunk_len=64)
@@ -280,7 +281,7 @@ def test_step_exports_to_onnx_and_agrees(tmp_path: Path):
 
 def test_parallel_gradients_match_recurrent_gradients():
     """The chunked WKV (with its detached scales) differentiates like the plain recurrence."""
-    model = randomize_(RWKVGenerator(tiny_config(conditioned=True)), seed=5)
+    model = randomize_(RWKVGenerator(tiny_config(conditioned=True)), seed=5).use_wkv_kernel(False)
     token_ids = torch.randint(0, VOCAB_SIZE, (2, 40))
     cond = torch.randn(2, model.config.cond_in_dim)
     gradients = []
