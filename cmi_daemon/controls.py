@@ -2,7 +2,8 @@
 
 Per target track a musician can set note density, polyphony (most notes at once), pitch range,
 note length, velocity range and the rhythmic grid; whatever they leave unset (None, or grid
-"auto") is what the track does in its context: CONTEXT_BARS bars each side of the range. The
+"auto") is what the track does in its context: CONTEXT_BARS bars each side of the range (the
+density: in the range itself, when the bars being rewritten hold notes of the track). The
 sampler (`sampling.TrackConstraints`) enforces the hard limits (polyphony, pitch and velocity
 range, onsets and note ends on the grid) while it samples and steers density and note length
 with logit biases.
@@ -189,8 +190,11 @@ def widened(low: int, high: int) -> tuple[int, int]:
 
 def resolve_controls(song: Song, track_index: int, start_qn: float, end_qn: float,
                      request: ControlRequest = ControlRequest()) -> TrackControls:
-    """The track's controls: the musician's values, the rest from its context bars."""
+    """The track's controls: the musician's values, the rest from its context bars; the density from
+    the notes the infill replaces when the range holds some of the track's (bars being rewritten keep
+    their pace), else from the context."""
     notes, span_qn = context_notes(song, [track_index], start_qn, end_qn)
+    replaced = sum(start_qn <= n.start_qn < end_qn for n in song.tracks[track_index].notes)
     pitches = [n.pitch for n in notes]
     velocities = [n.velocity for n in notes]
     if request.grid == "auto":
@@ -202,6 +206,7 @@ def resolve_controls(song: Song, track_index: int, start_qn: float, end_qn: floa
         grid = None if request.grid == "off" else Grid(float(request.grid))
     return TrackControls(
         density_per_qn=request.density_per_qn if request.density_per_qn is not None
+        else replaced / (end_qn - start_qn) if replaced
         else (len(notes) / span_qn if notes and span_qn > 0 else None),
         max_polyphony=request.max_polyphony or (max_polyphony(notes) if notes else None),
         pitch_range=request.pitch_range or (None if not notes else (min(pitches), max(pitches))

@@ -187,3 +187,19 @@ def test_the_daemon_reads_controls_into_the_engines_options():
                                                             "pitch_range": [50, 70]}]), Limits(), [])
     asked = engine_options(request.options).controls[0]
     assert (asked.max_polyphony, asked.pitch_range, asked.grid) == (2, (50, 70), pytest.approx(1 / 3))
+
+
+def test_density_follows_the_bars_being_rewritten_when_they_hold_notes(song):
+    """Rewriting bars that hold notes keeps their pace; empty bars take the context's."""
+    from training.baselines import Blank
+    from training.evaluate import masked_song
+
+    start_qn, end_qn = song.meter.bar_range_qn(*BARS)
+    in_range = [n for n in song.tracks[0].notes if start_qn <= n.start_qn < end_qn]
+    assert resolve_controls(song, 0, start_qn, end_qn).density_per_qn == len(in_range) / (end_qn - start_qn)
+    lines = tuple(song.meter.bar_start_qn(b) for b in range(BARS[0] - 8, BARS[1] + 10))
+    blank = Blank("235", start_qn, end_qn, lines, 8, BARS[1] - BARS[0] + 1, 1.0)
+    emptied = masked_song(song, blank, [0])
+    context = [n for n in emptied.tracks[0].notes if lines[0] <= n.start_qn < lines[-1]]
+    assert resolve_controls(emptied, 0, start_qn, end_qn).density_per_qn == pytest.approx(
+        len(context) / (lines[-1] - lines[0] - (end_qn - start_qn)))

@@ -3,7 +3,9 @@
     python -m training.musicality --data ../shared/data/pop909/dev [--bars 17-20] [--seed 1]
 
 For every song, bars --bars are infilled twice with the same seed: all tracks together, and the
-melody track alone (the track named MELODY, else the highest-pitched track). Each answer is judged
+melody track alone (the track named MELODY, else the highest-pitched track); the model gets the
+file as a musician has it (the bars still hold the notes it rewrites), or with --masked without
+them. Each answer is judged
 against the same track's context (CONTEXT_BARS bars each side of the range) and against the notes
 it replaces:
 
@@ -215,7 +217,7 @@ def table_markdown(summaries: dict[str, dict[str, dict]]) -> str:
 
 
 def run(data_dir: Path, model_dir: Optional[Path], first_bar: int, last_bar: int, seed: int,
-        n_songs: Optional[int]) -> dict:
+        n_songs: Optional[int], masked: bool = False) -> dict:
     from cmi_daemon.engine import Engine, InfillOptions
     from cmi_daemon.offline import default_model_dir
 
@@ -237,7 +239,7 @@ def run(data_dir: Path, model_dir: Optional[Path], first_bar: int, last_bar: int
                 continue
             song = masked_song(case.song, case.blank, targets)
             answers = {
-                MODEL: engine.infill(song, case.blank.start_qn, case.blank.end_qn, targets,
+                MODEL: engine.infill(song if masked else case.song, case.blank.start_qn, case.blank.end_qn, targets,
                                      InfillOptions(seed=seed)).candidates[0].notes,
                 REPEAT: RepeatPreviousBars().infill(song, case.blank, targets, np.random.default_rng(seed)),
                 GROUND_TRUTH: ground_truth_infill(case.song, case.blank, targets),
@@ -248,7 +250,8 @@ def run(data_dir: Path, model_dir: Optional[Path], first_bar: int, last_bar: int
                 for system, answer in answers.items():
                     tallies[system][setting].tracks.append(judge_track(context, original, answer.get(track, [])))
     return {"protocol": {"data": str(data_dir), "model": str(engine.bundle.path), "bars": [first_bar, last_bar],
-                         "seed": seed, "songs": len(paths) - len(skipped), "skipped_too_short": skipped,
+                         "seed": seed, "masked": masked, "songs": len(paths) - len(skipped),
+                         "skipped_too_short": skipped,
                          "context_bars": CONTEXT_BARS},
             "summaries": {system: {setting: tally.summary() for setting, tally in by_setting.items()}
                           for system, by_setting in tallies.items()}}
@@ -261,16 +264,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--bars", default="17-20", help="bars to infill, counted from 1 (default: 17-20)")
     parser.add_argument("--seed", type=int, default=1, help="infill seed (default: 1)")
     parser.add_argument("--songs", type=int, help="only the first N songs")
+    parser.add_argument("--masked", action="store_true",
+                        help="remove the target tracks' notes in the bars before infilling (as training.evaluate "
+                             "does); by default the model gets the file as a musician has it, bars and all")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     first, _, last = args.bars.partition("-")
     try:
-        result = run(args.data, args.model, int(first), int(last or first), args.seed, args.songs)
+        result = run(args.data, args.model, int(first), int(last or first), args.seed, args.songs, args.masked)
     except (CMIError, ValueError) as error:
         print(f"musicality: {error}", file=sys.stderr)
         return 2
     print(f"{result['protocol']['songs']} songs of {args.data}, bars {args.bars}, seed {args.seed}, "
-          f"model {result['protocol']['model']}")
+          f"model {result['protocol']['model']}" + (", the bars' notes removed first" if args.masked else ""))
     print(table_markdown(result["summaries"]))
     if args.out:
         write_bytes_atomic(args.out, json.dumps(result, indent=1).encode())
