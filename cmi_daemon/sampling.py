@@ -42,14 +42,17 @@ MIN_EXPECTED_NOTES = 1.0
 REPETITION_DECAY = 0.95
 """Per sampled token, earlier uses of a note-on count this much less toward the repetition penalty."""
 DENSITY_GAIN = 16.0
-"""Note-on logit bias per unit of log(expected notes so far / notes so far), each side + 1. It is
-high because the model's own preference is strong: after a note-off the shipped model puts the
-next note-on at the same step with probability 0.999 (a logit margin of about 7)."""
+"""Note-on logit push per unit of log(expected notes so far / notes so far), each side + 1, while
+a track is behind its density's pace."""
+DENSITY_PULL_PER_NOTE = 8.0
+"""Note-on logit pull per note at or over the pace: strong, because the model's own preference is:
+after a note-off the shipped model puts the next note-on at the same step with probability 0.999
+(a logit margin of about 7). A log-ratio pull (16 x log) let melodies run 1.5x over their count."""
 DENSITY_LEAD_NOTES = 2
 """Notes the answer may run ahead of the density's pace before it is held back (a two-note chord)."""
 MAX_DENSITY_PUSH = 4.0
 MAX_DENSITY_PULL = 16.0
-"""Bounds of the density bias: toward more notes (gently) and toward fewer (as hard as it takes)."""
+"""Bounds of the density bias: toward more notes (gently) and toward fewer."""
 LENGTH_GAIN = 8.0
 """Note-off logit bias per unit of log(a note's age / the note length)."""
 MAX_LENGTH_BIAS = 8.0
@@ -358,6 +361,17 @@ class AnswerState:
             allowed[FIRST_WAIT_ROW - 1 + self._allowed_waits(self._wait_limit_step())] = True
         return allowed
 
+    def _density_push(self, track: int, constraint: TrackConstraints) -> float:
+        """The note-on bias that keeps the track's note count to its density's pace: a pull of
+        DENSITY_PULL_PER_NOTE per note once the count reaches the pace (plus a lead of up to
+        DENSITY_LEAD_NOTES), a gentle push while it is behind."""
+        ahead = min(constraint.max_polyphony or 1, DENSITY_LEAD_NOTES)
+        expected = constraint.expected_notes * self.clock / max(1, self.n_steps) + ahead
+        n_notes = self.notes_per_track[track]
+        if n_notes >= expected:
+            return -min(MAX_DENSITY_PULL, DENSITY_PULL_PER_NOTE * (n_notes - expected + 1.0))
+        return min(MAX_DENSITY_PUSH, DENSITY_GAIN * float(np.log((expected + 1.0) / (n_notes + 1.0))))
+
     def row_bias(self) -> Optional[np.ndarray]:
         """Logit biases (R,) of the density and note-length controls now, or None when there are none."""
         if not any(c.expected_notes is not None or c.note_length_steps is not None for c in self.constraints.values()):
@@ -365,10 +379,7 @@ class AnswerState:
         bias = np.zeros(len(self.rows), dtype=np.float64)
         for track, constraint in self.constraints.items():
             if constraint.expected_notes is not None:
-                ahead = min(constraint.max_polyphony or 1, DENSITY_LEAD_NOTES)
-                expected = constraint.expected_notes * self.clock / max(1, self.n_steps) + ahead
-                drift = np.log((expected + 1.0) / (self.notes_per_track[track] + 1.0))
-                push = np.clip(DENSITY_GAIN * drift, -MAX_DENSITY_PULL, MAX_DENSITY_PUSH)
+                push = self._density_push(track, constraint)
                 if self.need_note and self.n_notes == 0:  # the note an empty answer needs is not held back
                     push = max(push, 0.0)
                 bias += push * self.track_rows[track]
