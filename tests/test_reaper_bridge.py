@@ -570,3 +570,16 @@ def test_a_setting_it_cannot_read_is_refused_and_nothing_is_kept(reaper):
     reaper.run_script(SETTINGS_SCRIPT)
     assert ("CMI", "controls") not in reaper.project_ext_state
     assert "Notes per quarter note: 'lots' is not a value it takes" in reaper.message_boxes[0][0]
+
+
+def test_a_zero_length_note_is_sent_for_the_daemons_rule(reaper, song_project, daemon_home):
+    """A drum hit written as note-on and note-off at one tick is sent as it is (duration 0), as the
+    Live device does: the daemon's degenerate-note rule keeps it (docs/protocol.md)."""
+    sys.path.insert(0, str(BRIDGE))
+    import cmi_reaper
+
+    take = song_project["MELODY"]
+    hit_ppq = (RANGE_START_QN - 2.0 - ITEM_START_QN) * take.ticks_per_qn
+    take.notes.append([0, 0, hit_ppq, hit_ppq, 0, 100, 90])
+    content = cmi_reaper.infill_content(cmi_reaper.read_selection(), cmi_reaper.daemon_limits(daemon_hello(daemon_home)))
+    assert [RANGE_START_QN - 2.0, 0.0, 100, 90] in content["tracks"][0]["notes"]

@@ -217,7 +217,8 @@ function protocolNotes(clip, offsetBeats, fromQn, toQn) {
 	var result = [];
 	notes.forEach(function (note) {
 		var startQn = note.start_time + offsetBeats;
-		if (note.mute === 1 || startQn < 0 || note.duration <= 0) return;
+		// A zero-length note is sent: the daemon's degenerate-note rule keeps it (docs/protocol.md).
+		if (note.mute === 1 || startQn < 0 || note.duration < 0) return;
 		if (startQn >= toQn || startQn + note.duration <= fromQn) return;
 		var velocity = Math.min(MAX_VELOCITY, Math.max(MIN_VELOCITY, Math.round(note.velocity)));
 		result.push([startQn, note.duration, note.pitch, velocity]);

@@ -519,8 +519,8 @@ def track_entry(target: Target, start_qn: float, context_start_qn: float, contex
         note_end_qn = min(qn_at(take, note.end_ppq), item_end_qn)
         if note.muted or note_start_qn < item_start_qn - QN_EPSILON or note_start_qn >= item_end_qn:
             continue
-        if note_start_qn >= context_end_qn or note_end_qn <= context_start_qn or note_end_qn <= note_start_qn:
-            continue
+        if note_start_qn >= context_end_qn or note_end_qn <= context_start_qn or note_end_qn < note_start_qn:
+            continue  # a zero-length note is sent: the daemon's degenerate-note rule keeps it (docs/protocol.md)
         notes.append([round(max(note_start_qn, 0.0), QN_DECIMALS), round(note_end_qn - note_start_qn, QN_DECIMALS),
                       int(note.pitch), max(1, int(note.velocity))])
     program = read_program(take, ppq_at(take, start_qn))

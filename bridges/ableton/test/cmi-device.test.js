@@ -323,6 +323,17 @@ describe("the CMI device in a fake Live, against a live daemon", () => {
     assert.equal(request.tracks[0].drum, true);
   });
 
+  it("sends a zero-length note as it is, for the daemon's degenerate-note rule", async () => {
+    const hits = live.addTrack("Hits");
+    const hitNotes = melody(16).map((note) => ({ ...note, duration: note.start_time === 2 ? 0 : note.duration }));
+    const hitClip = live.addSessionClip(hits, hitNotes, { lengthBeats: 16, loopStartBeats: 4, loopEndBeats: 8 });
+    const hitsDevice = await connectedDevice(live, hits);
+    devices.push(hitsDevice);
+    live.showClip(hitClip);
+    const { request } = await infillAndWait(hitsDevice);
+    assert.ok(request.tracks[0].notes.some(([start, duration]) => start === 2 && duration === 0));
+  });
+
   it("refuses a clip of another track and changes nothing", () => {
     live.showClip(arrangementClip);
     const notes = snapshot(arrangementClip);
