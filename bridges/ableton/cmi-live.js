@@ -46,8 +46,10 @@ var INSTRUMENT_DEVICE_TYPE = 1;
 
 var device = null;
 var temperatureValue = 1.0;
-// The control dials as set: 0 (Low 0, High 127, grid auto) leaves a control to the clip's own notes.
-var controlValues = { polyphony: 0, density: 0, length: 0, low: 0, high: ALL_PITCHES - 1, grid: 0 };
+// The control dials as set: 0 (Low 0, High 127, Vel Lo 1, Vel Hi 127, grid auto) leaves a control to the
+// clip's own notes.
+var controlValues = { polyphony: 0, density: 0, length: 0, low: 0, high: ALL_PITCHES - 1, vello: MIN_VELOCITY,
+	velhi: MAX_VELOCITY, grid: 0 };
 var pending = {};
 var nextRequest = 1;
 var last = null;
@@ -294,6 +296,9 @@ function infillOptions(limits) {
 	var low = Math.round(Math.min(controlValues.low, controlValues.high));
 	var high = Math.round(Math.max(controlValues.low, controlValues.high));
 	if (low > 0 || high < ALL_PITCHES - 1) controls.pitch_range = [low, high];
+	var softest = Math.round(Math.max(MIN_VELOCITY, Math.min(controlValues.vello, controlValues.velhi)));
+	var loudest = Math.round(Math.min(MAX_VELOCITY, Math.max(controlValues.vello, controlValues.velhi)));
+	if (softest > MIN_VELOCITY || loudest < MAX_VELOCITY) controls.velocity_range = [softest, loudest];
 	if (controlValues.grid > 0) controls.grid = GRID_CHOICES[controlValues.grid];
 	if (Object.keys(controls).length > 1) options.controls = [controls];
 	return options;

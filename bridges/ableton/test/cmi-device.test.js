@@ -286,17 +286,20 @@ describe("the CMI device in a fake Live, against a live daemon", () => {
     const { request: free } = await infillAndWait(keysDevice);
     assert.equal(free.options.controls, undefined, "dials at rest leave every control to the clip");
     assert.equal(free.tracks[0].drum, false);
-    for (const [dial, value] of [["polyphony", 1], ["low", 62], ["high", 70], ["grid", 4], ["length", 0.5]]) {
+    for (const [dial, value] of [["polyphony", 1], ["low", 62], ["high", 70], ["grid", 4], ["length", 0.5],
+      ["vello", 100]]) {
       keysDevice.turn(dial, value);
     }
     try {
       const { request, reply } = await infillAndWait(keysDevice);
       assert.deepEqual(request.options.controls,
-        [{ track: 0, max_polyphony: 1, pitch_range: [62, 70], grid: "1/8T", note_length_qn: 0.5 }]);
+        [{ track: 0, max_polyphony: 1, pitch_range: [62, 70], velocity_range: [100, 127], grid: "1/8T",
+          note_length_qn: 0.5 }]);
       const notes = candidateNotes(reply, 0, 0);
       assert.ok(notes.length > 0, "the candidate should hold notes");
-      for (const [start, duration, pitch] of notes) {
+      for (const [start, duration, pitch, velocity] of notes) {
         assert.ok(pitch >= 62 && pitch <= 70, `pitch ${pitch} outside 62-70`);
+        assert.ok(velocity >= 98, `velocity ${velocity} below the velocity bin of 100`);
         assert.ok(Math.abs(start * 3 - Math.round(start * 3)) < 1e-6, `onset ${start} off the 1/8T grid`);
         assert.ok(duration > 0);
       }
@@ -304,7 +307,8 @@ describe("the CMI device in a fake Live, against a live daemon", () => {
         assert.ok(notes[i - 1][0] + notes[i - 1][1] <= notes[i][0] + 1e-6, "two notes at once with polyphony 1");
       }
     } finally {
-      for (const [dial, value] of [["polyphony", 0], ["low", 0], ["high", 127], ["grid", 0], ["length", 0]]) {
+      for (const [dial, value] of [["polyphony", 0], ["low", 0], ["high", 127], ["grid", 0], ["length", 0],
+        ["vello", 1]]) {
         keysDevice.turn(dial, value);
       }
     }
