@@ -84,9 +84,7 @@ def _cuda_provider_load_error() -> Optional[str]:
 
 
 def choose_device():
-    """Best available torch device: CUDA, then Apple MPS, then CPU. On CPU, denormal floats are
-    flushed to zero: RWKV's decaying state produces many, and they slow CPU decoding by about an
-    order of magnitude."""
+    """Best available torch device: CUDA, then Apple MPS, then CPU."""
     import torch
 
     if torch.cuda.is_available():
@@ -94,8 +92,18 @@ def choose_device():
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         return torch.device("mps")
-    torch.set_flush_denormal(True)
     return torch.device("cpu")
+
+
+def flush_denormals_in_this_thread(device) -> None:
+    """On the CPU, flush denormal floats to zero in the calling thread: RWKV's decaying state
+    produces many, and they slow CPU work by about an order of magnitude. The setting is the
+    thread's own (the CPU's MXCSR register), so the torch thread that trains calls this, never a
+    thread that validates what clients send: there a denormal would compare as zero."""
+    import torch
+
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
 
 
 def dil_device(requested: str = "auto"):
@@ -113,7 +121,6 @@ def dil_device(requested: str = "auto"):
     if requested == "mps" and not (mps is not None and mps.is_available()):
         problem = f"torch {torch.__version__} cannot use Apple's MPS here"
     if problem is not None or requested == "cpu":
-        torch.set_flush_denormal(True)
         return torch.device("cpu"), (None if problem is None else f"--device {requested}: {problem}; "
                                      "DIL learns on the CPU")
     return torch.device(requested), None

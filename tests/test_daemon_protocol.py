@@ -149,3 +149,14 @@ def test_bad_config_files_are_named(tmp_path, text, words):
     with pytest.raises(ConfigError) as caught:
         load_settings(path, {})
     assert str(path) in str(caught.value) and words in str(caught.value)
+
+
+def test_a_denormal_is_validated_as_sent_after_the_dil_device_is_chosen():
+    """Choosing DIL's device on the thread that validates requests must not make denormals compare
+    as zero there (flushing them is the learner thread's own setting)."""
+    from cmi_daemon.device import dil_device
+
+    dil_device("auto")
+    dil_device("cpu")
+    options = schema.parse_options({"top_p": 5e-324}, Limits(), [])
+    assert options.top_p == 5e-324 and options.top_p > 0

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from cmi_daemon.device import choose_device
+from cmi_daemon.device import choose_device, flush_denormals_in_this_thread
 from cmi_daemon.model.config import preset
 from cmi_daemon.model.rwkv import RWKVGenerator
 from cmi_daemon.vocab import FIRST_NOTE_ID, PUBLIC_VOCAB_SIZE
@@ -106,6 +106,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     device = choose_device()
+    flush_denormals_in_this_thread(device)
     config = preset(args.preset).generator
     print(f"command: python -m training.bench_model {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "

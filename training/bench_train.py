@@ -32,7 +32,7 @@ import torch
 from torch.nn import functional as F
 
 from cmi_daemon.bench import cpu_model
-from cmi_daemon.device import choose_device
+from cmi_daemon.device import choose_device, flush_denormals_in_this_thread
 from cmi_daemon.model import wkv_kernel
 from cmi_daemon.model.config import preset
 from cmi_daemon.model.jepa import JEPA
@@ -139,6 +139,7 @@ def main(argv=None) -> None:
                  if value is not None}
     config = replace(config, **overrides)
     device = choose_device()
+    flush_denormals_in_this_thread(device)
     torch.manual_seed(config.seed)
     with tempfile.TemporaryDirectory() as folder:
         shards = args.shards or fixture_shards(Path(folder))

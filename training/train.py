@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from cmi_daemon.device import choose_device
+from cmi_daemon.device import choose_device, flush_denormals_in_this_thread
 from cmi_daemon.model.config import ModelConfig, preset
 from cmi_daemon.model.jepa import JEPA, ema_momentum
 from cmi_daemon.model.rwkv import RWKVGenerator, load_blinkdl_checkpoint
@@ -386,6 +386,7 @@ def main(argv=None) -> None:
             device = choose_device()
     else:
         rank, world_size, device = 0, 1, choose_device()
+    flush_denormals_in_this_thread(device)
     master = rank == 0
     autocast = training_autocast(device)
     if master:

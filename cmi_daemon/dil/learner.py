@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..bundle import JEPA_WEIGHTS, load_torch_jepa
-from ..device import choose_device
+from ..device import choose_device, flush_denormals_in_this_thread
 from ..model.jepa import JEPA
 from ..regions import JEPASequence
 from .adapter import TRAINED_MODULES, ProfileModel, graph_weight_key, graph_weights
@@ -167,6 +167,7 @@ class Learner:
         lower_thread_priority()
         torch.set_num_threads(1)
         self.device = self.device or choose_device()
+        flush_denormals_in_this_thread(self.device)
         try:
             self.store.remove_temporaries()
         except OSError:
