@@ -74,6 +74,11 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     dil: DILSettings = field(default_factory=DILSettings)
 
+    def __post_init__(self):
+        # "[::1]", as an IPv6 address is written in a URL, is the address ::1.
+        if self.bind_address.startswith("[") and self.bind_address.endswith("]"):
+            object.__setattr__(self, "bind_address", self.bind_address[1:-1])
+
     @property
     def loopback(self) -> bool:
         return is_loopback(self.bind_address)

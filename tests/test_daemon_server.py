@@ -307,3 +307,15 @@ def test_curve_daemon_serves_curve_clients():
     finally:
         daemon.request_stop()
         thread.join(10)
+
+
+@pytest.mark.parametrize("address", ["::1", "[::1]"])
+def test_ipv6_loopback_is_accepted_with_or_without_brackets(address):
+    daemon = Daemon(StandInBackend(), Settings(port=0, bind_address=address))
+    thread = threading.Thread(target=daemon.serve)
+    thread.start()
+    try:
+        assert daemon.settings.loopback and daemon.request_endpoint.startswith("tcp://[::1]:")
+    finally:
+        daemon.request_stop()
+        thread.join(30)
