@@ -153,9 +153,14 @@ def test_bad_config_files_are_named(tmp_path, text, words):
 
 def test_a_denormal_is_validated_as_sent_after_the_dil_device_is_chosen():
     """Choosing DIL's device on the thread that validates requests must not make denormals compare
-    as zero there (flushing them is the learner thread's own setting)."""
+    as zero there (flushing them is the learner thread's own setting). The thread starts with them
+    kept: an engine run in this test process may have flushed them here (ONNX Runtime's
+    session.set_denormal_as_zero applies to the thread that runs a session, in the daemon its worker)."""
+    import torch
+
     from cmi_daemon.device import dil_device
 
+    torch.set_flush_denormal(False)
     dil_device("auto")
     dil_device("cpu")
     options = schema.parse_options({"top_p": 5e-324}, Limits(), [])
