@@ -139,7 +139,7 @@ def run(model_dir, songs_dir: Optional[Path], repeats: int) -> None:
     if not paths:
         raise CMIError(f"no .mid files under {songs_dir}: pass --songs DIR, a folder of .mid files")
     songs = [read_midi(path) for path in paths]
-    real_ids = [t for song in songs for t in tokenize(song).ids]
+    real_ids = [t for song in songs for t in tokenize(engine.bundle.tokenizer.model_song(song)).ids]
     cond = np.zeros((1, generator.cond_in_dim), np.float32) if engine.bundle.conditioned else None
     rows = AnswerRows([8])
     piano_rows = np.ascontiguousarray(engine.head[rows.token_ids])

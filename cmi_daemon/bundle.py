@@ -2,7 +2,7 @@
 
 A bundle holds everything inference and DIL need and nothing of training:
 - `manifest.json`: format version, vocabulary id, the weights' storage dtype, model configs,
-  tokenizer settings, the training-data summary, and the sha256 of every other file;
+  tokenizer settings (context window, time unit, role bins), the training-data summary, and the sha256 of every other file;
 - weights, stored once as fp16: `generator.safetensors` (RWKVGenerator state dict) and
   `jepa.safetensors` (JEPA state dict: context_encoder.*, predictor.*, target_encoder.*);
   torch loaders upcast them to fp32;
@@ -29,6 +29,9 @@ from typing import Optional
 from . import vocab
 from .errors import CMIError
 from .model.config import ModelConfig
+from .roles import distinct_bins, song_roles, with_bins
+from .timeunit import TimeUnit
+from .tokens import Song
 
 BUNDLE_FORMAT = "cmi-bundle-2"
 WEIGHTS_DTYPE = "float16"
@@ -58,6 +61,22 @@ class TokenizerSettings:
     role_bins: bool = False
     """Trained on songs whose tracks of one bin were given a bin each by role (`roles.distinct_bins`):
     the engine then does the same to every request."""
+    steps_per_qn: Optional[int] = None
+    """The time unit (`timeunit.TimeUnit`): absent for 8 ms real-time steps, else steps per quarter note."""
+
+    def __post_init__(self):
+        TimeUnit(self.steps_per_qn)
+
+    @property
+    def time_unit(self) -> TimeUnit:
+        return TimeUnit(self.steps_per_qn)
+
+    def model_song(self, song: Song) -> Song:
+        """The song as this model reads it: with role_bins, tracks of one bin get a bin each by role;
+        then its tempo map is the time unit's (`TimeUnit.token_song`). Notes stay in the song's QN."""
+        if self.role_bins:
+            song = with_bins(song, distinct_bins(song, range(len(song.tracks)), song_roles(song)))
+        return self.time_unit.token_song(song)
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,13 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__, infill_cli, vocab
 from .daemon_commands import add_daemon_commands, infill_via_daemon
 from .device import DEVICES
 from .errors import CMIError
+from .timeunit import TimeUnit
 from .tokens import read_midi, tokenize
 
 
@@ -22,11 +25,15 @@ def _format_duration(seconds: float) -> str:
 def command_tokens(args) -> int:
     """Print a MIDI file's tokens (text form or ids), their counts and the song's duration."""
     song = read_midi(args.file)
-    encoding = tokenize(song)
+    unit = TimeUnit(args.steps_per_qn)
+    token_song = unit.token_song(song)
+    encoding = tokenize(token_song)
     ids = encoding.ids
     counts = Counter("wait" if vocab.is_wait(t) else
                      ("note-on" if vocab.note_fields(t)[2] else "note-off") for t in ids)
-    duration_s = sum(vocab.wait_steps(t) for t in ids) * vocab.WAIT_STEP_MS / 1000.0
+    first_ms = min((n.start_ms for n in encoding.notes), default=0.0)
+    last_ms = max((n.start_ms + n.duration_ms for n in encoding.notes), default=0.0)
+    duration_s = float(np.diff(song.tempo_map.ms_at(token_song.tempo_map.qn_at([first_ms, last_ms])))[0]) / 1000.0
     if not args.summary:
         shown = ids if args.limit is None else ids[:args.limit]
         print(" ".join(str(t) for t in shown) if args.ids else vocab.ids_to_text(shown))
@@ -34,6 +41,7 @@ def command_tokens(args) -> int:
     print(f"file: {args.file}", file=out)
     print(f"tracks: {len(song.tracks)}  notes: {len(encoding.notes)}  "
           f"duration: {_format_duration(duration_s)} (first to last event)", file=out)
+    print(f"time unit: {unit.describe()}", file=out)
     print(f"tokens: {len(ids)}  note-on: {counts['note-on']}  note-off: {counts['note-off']}  "
           f"wait: {counts['wait']}", file=out)
     for reason, count in sorted(encoding.drops.items()):
@@ -226,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("--ids", action="store_true", help="print token ids instead of their text form")
     tokens.add_argument("--limit", type=int, metavar="N", help="print only the first N tokens")
     tokens.add_argument("--summary", action="store_true", help="print only the counts, on stdout")
+    tokens.add_argument("--steps-per-qn", type=int, metavar="N",
+                        help="count waits in 1/N quarter note through the tempo map (default: 8 ms steps)")
     tokens.set_defaults(run=command_tokens)
 
     infill = commands.add_parser("infill", help="infill bars of a MIDI file (in this process, or by the daemon)",

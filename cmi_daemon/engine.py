@@ -34,7 +34,6 @@ from .dil.graph_weights import float_initializers
 from .controls import ControlRequest, TrackControls, resolve_controls, snap_to_grid
 from .errors import CMIError
 from .regions import Region, answer_notes, jepa_sequence, region_in_window
-from .roles import distinct_bins, song_roles, with_bins
 from .sampling import (AnswerRows, AnswerState, SamplingOptions, TrackConstraints, fixed_events, held_keys,
                        pitch_owners, requires_note, sample_row)
 from .schema import MAX_SEED
@@ -330,8 +329,12 @@ class Engine:
     # the request
 
     def region(self, song: Song, start_qn: float, end_qn: float, target_tracks: Sequence[int]) -> Region:
-        """The region with context bounded so that prefix + blank + suffix fits the model's window."""
-        return region_in_window(song, start_qn, end_qn, target_tracks, self.bundle.tokenizer.context_tokens)
+        """The region of the song as the model reads it (`TokenizerSettings.model_song`), with context
+        bounded so that prefix + blank + suffix fits the model's window."""
+        return self._region(self.bundle.tokenizer.model_song(song), start_qn, end_qn, target_tracks)
+
+    def _region(self, model_song: Song, start_qn: float, end_qn: float, target_tracks: Sequence[int]) -> Region:
+        return region_in_window(model_song, start_qn, end_qn, target_tracks, self.bundle.tokenizer.context_tokens)
 
     def infill(self, song: Song, start_qn: float, end_qn: float, target_tracks: Sequence[int],
                options: InfillOptions = InfillOptions(), cancel: Optional[CancelCallback] = None,
@@ -348,9 +351,8 @@ class Engine:
     def _infill(self, song, start_qn, end_qn, target_tracks, options, cancel, progress, profile) -> InfillResult:
         started = time.perf_counter()
         seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        if self.bundle.tokenizer.role_bins:
-            song = with_bins(song, distinct_bins(song, range(len(song.tracks)), song_roles(song)))
-        region = self.region(song, start_qn, end_qn, target_tracks)
+        song = self.bundle.tokenizer.model_song(song)
+        region = self._region(song, start_qn, end_qn, target_tracks)
         n_blank = max(1, min(region.expected_answer_tokens(), self.bundle.tokenizer.context_tokens
                              - len(region.prefix_ids) - len(region.suffix_ids)))
         region_done = time.perf_counter()

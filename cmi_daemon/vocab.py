@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
+
 PAD_ID = 0
 START_ID = 1
 END_ID = 2
@@ -123,6 +125,25 @@ def note_fields(token_id: int) -> tuple[int, int, int]:
 def note_bin(token_id: int) -> int:
     """Instrument bin of a note token."""
     return (token_id - NOTE_ID_OFFSET) // (N_PITCHES * N_VELOCITY_BINS)
+
+
+def transposed_ids(token_ids, semitones: int, velocity_bin_shift: int = 0) -> np.ndarray:
+    """Token ids (any int array) with note events of pitched bins moved by semitones (a pitch
+    leaving 0..127 moves back by octaves; percussion keys name drums and stay) and every note-on's
+    velocity bin by velocity_bin_shift (kept within 1..11); all other ids unchanged."""
+    ids = np.asarray(token_ids, dtype=np.int64)
+    result = ids.copy()
+    is_note_event = (ids >= FIRST_NOTE_ID) & (ids <= LAST_NOTE_ID)
+    fields = ids[is_note_event] - NOTE_ID_OFFSET
+    instrument_bin = fields // (N_PITCHES * N_VELOCITY_BINS)
+    pitch = fields // N_VELOCITY_BINS % N_PITCHES
+    velocity_bin = fields % N_VELOCITY_BINS
+    pitch = np.where(instrument_bin != PERCUSSION_BIN, pitch + semitones, pitch)
+    pitch = np.where(pitch < 0, pitch + 12 * ((11 - pitch) // 12), pitch)
+    pitch = np.where(pitch >= N_PITCHES, pitch - 12 * ((pitch - N_PITCHES) // 12 + 1), pitch)
+    velocity_bin = np.where(velocity_bin > 0, np.clip(velocity_bin + velocity_bin_shift, 1, N_VELOCITY_BINS - 1), 0)
+    result[is_note_event] = NOTE_ID_OFFSET + (instrument_bin * N_PITCHES + pitch) * N_VELOCITY_BINS + velocity_bin
+    return result
 
 
 def velocity_to_bin(velocity: float) -> int:

@@ -226,7 +226,8 @@ class Learner:
         log.info("DIL: profile %s reset to the base model", profile)
 
     def _piece(self, request, content: dict) -> JEPASequence:
-        song = song_with_content(request.song, request.start_qn, request.end_qn, content)
+        song = self.engine.bundle.tokenizer.model_song(
+            song_with_content(request.song, request.start_qn, request.end_qn, content))
         return piece(song, request.start_qn, request.end_qn, request.target_tracks, self.window_tokens)
 
     def _iteration_steps(self, signal, content: dict, model: ProfileModel) -> tuple[str, list[dict]]:
