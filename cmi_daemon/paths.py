@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import CMIError
-from .files import write_bytes_atomic
+from .files import write_private_atomic
 
 APP_NAME = "cmi"
 HOME_ENV = "CMI_HOME"
@@ -20,7 +20,6 @@ CONNECTION_FILE_NAME = "connection.json"
 LOCK_FILE_NAME = "daemon.lock"
 CONFIG_FILE_NAME = "config.toml"
 LOG_FILE_NAME = "daemon.log"
-CONNECTION_FILE_MODE = 0o600
 
 
 def _home() -> Optional[Path]:
@@ -102,7 +101,7 @@ def bridge_dir(daw: str, required_files: tuple[str, ...]) -> Path:
 
 def write_connection_file(path: Path, info: dict) -> None:
     """Atomically, readable by the owner only: it holds the signing key."""
-    write_bytes_atomic(path, json.dumps(info, indent=2).encode("utf-8"), mode=CONNECTION_FILE_MODE)
+    write_private_atomic(path, json.dumps(info, indent=2).encode("utf-8"))
 
 
 def read_connection_file(path: Path) -> dict:

@@ -25,7 +25,7 @@ import zmq
 
 from . import __version__, protocol, schema
 from .errors import CMIError
-from .files import write_bytes_atomic
+from .files import write_private_atomic
 from .protocol import Limits, ProtocolError
 from .schema import InfillRequest
 from .settings import Settings
@@ -84,7 +84,9 @@ class InteractionSignal:
 
 
 class SignalSink(Protocol):
-    """The DIL hook. on_signal runs on the socket loop: it must return at once (queue real work)."""
+    """The DIL hook. on_signal runs on the socket loop: it must return at once (queue real work).
+    A sink with a `store` (the learner's dil.store.ProfileStore) has `profiles` list what each
+    profile's saved state has learned."""
 
     def on_signal(self, signal: InteractionSignal) -> None: ...
 
@@ -135,7 +137,7 @@ class ProfileBook:
 
     def _save(self) -> None:
         if self.path is not None:
-            write_bytes_atomic(self.path, json.dumps(self.profiles, indent=1).encode("utf-8"))
+            write_private_atomic(self.path, json.dumps(self.profiles, indent=1).encode("utf-8"))
 
 
 @dataclass
@@ -442,9 +444,15 @@ class Daemon:
             "queue_capacity": self.settings.queue_size,
             "running": self.running.request_id if self.running else None,
             **self.counters,
-            "profiles": self.profiles.listing(),
+            "profiles": self.profile_listing(),
             "rss_bytes": resident_memory_bytes(),
         }
+
+    def profile_listing(self) -> list[dict]:
+        """The profiles' signal counts, each with what its saved DIL state holds (`learned`: signals
+        and steps, saved in one write with the weights; None without a learner or a saved state)."""
+        learned = getattr(getattr(self.sink, "store", None), "learned", lambda profile: None)
+        return [{**entry, "learned": learned(entry["name"])} for entry in self.profiles.listing()]
 
     def _state(self) -> str:
         if self._stopping_since_s is not None:
@@ -462,7 +470,7 @@ class Daemon:
             if not self.profiles.reset(name):
                 raise ProtocolError("not_found", f"no profile named {name!r}", "content.name")
             self._notify_sink(lambda: self.sink.reset_profile(name))
-        return {"profiles": self.profiles.listing(), "reset": name if action == "reset" else None}
+        return {"profiles": self.profile_listing(), "reset": name if action == "reset" else None}
 
     def _on_feedback(self, identity, envelope, warnings) -> dict:
         session_id, verdict, candidate = schema.parse_feedback(envelope.content, warnings)

@@ -11,13 +11,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 from . import paths
 from .client import DaemonClient, DaemonNotRunning, load_connection, wait_for_exit
 from .errors import CMIError
+from .files import open_private, private_folder, remove_temporaries
 from .settings import Settings
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "default"
@@ -28,6 +30,7 @@ STOP_TIMEOUT_MARGIN_S = 10.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 log = logging.getLogger("cmi_daemon.service")
+T = TypeVar("T")
 
 
 class AlreadyRunning(CMIError):
@@ -43,8 +46,7 @@ class DaemonLock:
         self._file = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_file = open(self.path, "a+")
+        lock_file = os.fdopen(open_private(self.path, os.O_RDWR | os.O_CREAT), "r+")
         if not _try_lock(lock_file):
             lock_file.close()
             raise AlreadyRunning(_running_message(self.path))
@@ -93,18 +95,55 @@ def _running_message(lock_path: Path) -> str:
 def setup_logging(level: str, console: bool) -> Path:
     """Log to a rotating file in the user log folder, and to stderr when console is true."""
     path = paths.log_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger("cmi_daemon")
     root.setLevel(level.upper())
     root.handlers.clear()
-    handlers: list[logging.Handler] = [logging.handlers.RotatingFileHandler(
+    handlers: list[logging.Handler] = [PrivateRotatingFileHandler(
         path, maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILE_BACKUPS, encoding="utf-8")]
     if console:
         handlers.append(logging.StreamHandler(sys.stderr))
     for handler in handlers:
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.setFormatter(OneLineFormatter(LOG_FORMAT))
         root.addHandler(handler)
     return path
+
+
+_CONTROL_ESCAPES = {**{code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7f, 0xa0))},
+                    ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def escape_controls(text: str) -> str:
+    """text with every control character (C0, DEL, C1, line and paragraph separators) written as an
+    escape (`\\n`, `\\x00`), so what a client sends cannot start a log line or make the log binary."""
+    return text.translate(_CONTROL_ESCAPES)
+
+
+class OneLineFormatter(logging.Formatter):
+    """Log records that cannot be forged: a record's message is one line (control characters escaped,
+    whatever a client put in it), and the lines of a traceback are escaped the same way and indented,
+    so every line starting with a time is a record the daemon wrote."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, exc_info) -> str:
+        return _indented(super().formatException(exc_info))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    return "\n".join("    " + escape_controls(line) for line in text.split("\n"))
+
+
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """The log file and each one that replaces it at rotation made 0600 in a 0700 folder."""
+
+    def _open(self):
+        os.close(open_private(self.baseFilename))
+        return super()._open()
 
 
 def model_dir(settings: Settings) -> Path:
@@ -141,10 +180,12 @@ def run_foreground(settings: Settings, backend_factory: Callable[[Path, Settings
     lock.acquire()
     connection_path = paths.connection_file()
     try:
+        for folder in (paths.state_dir(), paths.data_dir()):  # the DIL learner cleans its own folders
+            remove_temporaries(private_folder(folder))
         curve_key = read_curve_secret_key(settings)
         model_path = model_dir(settings)
         log.info("loading the model from %s", model_path)
-        backend = backend_factory(model_path, settings)
+        backend = on_own_thread(lambda: backend_factory(model_path, settings))
         daemon = Daemon(backend, settings, profiles_path=paths.data_dir() / "profiles.json",
                         curve_secret_key=curve_key)
         _install_signal_handlers(daemon.request_stop)
@@ -157,6 +198,32 @@ def run_foreground(settings: Settings, backend_factory: Callable[[Path, Settings
         lock.release()
     log.info("stopped")
     return 0
+
+
+def on_own_thread(build: Callable[[], T]) -> T:
+    """build() run on a thread of its own that then ends; what it raises is raised here.
+
+    The daemon builds its backend so: ONNX Runtime's `session.set_denormal_as_zero` (the engine's
+    SessionOptions) turns on the CPU's flush-to-zero and denormals-are-zero modes in the thread that
+    creates the process's first session, for good. That must not be the thread that validates what
+    clients send (options.top_p = 5e-324 compared as 0.0), nor the worker that runs the engine (it
+    refused the same top_p as 0). Threads started by build (the DIL learner's) inherit the modes;
+    ONNX Runtime's own pool threads get them from the option.
+    """
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = build()
+        except BaseException as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="cmi-backend-build", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _install_signal_handlers(stop: Callable[[], None]) -> None:
@@ -178,10 +245,9 @@ def _remove_own_connection_file(path: Path) -> None:
 def start_detached(argv: list[str]) -> int:
     """Start `cmi-daemon start` again as a new background process; wait until it listens."""
     log_path = paths.log_file()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     output_path = log_path.with_name("daemon-output.log")
     command = [sys.executable, "-m", "cmi_daemon.cli", "start", *argv, "--detached-child"]
-    with open(output_path, "ab") as output:
+    with os.fdopen(open_private(output_path), "ab") as output:
         child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
                                  start_new_session=True, close_fds=True)
     deadline_s = time.monotonic() + DETACH_START_TIMEOUT_S
@@ -235,7 +301,8 @@ def format_status(status: dict, connection: dict) -> str:
         f"requests served: {status.get('requests_served')}  failed: {status.get('requests_failed')}  "
         f"messages rejected: {status.get('messages_rejected')}",
         f"memory: {rss / 1e6:.0f} MB" if rss else "memory: unknown",
-        "profiles: " + (", ".join(f"{p['name']} (+{p['accepted']} -{p['rejected']} "
-                                  f"repeat {p['repeated']})" for p in profiles) or "none"),
+        "profiles: " + (", ".join(f"{p['name']} (+{p['accepted']} -{p['rejected']} repeat {p['repeated']}; "
+                                  f"learned from {(p.get('learned') or {}).get('signals', 0)})"
+                                  for p in profiles) or "none"),
     ]
     return "\n".join(lines)

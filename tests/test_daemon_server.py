@@ -137,7 +137,7 @@ def test_feedback_and_repeats_reach_the_signal_hook_and_the_profiles(tmp_path):
             events.close()
             profiles = client.profiles()["profiles"]
             assert profiles == [{"name": "ana", "accepted": 1, "rejected": 0, "repeated": 1,
-                                 "last_signal_at": profiles[0]["last_signal_at"]}]
+                                 "last_signal_at": profiles[0]["last_signal_at"], "learned": None}]
             assert client.profiles(reset="ana") == {"profiles": [], "reset": "ana"}
             assert sink.resets == ["ana"]
             with pytest.raises(DaemonError) as caught:

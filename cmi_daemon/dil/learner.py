@@ -290,4 +290,8 @@ class Learner:
             "steps": stepped, "losses": [round(t["loss"], 6) for t in terms],
             "pos": [round(t["pos"], 6) for t in terms], "neg": [round(t["neg"], 6) for t in terms],
             "learn_ms": round(1000 * (time.perf_counter() - started_s), 1)})
-        log.info("DIL: %s on profile %s: %d %s-wise steps", signal.kind, profile, stepped, strategy)
+        if strategy in ("iteration", "sample"):
+            outcome = f"{stepped} {strategy}-wise step{'' if stepped == 1 else 's'}"
+        else:  # "none (why)"
+            outcome = f"no step, {strategy.removeprefix('none (').removesuffix(')')}"
+        log.info("DIL: %s on profile %s: %s", signal.kind, profile, outcome)

@@ -1,9 +1,10 @@
 """Profiles on disk: `<root>/<name>.profile/` holds `state.safetensors` (adapted weights and
 optimizer state in one file, so they can never disagree) and `log.json` (the latest interactions).
 
-Every write goes through files.write_bytes_atomic (temporary file, fsync, rename): a crash or a
-kill -9 at any moment leaves either the previous file or the new one. A state file made for
-another base model (its `base` metadata differs) is ignored, with a warning, as the base model's.
+Every write goes through files.write_private_atomic (temporary file, fsync, rename; folders 0700,
+files 0600): a crash or a kill -9 at any moment leaves either the previous file or the new one. A
+state file made for another base model (its `base` metadata differs) is ignored, with a warning, as
+the base model's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from ..files import write_bytes_atomic
+from ..files import TEMPORARY_PATTERN, remove_temporaries, write_private_atomic
 
 log = logging.getLogger("cmi_daemon.dil")
 
@@ -29,6 +30,8 @@ LOG_FILE = "log.json"
 LOG_ENTRIES = 500
 """The interaction log keeps the latest entries only."""
 PROFILE_SUFFIX = ".profile"
+MAX_HEADER_BYTES = 100_000_000
+"""The largest safetensors header read (the format's own bound)."""
 
 
 @dataclass
@@ -47,6 +50,8 @@ class ProfileStore:
         self._unusable: dict[str, tuple[int, int, int]] = {}
         """Profile -> (inode, mtime ns, size) of a state file found unusable: not read (nor warned
         about) again; every save makes a new file (an atomic rename), so a new state is read."""
+        self._learned: dict[str, tuple[tuple[int, int, int], Optional[dict]]] = {}
+        """Profile -> (version, `learned` of that version) of the state file read last."""
 
     def folder(self, profile: str) -> Path:
         """A profile's folder; the suffix keeps names such as `..` inside root."""
@@ -60,25 +65,19 @@ class ProfileStore:
 
     def remove_temporaries(self) -> int:
         """Delete the temporary files of writes a kill cut short (call while no one writes); returns how many."""
-        removed = 0
-        for temporary in self.root.glob(f"*{PROFILE_SUFFIX}/.*.tmp") if self.root.is_dir() else ():
-            temporary.unlink(missing_ok=True)
-            removed += 1
-        return removed
+        return remove_temporaries(self.root, f"*{PROFILE_SUFFIX}/{TEMPORARY_PATTERN}")
 
     def save(self, profile: str, tensors: dict[str, torch.Tensor], steps: int, signals: int, settings_json: str) -> None:
         metadata = {"format": STATE_FORMAT, "base": self.base_id, "steps": str(steps), "signals": str(signals),
                     "settings": settings_json}
-        write_bytes_atomic(self.folder(profile) / STATE_FILE, save(tensors, metadata=metadata))
+        write_private_atomic(self.folder(profile) / STATE_FILE, save(tensors, metadata=metadata))
 
     def load(self, profile: str) -> Optional[SavedState]:
         """The saved state, or None when there is none usable (absent, damaged or for another model)."""
         path = self.folder(profile) / STATE_FILE
-        try:
-            stat = path.stat()
-        except OSError:
+        version = _file_version(path)
+        if version is None:
             return None
-        version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         if self._unusable.get(profile) == version:
             return None
         try:
@@ -87,9 +86,34 @@ class ProfileStore:
             tensors = load(data)
         except (OSError, ValueError, SafetensorError) as error:
             return self._refuse(profile, version, f"ignoring unreadable {path} ({error})")
-        if metadata.get("format") != STATE_FORMAT or metadata.get("base") != self.base_id:
+        if not self._made_here(metadata):
             return self._refuse(profile, version, f"{path} was adapted from another model; using the base model")
         return SavedState(tensors, int(metadata.get("steps", 0)), int(metadata.get("signals", 0)))
+
+    def learned(self, profile: str) -> Optional[dict]:
+        """What the saved state holds: {"signals": handled, "steps": gradient steps}, read from the
+        state file's header (saved in one write with the weights, so never a count without its
+        learning), or None when no usable state is saved."""
+        path = self.folder(profile) / STATE_FILE
+        version = _file_version(path)
+        if version is None:
+            return None
+        cached = self._learned.get(profile)
+        if cached is None or cached[0] != version:
+            try:
+                with open(path, "rb") as file:
+                    size = file.read(8)
+                    metadata = _metadata(size + file.read(min(int.from_bytes(size, "little"), MAX_HEADER_BYTES)))
+                learned = ({"signals": int(metadata["signals"]), "steps": int(metadata["steps"])}
+                           if self._made_here(metadata) else None)
+            except (OSError, ValueError, KeyError):
+                learned = None
+            cached = self._learned[profile] = (version, learned)
+        return cached[1]
+
+    def _made_here(self, metadata: dict) -> bool:
+        """Whether a state's metadata says it is of this format and base model."""
+        return metadata.get("format") == STATE_FORMAT and metadata.get("base") == self.base_id
 
     def _refuse(self, profile: str, version: tuple[int, int, int], reason: str) -> None:
         self._unusable[profile] = version
@@ -105,7 +129,7 @@ class ProfileStore:
 
     def append_log(self, profile: str, entry: dict) -> None:
         entries = (self.read_log(profile) + [entry])[-LOG_ENTRIES:]
-        write_bytes_atomic(self.folder(profile) / LOG_FILE, json.dumps(entries, indent=0).encode("utf-8"))
+        write_private_atomic(self.folder(profile) / LOG_FILE, json.dumps(entries, indent=0).encode("utf-8"))
 
     def reset(self, profile: str) -> None:
         """Forget the profile: its folder goes (renamed first, so a kill never leaves half of it)."""
@@ -116,6 +140,15 @@ class ProfileStore:
         shutil.rmtree(doomed, ignore_errors=True)
         folder.rename(doomed)
         shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _file_version(path: Path) -> Optional[tuple[int, int, int]]:
+    """(inode, mtime ns, size) of a file, None when it cannot be read: every atomic save changes it."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 def _metadata(data: bytes) -> dict:
