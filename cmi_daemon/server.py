@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
@@ -29,13 +29,22 @@ from .files import write_private_atomic
 from .protocol import Limits, ProtocolError
 from .schema import InfillRequest
 from .settings import Settings
-from .tokens import Note
+from .tokens import Note, Song
 
 log = logging.getLogger("cmi_daemon.server")
 
 POLL_INTERVAL_MS = 50
 MAX_MESSAGES_PER_TURN = 64
 SESSION_MEMORY = 256
+"""Sessions remembered at most, within the byte budget of Settings.session_memory_mib."""
+SESSION_NOTE_BYTES = 128
+"""What one remembered note costs, by sys.getsizeof: the Note (a 4-tuple, 72 bytes), its two floats
+(24 each; pitch and velocity are Python's shared small ints) and its list slot (8)."""
+SESSION_FIXED_BYTES = 4096
+"""What a remembered session costs besides its notes (tracks, maps, tempo and meter)."""
+WINDOW_MARGIN_QN = 1.0
+"""Notes this close to the last event a model's window can hold are kept too: one QN is at least one
+time step of the tokenizer (8 ms at most 1000 BPM, or 1/N QN), so notes merged into one step stay together."""
 OVERSIZE_DROP_FACTOR = 4
 CLOSE_LINGER_MS = 500
 WORKER_EXIT_WAIT_S = 2.0
@@ -157,8 +166,44 @@ class Job:
 
 @dataclass
 class Session:
+    """What a repeat or a feedback needs of an infill: its request with the song cut to what the
+    model's window sees (session_song) and the candidates returned."""
+
     request: InfillRequest
     candidates: list[dict[int, list[Note]]]
+    size_bytes: int = 0
+
+
+def session_song(song: Song, start_qn: float, end_qn: float, target_tracks, window_tokens: int) -> Song:
+    """The notes of song a piece of window_tokens tokens around [start_qn, end_qn) can hear, once the
+    target tracks' notes in the range are replaced (dil.examples.piece): every token holds at most
+    one note event, so on each side of the range (and in it, after its start) only the notes with
+    an event among the window_tokens + 1 nearest ones (WINDOW_MARGIN_QN more) can reach the window.
+    The target tracks' notes starting in the range are left out: a signal replaces them."""
+    targets = set(target_tracks)
+    before, inside, after = [], [], []
+    for index, track in enumerate(song.tracks):
+        for note in track.notes:
+            end = note.start_qn + note.duration_qn
+            if note.start_qn < start_qn:
+                before += [note.start_qn, min(end, start_qn)]
+            elif note.start_qn >= end_qn:
+                after += [note.start_qn, end]
+            elif index not in targets:
+                inside += [note.start_qn, min(end, end_qn)]
+    n_events = window_tokens + 1
+    earliest_qn = sorted(before)[-n_events] - WINDOW_MARGIN_QN if len(before) > n_events else -math.inf
+    inside_qn = sorted(inside)[n_events - 1] + WINDOW_MARGIN_QN if len(inside) > n_events else math.inf
+    latest_qn = sorted(after)[n_events - 1] + WINDOW_MARGIN_QN if len(after) > n_events else math.inf
+
+    def heard(index: int, note: Note) -> bool:
+        if note.start_qn < start_qn:
+            return min(note.start_qn + note.duration_qn, start_qn) >= earliest_qn
+        if note.start_qn >= end_qn:
+            return note.start_qn <= latest_qn
+        return index not in targets and note.start_qn <= inside_qn
+    return replace(song, tracks=[replace(track, notes=[n for n in track.notes if heard(index, n)])
+                                 for index, track in enumerate(song.tracks)])
 
 
 class Worker(threading.Thread):
@@ -238,6 +283,8 @@ class Daemon:
         self.waiting: deque[Job] = deque()
         self.running: Optional[Job] = None
         self.sessions: OrderedDict[str, Session] = OrderedDict()
+        self.session_bytes = 0
+        """What the remembered sessions hold, by SESSION_NOTE_BYTES and SESSION_FIXED_BYTES."""
         self.counters = {"requests_served": 0, "requests_failed": 0, "messages_rejected": 0}
         self._stop_requested = threading.Event()
         self._stopping_since_s: Optional[float] = None
@@ -444,6 +491,8 @@ class Daemon:
             "queue_capacity": self.settings.queue_size,
             "running": self.running.request_id if self.running else None,
             **self.counters,
+            "sessions": len(self.sessions),
+            "session_bytes": self.session_bytes,
             "profiles": self.profile_listing(),
             "rss_bytes": resident_memory_bytes(),
         }
@@ -613,10 +662,25 @@ class Daemon:
     # ----- sessions and signals -----
 
     def _remember(self, request: InfillRequest, candidates: list) -> None:
-        self.sessions[request.session] = Session(request, candidates)
-        self.sessions.move_to_end(request.session)
-        while len(self.sessions) > SESSION_MEMORY:
-            self.sessions.popitem(last=False)
+        """Keep what a repeat or a feedback of the session needs; the oldest sessions are forgotten
+        beyond SESSION_MEMORY of them or Settings.session_memory_mib in all."""
+        window_tokens = self.model_info.get("context_tokens")
+        if isinstance(window_tokens, int) and window_tokens > 0:
+            request = replace(request, song=session_song(request.song, request.start_qn, request.end_qn,
+                                                          request.target_tracks, window_tokens))
+        n_notes = (sum(len(track.notes) for track in request.song.tracks)
+                   + sum(len(notes) for candidate in candidates for notes in candidate.values()))
+        self._forget_session(request.session)
+        self.sessions[request.session] = Session(request, candidates, SESSION_FIXED_BYTES + n_notes * SESSION_NOTE_BYTES)
+        self.session_bytes += self.sessions[request.session].size_bytes
+        budget_bytes = self.settings.session_memory_mib * 1024 * 1024
+        while len(self.sessions) > SESSION_MEMORY or (self.session_bytes > budget_bytes and len(self.sessions) > 1):
+            self._forget_session(next(iter(self.sessions)))
+
+    def _forget_session(self, session_id: str) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
+            self.session_bytes -= session.size_bytes
 
     def _note_repeat(self, request: InfillRequest) -> None:
         session = self.sessions.get(request.session)

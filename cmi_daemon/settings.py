@@ -8,6 +8,7 @@ Config file (paths.config_file(), e.g. ~/.config/cmi/config.toml), every key opt
     queue_size = 8               # infills waiting for the worker before `busy`
     request_timeout_ms = 60000   # default per-infill timeout, queue wait included
     shutdown_grace_ms = 5000     # how long a stopping daemon lets the running infill finish
+    session_memory_mib = 32      # what the remembered sessions (for repeats and feedback) may hold
     model = ""                   # model bundle folder; empty = the shipped default model
     device = "auto"              # auto, cpu, cuda or mps
     log_level = "INFO"           # DEBUG, INFO, WARNING or ERROR
@@ -67,6 +68,7 @@ class Settings:
     queue_size: int = 8
     request_timeout_ms: int = 60_000
     shutdown_grace_ms: int = 5_000
+    session_memory_mib: int = 32
     model: str = ""
     device: str = "auto"
     log_level: str = "INFO"
@@ -94,7 +96,7 @@ def is_loopback(address: str) -> bool:
 
 
 _DAEMON_KEYS = {"bind_address": str, "port": int, "queue_size": int, "request_timeout_ms": int,
-                "shutdown_grace_ms": int, "model": str, "device": str, "log_level": str}
+                "shutdown_grace_ms": int, "session_memory_mib": int, "model": str, "device": str, "log_level": str}
 _LIMIT_KEYS = {f.name: f.type for f in dataclasses.fields(Limits)}
 _DIL_KEYS = {"enabled": bool, "steps_per_signal": int, "lr": float, "loss": str, "margin": float}
 
@@ -155,8 +157,9 @@ def _check(settings: Settings, path: Optional[Path]) -> None:
     where = f"{path}: " if path is not None and path.exists() else ""
     if not 0 <= settings.port <= 65534:
         raise ConfigError(f"{where}port {settings.port} is outside 0..65534 (the PUB socket uses port + 1)")
-    if settings.queue_size < 1 or settings.request_timeout_ms < 1 or settings.shutdown_grace_ms < 0:
-        raise ConfigError(f"{where}queue_size and request_timeout_ms must be positive, "
+    if (settings.queue_size < 1 or settings.request_timeout_ms < 1 or settings.session_memory_mib < 1
+            or settings.shutdown_grace_ms < 0):
+        raise ConfigError(f"{where}queue_size, request_timeout_ms and session_memory_mib must be positive, "
                           "shutdown_grace_ms not negative")
     if settings.log_level.upper() not in LOG_LEVELS:
         raise ConfigError(f"{where}log_level {settings.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
