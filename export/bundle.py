@@ -87,6 +87,7 @@ def write_bundle(checkpoint: Checkpoint, out_dir, context_tokens: Optional[int] 
             weights, graph_prefix, weights_prefix = GRAPH_WEIGHT_LINKS[graph]
             link_graph_to_weights(staging / graph, staging / weights, graph_prefix, weights_prefix)
     training = dict(checkpoint.training)
+    trained_tokenizer = training.get("tokenizer") or (data_summary or {}).get("tokenizer") or {}
     if data_summary:
         training["data"] = data_summary
     manifest = {
@@ -100,7 +101,8 @@ def write_bundle(checkpoint: Checkpoint, out_dir, context_tokens: Optional[int] 
         "tokenizer": {"wait_step_ms": vocab.WAIT_STEP_MS,
                       "context_tokens": context_tokens or default_context_tokens(checkpoint.model_config),
                       "prefill_chunk_tokens": PREFILL_CHUNK_TOKENS,
-                      "role_bins": bool((data_summary or {}).get("role_bins", False))},
+                      "role_bins": bool(trained_tokenizer.get("role_bins", False)),
+                      "steps_per_qn": trained_tokenizer.get("steps_per_qn")},
         "training": training or None,
         "files": {name: sha256_of(staging / name) for name in bundle_files(conditioned)},
     }

@@ -25,8 +25,10 @@ from cmi_daemon.model.config import ModelConfig
 
 TRAIN_CHECKPOINT_FORMAT = "cmi-train-1"
 SIMPLE_KEYS = ("model_config", "generator", "encoder", "target_encoder", "predictor")
-TRAINING_SUMMARY_KEYS = ("stage", "step", "examples_seen", "elapsed_s", "best_dev", "train_config")
-SHARD_SUMMARY_KEYS = ("vocab_id", "data_root", "git_commit", "seed", "augmented_copies_per_train_file",
+TRAINING_SUMMARY_KEYS = ("stage", "step", "examples_seen", "elapsed_s", "best_dev", "train_config", "tokenizer")
+"""`tokenizer`: how the training shards were tokenized (training.batches.shard_tokenizer)."""
+SHARD_SUMMARY_KEYS = ("vocab_id", "tokenizer", "time_unit", "data_root", "git_commit", "seed",
+                      "augmented_copies_per_train_file", "augmentation_choices", "left_out_files",
                       "sources", "splits")
 
 
@@ -106,7 +108,9 @@ def read_jepa(location) -> tuple[dict, ModelConfig, dict]:
             raise CheckpointError(str(error)) from error
         if not bundle.conditioned:
             raise CheckpointError(f"{location}: an unconditioned bundle has no JEPA")
-        return fp32_weights(bundle, JEPA_WEIGHTS), bundle.model_config, {"bundle": str(location), **(bundle.training or {}).get("jepa", {})}
+        return fp32_weights(bundle, JEPA_WEIGHTS), bundle.model_config, {
+            "bundle": str(location), **(bundle.training or {}).get("jepa", {}),
+            "tokenizer": {"steps_per_qn": bundle.tokenizer.steps_per_qn, "role_bins": bundle.tokenizer.role_bins}}
     path = location / "best.pt" if location.is_dir() else location
     if location.is_dir() and not path.exists():
         raise CheckpointError(f"{location}: no best.pt and no {MANIFEST_NAME}: neither a stage-1 output folder "

@@ -54,6 +54,14 @@ def test_polyphony_matches_a_brute_force_count():
     assert musicality.max_polyphony([Note(0, 1, 60, 90), Note(1, 1, 62, 90)]) == 1
 
 
+def test_notes_sounding_to_the_range_end_are_counted_as_held():
+    context = [Note(float(q), 0.5, 60, 80) for q in range(16)]
+    new = [Note(16.0, 1.0, 62, 80), Note(17.0, 3.0, 64, 80), Note(18.5, 2.5, 65, 80), Note(19.0, 0.25, 67, 80)]
+    judged = musicality.judge_track(context, context[:4], new, end_qn=20.0)
+    assert judged.n_held_to_end == 2  # ending at QN 20 and past it (the truth's notes may run on)
+    assert musicality.judge_track(context, context[:4], new, end_qn=21.0).n_held_to_end == 1
+
+
 def test_command_on_the_fixture_songs(tmp_path, capsys):
     out = tmp_path / "musicality.json"
     assert musicality.main(["--data", str(FIXTURES / "pop909"), "--out", str(out)]) == 0

@@ -91,7 +91,8 @@ def test_random_spans_cover_10_to_80_percent(shards):
 def test_time_aligned_blanks_span_their_time_exactly(shards):
     shard = batches.TokenShard(shards, "train")
     config = batches.BlankConfig(time_aligned_fraction=1.0)
-    shortest = config.min_blank_ms / vocab.WAIT_STEP_MS
+    steps_per_qn = shard.time_unit.nominal_steps_per_qn
+    shortest = config.min_blank_qn * steps_per_qn
     n_aligned = 0
     for index in range(100):
         rng = batches.example_rng(5, index)
@@ -103,7 +104,7 @@ def test_time_aligned_blanks_span_their_time_exactly(shards):
         # The blank starts with a note-on at its first step; its waits are its whole length.
         assert vocab.is_note(split.blank[0]) and vocab.note_fields(split.blank[0])[2] > 0
         blank_steps = sum(vocab.wait_steps(t) for t in split.blank)
-        assert shortest <= blank_steps <= config.max_blank_ms / vocab.WAIT_STEP_MS
+        assert shortest <= blank_steps <= config.max_blank_qn * steps_per_qn
         # Prefix + blank + suffix play the same time as the window, onsets at the same steps.
         music = split.prefix + split.blank + split.suffix
         window_onsets = onsets(window)
@@ -305,7 +306,7 @@ def test_stage_two_standardizes_the_conditioning_with_training_vectors(shards, j
     config = train.TrainConfig.from_dict(checkpoint["train_config"])
     frozen_jepa, _ = train.jepa_from_checkpoint(str(jepa_dir))
     stream = batches.ExampleStream(batches.TokenShard(shards, "train"), "generator", config.ctx_len, config.seed,
-                                   config.blanks)
+                                   config.blanks, augmented=True)
     vectors = train.conditioning_sample(frozen_jepa, stream, config.cond_stats_examples, 4, "cpu")
     assert vectors.shape == (config.cond_stats_examples, checkpoint["model"]["cond_mean"].numel())
     torch.testing.assert_close(checkpoint["model"]["cond_mean"], vectors.mean(0))

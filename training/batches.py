@@ -19,6 +19,7 @@ layouts the engine, the evaluation and DIL use.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,9 @@ import torch
 
 from cmi_daemon import vocab
 from cmi_daemon.regions import cut_notes, ilm_sequence, jepa_sequence
+from cmi_daemon.timeunit import TimeUnit
 from cmi_daemon.tokens import decode_ids
+from training.augment import augment_window
 
 N_ILM_SPECIAL_TOKENS = 3
 """<mask>, <sep> and <ans> added to a window to make an ILM sequence."""
@@ -43,9 +46,18 @@ class BlankConfig:
     max_span_fraction: float = 0.8
     """Random spans cover this share of the window's tokens; time-aligned ones at most the upper
     share of its duration, so some context is always left."""
-    min_blank_ms: float = 1000.0
-    max_blank_ms: float = 8000.0
-    """Length of time-aligned blanks: about half a bar to four bars at 120 bpm."""
+    min_blank_qn: float = 2.0
+    max_blank_qn: float = 16.0
+    """Length of time-aligned blanks: half a bar to four bars of 4/4 (for 8 ms steps, at 120 BPM)."""
+
+
+def shard_tokenizer(shard_dir: Path) -> dict:
+    """The tokenizer settings a shard folder was written with ({} for folders from before they were
+    recorded: 8 ms steps, no role bins)."""
+    manifest_path = Path(shard_dir) / "manifest.json"
+    if not manifest_path.exists():
+        return {}
+    return dict(json.loads(manifest_path.read_text()).get("tokenizer") or {})
 
 
 class TokenShard:
@@ -61,6 +73,9 @@ class TokenShard:
         self.offsets = np.load(shard_dir / f"{split}.offsets.npy")
         if len(self.offsets) < 2 or self.offsets[-1] == 0:
             raise ValueError(f"{tokens_path} holds no documents")
+        self.tokenizer = shard_tokenizer(shard_dir)
+        """How the shards were tokenized: `steps_per_qn` (the time unit) and `role_bins`."""
+        self.time_unit = TimeUnit(self.tokenizer.get("steps_per_qn"))
 
     def window(self, rng: np.random.Generator, max_tokens: int) -> list[int]:
         """Up to max_tokens consecutive tokens of one document; every token equally likely to be
@@ -97,12 +112,14 @@ def cut_at_steps(window: Sequence[int], start_step: int, end_step: int) -> Split
     return Split(cut.prefix_ids, cut.blank_ids, cut.suffix_ids, True)
 
 
-def time_aligned_span(window: Sequence[int], rng: np.random.Generator, config: BlankConfig):
-    """A blank from a note onset lasting min..max_blank_ms (capped at max_span_fraction of the
-    window's duration); None when the window is too short in time or would have no context."""
+def time_aligned_span(window: Sequence[int], rng: np.random.Generator, config: BlankConfig,
+                      unit: TimeUnit = TimeUnit()):
+    """A blank from a note onset lasting min..max_blank_qn in the window's time unit (capped at
+    max_span_fraction of the window's duration); None when the window is too short in time or
+    would have no context."""
     total_steps = sum(vocab.wait_steps(t) for t in window)
-    shortest_steps = max(1, round(config.min_blank_ms / vocab.WAIT_STEP_MS))
-    longest_steps = min(round(config.max_blank_ms / vocab.WAIT_STEP_MS),
+    shortest_steps = max(1, round(config.min_blank_qn * unit.nominal_steps_per_qn))
+    longest_steps = min(round(config.max_blank_qn * unit.nominal_steps_per_qn),
                         math.floor(config.max_span_fraction * total_steps))
     if longest_steps < shortest_steps:
         return None
@@ -122,11 +139,12 @@ def time_aligned_span(window: Sequence[int], rng: np.random.Generator, config: B
     return split
 
 
-def draw_split(window: Sequence[int], rng: np.random.Generator, config: BlankConfig) -> Split:
+def draw_split(window: Sequence[int], rng: np.random.Generator, config: BlankConfig,
+               unit: TimeUnit = TimeUnit()) -> Split:
     """A time-aligned blank with probability time_aligned_fraction (when the window allows one),
     else a random token span."""
     if rng.random() < config.time_aligned_fraction:
-        split = time_aligned_span(window, rng, config)
+        split = time_aligned_span(window, rng, config, unit)
         if split is not None:
             return split
     return random_span(window, rng, config)
@@ -153,11 +171,15 @@ def ilm_window_tokens(ctx_len: int) -> int:
     return ctx_len + 1 - N_ILM_SPECIAL_TOKENS - max(4, ctx_len // 16)
 
 
-def sample_split(shard: TokenShard, seed: int, index: int, max_tokens: int, config: BlankConfig) -> Split:
-    """Example number `index` of the stream: a window and its blank, fitted into max_tokens."""
+def sample_split(shard: TokenShard, seed: int, index: int, max_tokens: int, config: BlankConfig,
+                 augmented: bool = False) -> Split:
+    """Example number `index` of the stream: a window (augmented in key and loudness when asked,
+    `augment.augment_window`) and its blank, fitted into max_tokens."""
     rng = example_rng(seed, index)
     window = shard.window(rng, max_tokens)
-    return fit_split(draw_split(window, rng, config), max_tokens)
+    if augmented:
+        window = augment_window(np.asarray(window), rng).tolist()
+    return fit_split(draw_split(window, rng, config, shard.time_unit), max_tokens)
 
 
 class ILMExample(NamedTuple):
@@ -254,14 +276,15 @@ def collate_generator(pairs: Sequence[tuple[ILMExample, JEPAExample]]) -> Genera
 class ExampleStream:
     """The seeded stream of examples of one stage over one split; example i is always the same."""
 
-    def __init__(self, shard: TokenShard, stage: str, ctx_len: int, seed: int, blanks: BlankConfig):
+    def __init__(self, shard: TokenShard, stage: str, ctx_len: int, seed: int, blanks: BlankConfig,
+                 augmented: bool = False):
         if stage not in ("jepa", "generator"):
             raise ValueError(f"no stage {stage!r}; choose jepa or generator")
-        self.shard, self.stage, self.seed, self.blanks = shard, stage, seed, blanks
+        self.shard, self.stage, self.seed, self.blanks, self.augmented = shard, stage, seed, blanks, augmented
         self.window_tokens = ctx_len if stage == "jepa" else ilm_window_tokens(ctx_len)
 
     def split(self, index: int) -> Split:
-        return sample_split(self.shard, self.seed, index, self.window_tokens, self.blanks)
+        return sample_split(self.shard, self.seed, index, self.window_tokens, self.blanks, self.augmented)
 
     def batch(self, indices: Sequence[int]):
         splits = [self.split(index) for index in indices]

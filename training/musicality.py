@@ -15,7 +15,9 @@ it replaces:
 - durations: median new note length / median replaced note length per track (median over
   tracks), and the share of new notes shorter than SHORT_NOTE_QN;
 - melody alone: new / replaced note count, the most notes sounding at once against the context's
-  most, and the share of new notes outside the context's pitch range.
+  most, and the share of new notes outside the context's pitch range;
+- endings: the share of new notes still sounding at the range's end (the engine closes those
+  there by force), against the share of the replaced notes that reach the end or beyond.
 
 The same table is computed for "repeat previous bars" and for the ground truth itself, which
 shows what each figure is when the notes are the song's own. The measures read only notes and
@@ -47,6 +49,7 @@ GRID_TOLERANCE = 1 / 8
 """An onset is on a grid when it is within this fraction of the grid step of a grid line."""
 QUANTIZED_SHARE = 0.9
 SHORT_NOTE_QN = 0.1
+END_TOLERANCE_QN = 1e-6
 MIN_CONTEXT_ONSETS = 8
 """A track with fewer onsets in its context has no grid to judge."""
 MELODY_NAME = "MELODY"
@@ -121,9 +124,12 @@ class TrackJudgement:
     polyphony_new: int
     polyphony_context: int
     n_outside_range: int
+    n_held_to_end: int
+    """New notes that sound until the range's end (or past it)."""
 
 
-def judge_track(context: Sequence[Note], original: Sequence[Note], new: Sequence[Note]) -> TrackJudgement:
+def judge_track(context: Sequence[Note], original: Sequence[Note], new: Sequence[Note],
+                end_qn: float) -> TrackJudgement:
     grid = context_grid(np.array([n.start_qn for n in context]))
     new_onsets = np.array([n.start_qn for n in new])
     low = min((n.pitch for n in context), default=None)
@@ -135,7 +141,8 @@ def judge_track(context: Sequence[Note], original: Sequence[Note], new: Sequence
         original_median_qn=float(np.median([n.duration_qn for n in original])) if original else None,
         n_short=sum(n.duration_qn < SHORT_NOTE_QN for n in new),
         polyphony_new=max_polyphony(new), polyphony_context=max_polyphony(context),
-        n_outside_range=0 if low is None else sum(not low <= n.pitch <= high for n in new))
+        n_outside_range=0 if low is None else sum(not low <= n.pitch <= high for n in new),
+        n_held_to_end=sum(n.start_qn + n.duration_qn >= end_qn - END_TOLERANCE_QN for n in new))
 
 
 @dataclass
@@ -195,6 +202,7 @@ class Tally:
             "max_polyphony_new": max((t.polyphony_new for t in self.tracks), default=0),
             "max_polyphony_context": max((t.polyphony_context for t in self.tracks), default=0),
             "outside_pitch_range": sum(t.n_outside_range for t in self.tracks) / n_new if n_new else float("nan"),
+            "held_to_end": sum(t.n_held_to_end for t in self.tracks) / n_new if n_new else float("nan"),
         }
 
 
@@ -203,7 +211,7 @@ COLUMNS = (("on_context_grid", "onsets on grid", "{:.1%}"), ("median_duration_ra
            ("short_share", "< 0.1 QN", "{:.1%}"), ("median_count_ratio", "count ratio", "{:.2f}"),
            ("count_ratio_in_0.67_1.5", "count ok", "{:.0%}"), ("polyphony_over_context", "poly > ctx", "{:.0%}"),
            ("max_polyphony_new", "max poly", "{}"), ("max_polyphony_context", "ctx poly", "{}"),
-           ("outside_pitch_range", "out of range", "{:.1%}"))
+           ("outside_pitch_range", "out of range", "{:.1%}"), ("held_to_end", "held to end", "{:.1%}"))
 
 
 def table_markdown(summaries: dict[str, dict[str, dict]]) -> str:
@@ -248,7 +256,8 @@ def run(data_dir: Path, model_dir: Optional[Path], first_bar: int, last_bar: int
                 context = context_notes(case.song.tracks[track].notes, case.blank)
                 original = answers[GROUND_TRUTH][track]
                 for system, answer in answers.items():
-                    tallies[system][setting].tracks.append(judge_track(context, original, answer.get(track, [])))
+                    tallies[system][setting].tracks.append(judge_track(context, original, answer.get(track, []),
+                                                                       case.blank.end_qn))
     return {"protocol": {"data": str(data_dir), "model": str(engine.bundle.path), "bars": [first_bar, last_bar],
                          "seed": seed, "masked": masked, "songs": len(paths) - len(skipped),
                          "skipped_too_short": skipped,

@@ -63,9 +63,18 @@ class Failures:
     examples: dict = field(default_factory=dict)
 
     def add(self, stage: str, error: BaseException, where: str) -> None:
-        cause = (stage, type(error).__name__, _NUMBER.sub("N", str(error).splitlines()[0] if str(error) else ""))
+        self.add_cause(stage, type(error).__name__, str(error), where)
+
+    def add_cause(self, stage: str, kind: str, message: str, where: str) -> None:
+        """Count one failure of exception type `kind` (its message's numbers read as N)."""
+        cause = (stage, kind, _NUMBER.sub("N", message.splitlines()[0] if message else ""))
         self.counts[cause] += 1
         self.examples.setdefault(cause, where)
+
+    def as_dict(self) -> list[dict]:
+        return [{"stage": stage, "error": kind, "cause": pattern, "count": count,
+                 "first": self.examples[(stage, kind, pattern)]}
+                for (stage, kind, pattern), count in self.counts.most_common()]
 
     @property
     def total(self) -> int:

@@ -41,6 +41,7 @@ from cmi_daemon.model.config import ModelConfig, preset
 from cmi_daemon.model.jepa import JEPA, ema_momentum
 from cmi_daemon.model.rwkv import RWKVGenerator, load_blinkdl_checkpoint
 from cmi_daemon.vocab import PAD_ID
+from cmi_daemon.timeunit import TimeUnit
 from export.checkpoint import read_jepa
 from training.batches import BlankConfig, ExampleStream, TokenShard, micro_batch_indices
 from training.losses import head_cross_entropy
@@ -129,6 +130,18 @@ def jepa_from_checkpoint(jepa_dir: str) -> tuple[JEPA, ModelConfig]:
     jepa = JEPA(model_config.encoder, model_config.predictor)
     jepa.load_state_dict(state)
     return jepa.eval().requires_grad_(False), model_config
+
+
+def check_jepa_tokenizer(jepa_dir: str, tokenizer: dict) -> None:
+    """Refuse a JEPA trained on tokens of another time unit than the shards' (its representations
+    would read every wait wrong)."""
+    if not jepa_dir:
+        return
+    _, _, summary = read_jepa(jepa_dir)
+    jepa_steps = (summary.get("tokenizer") or {}).get("steps_per_qn")
+    if jepa_steps != tokenizer.get("steps_per_qn"):
+        raise ValueError(f"--jepa {jepa_dir} was trained on {TimeUnit(jepa_steps).describe()}, the shards are "
+                         f"{TimeUnit(tokenizer.get('steps_per_qn')).describe()}: train stage 1 on these shards")
 
 
 @torch.no_grad()
@@ -397,8 +410,12 @@ def main(argv=None) -> None:
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     stage = config.stage
-    train_data = ExampleStream(TokenShard(args.shards, "train"), stage, config.ctx_len, config.seed, config.blanks)
+    train_data = ExampleStream(TokenShard(args.shards, "train"), stage, config.ctx_len, config.seed, config.blanks,
+                               augmented=True)
     dev_data = ExampleStream(TokenShard(args.shards, "dev"), stage, config.ctx_len, config.dev_seed, config.blanks)
+    tokenizer = train_data.shard.tokenizer
+    if stage == "generator" and config.conditioning:
+        check_jepa_tokenizer(config.jepa_dir, tokenizer)
 
     model, frozen_jepa, model_config = build_model(config)
     model.to(device)
@@ -436,7 +453,7 @@ def main(argv=None) -> None:
         return {"format": CHECKPOINT_FORMAT, "stage": stage, "model_config": model_config.to_dict(),
                 "train_config": config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "step": step, "examples_seen": examples_seen, "elapsed_s": elapsed_s, "best_dev": best_dev,
-                "world_size": world_size, "rng": rng_states()}
+                "world_size": world_size, "rng": rng_states(), "tokenizer": tokenizer}
 
     # All ranks must agree on the elapsed time, or they would stop at different steps.
     def shared_elapsed(seconds: float) -> float:
