@@ -385,3 +385,15 @@ def test_smoke_training_lowers_the_loss(shards, tmp_path):
     assert last < first - 2.0, (first, last)
     dev = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if "dev_nll_bits" in line]
     assert dev[-1]["dev_nll_bits"] < np.log2(vocab.VOCAB_SIZE)
+
+
+def test_a_paused_run_continues_on_its_own_schedule(shards, tmp_path):
+    common = ["--stage", "generator", "--conditioning", "off", "--shards", str(shards), *SMOKE, "--max-steps", "4"]
+    train.main([*common, "--out", str(tmp_path / "straight")])
+    train.main([*common, "--out", str(tmp_path / "paused"), "--pause-at-step", "2"])
+    assert torch.load(tmp_path / "paused" / "last.pt", weights_only=True)["step"] == 2
+    train.main([*common, "--out", str(tmp_path / "paused"), "--resume"])
+    assert log_losses(tmp_path / "paused") == log_losses(tmp_path / "straight")
+    straight, paused = params(tmp_path / "straight" / "last.pt"), params(tmp_path / "paused" / "last.pt")
+    for name in straight:
+        torch.testing.assert_close(paused[name], straight[name], rtol=0, atol=0)

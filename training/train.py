@@ -354,6 +354,8 @@ def parse_args(argv=None):
     parser.add_argument("--jepa", default="", help="stage 1's output folder (stage 2)")
     parser.add_argument("--init-rwkv", default="", help="public RWKV-4-MIDI .pth to start from")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    parser.add_argument("--pause-at-step", type=int, help="stop at this step, evaluated and checkpointed, with "
+                        "the schedules still spanning --max-steps (continue later with --resume)")
     for name, kind in OVERRIDABLE:
         parser.add_argument(f"--{name}", type=kind, default=None)
     return parser.parse_args(argv)
@@ -465,7 +467,8 @@ def main(argv=None) -> None:
     started_at = time.time() - elapsed_s
     while True:
         elapsed_s = shared_elapsed(time.time() - started_at)
-        done = step >= config.max_steps or (budget_s > 0 and elapsed_s >= budget_s)
+        paused = args.pause_at_step is not None and step >= args.pause_at_step
+        done = paused or step >= config.max_steps or (budget_s > 0 and elapsed_s >= budget_s)
         if step > start_step and (step % config.eval_interval == 0 or done):
             metrics = evaluate(stage, model, frozen_jepa, dev_data, config.dev_examples, config.batch_size,
                                rank, world_size, device, autocast)
