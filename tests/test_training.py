@@ -397,3 +397,13 @@ def test_a_paused_run_continues_on_its_own_schedule(shards, tmp_path):
     straight, paused = params(tmp_path / "straight" / "last.pt"), params(tmp_path / "paused" / "last.pt")
     for name in straight:
         torch.testing.assert_close(paused[name], straight[name], rtol=0, atol=0)
+
+
+def test_the_share_of_time_aligned_blanks_is_an_option():
+    base = ["--stage", "generator", "--shards", "shards", "--out", "out", "--conditioning", "off"]
+    config = train.config_from_args(train.parse_args([*base, "--time-aligned-fraction", "0.8"]))
+    assert config.blanks.time_aligned_fraction == 0.8
+    assert train.TrainConfig.from_dict(config.to_dict()).blanks.time_aligned_fraction == 0.8
+    assert train.config_from_args(train.parse_args(base)).blanks.time_aligned_fraction == 0.5
+    with pytest.raises(ValueError, match="share in 0..1"):
+        train.config_from_args(train.parse_args([*base, "--time-aligned-fraction", "1.5"]))

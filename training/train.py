@@ -354,6 +354,9 @@ def parse_args(argv=None):
     parser.add_argument("--jepa", default="", help="stage 1's output folder (stage 2)")
     parser.add_argument("--init-rwkv", default="", help="public RWKV-4-MIDI .pth to start from")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    parser.add_argument("--time-aligned-fraction", type=float,
+                        help="share of blanks cut at note onsets for a time, as the engine cuts (the rest are "
+                             "random token spans; preset 0.5)")
     parser.add_argument("--pause-at-step", type=int, help="stop at this step, evaluated and checkpointed, with "
                         "the schedules still spanning --max-steps (continue later with --resume)")
     for name, kind in OVERRIDABLE:
@@ -366,6 +369,10 @@ def config_from_args(args) -> TrainConfig:
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     config = replace(train_preset(args.config, args.stage), **overrides,
                      conditioning=args.conditioning == "on", jepa_dir=args.jepa, init_rwkv=args.init_rwkv)
+    if args.time_aligned_fraction is not None:
+        if not 0.0 <= args.time_aligned_fraction <= 1.0:
+            raise ValueError(f"--time-aligned-fraction {args.time_aligned_fraction} is not a share in 0..1")
+        config.blanks = replace(config.blanks, time_aligned_fraction=args.time_aligned_fraction)
     if config.stage == "jepa" and not config.conditioning:
         raise ValueError("--conditioning off applies to stage 2 only")
     return config
