@@ -23,3 +23,20 @@ def shared_data(relative: str) -> Path:
         pytest.skip(f"needs the full data set at {path} (absent in this checkout; "
                     "set CMI_SHARED_DATA to its folder to run this test)")
     return path
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (minutes each)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long load test, run with --run-slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="a long load test: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -6,6 +6,8 @@ its resident memory under the documented budget."""
 from __future__ import annotations
 
 import random
+import sys
+import threading
 
 import pytest
 
@@ -74,3 +76,79 @@ def test_sessions_are_forgotten_oldest_first_beyond_the_byte_budget():
             with pytest.raises(Exception, match="no infill reply on record"):
                 client.feedback("s0", "accept")
             assert client.feedback("s5", "accept")["verdict"] == "accept"
+
+
+DAEMON_MEMORY_BUDGET_MIB = 500
+"""The target for the daemon's resident memory with the default model (docs/protocol.md 5.5)."""
+FUZZ_MESSAGES = 5000
+LARGEST_NOTES = 100_000
+LARGEST_REQUESTS = 4
+"""Sessions of the largest requests (12.8 MB each as counted) overflow the 32 MiB session budget."""
+
+
+def _largest_request(index: int) -> dict:
+    """A request at the limits whose session keeps all of it: 100,000 notes (distinct onsets and
+    pitches) in the last QN before the range, so all lie within WINDOW_MARGIN_QN of the window's edge."""
+    rng = random.Random(index)
+    request = infill_request(session=f"largest-{index}", start_qn=64.0, end_qn=68.0)
+    request["tracks"] = [{"name": name, "program": program,
+                          "notes": [[63.0 + k / LARGEST_NOTES, 0.5, rng.randrange(36, 96), 80]
+                                    for k in range(offset, LARGEST_NOTES, 2)]}
+                         for offset, (name, program) in enumerate((("Keys", 0), ("Bass", 33)))]
+    request["timeout_ms"] = 600_000
+    return request
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the daemon's RSS from /proc")
+@pytest.mark.xfail(strict=True, reason="measured 351 MiB at start, 497 after one full-window infill (the engine's "
+                   "working set), 586 after the largest requests: the engine's own memory needs bounding first")
+def test_default_model_daemon_stays_under_its_memory_budget(tmp_path):
+    """Serving only: no session is infilled twice, so the DIL learner never starts torch's training
+    (its first signals add about 250 MiB, which this budget does not cover yet)."""
+    import msgpack
+    import zmq
+
+    from cmi_daemon import protocol
+    from daemon_support import client_for, process_rss_bytes, start_daemon_process
+
+    process = start_daemon_process(tmp_path, DEFAULT_MODEL_DIR)
+    # Its console log goes to a pipe: read it, or the daemon blocks once the pipe is full.
+    threading.Thread(target=process.stdout.read, daemon=True).start()
+    mib = lambda: process_rss_bytes(process.pid) / 2 ** 20  # noqa: E731
+    figures = {"start": mib()}
+    try:
+        with client_for(tmp_path, timeout_ms=600_000) as client:
+            client.infill(infill_request(session="far", start_qn=100_000.0, end_qn=100_004.0))
+            figures["far past the end"] = mib()
+            rng = random.Random(0)
+            socket = zmq.Context.instance().socket(zmq.DEALER)
+            socket.connect(client.connection["request_endpoint"])
+            key = client.connection["key"]
+            for index in range(FUZZ_MESSAGES):
+                content = infill_request(session=f"fuzz-{index}")  # no repeats: DIL stays idle (see the docstring)
+                choice = index % 4
+                if choice == 0:
+                    content["tracks"][0]["notes"][rng.randrange(16)][rng.randrange(4)] = rng.choice(
+                        [None, -1, 1e300, "x", [], {}, 5e-324])
+                elif choice == 1:
+                    content["range"] = [rng.uniform(0, 1e6), rng.uniform(0, 1e6)]
+                elif choice == 2:
+                    content = {"session": "\x00" * rng.randrange(300), "tracks": rng.randrange(10)}
+                body = msgpack.packb(protocol.request_envelope(f"f{index}", "infill" if choice < 3 else "hello",
+                                                               content if choice < 3 else {"client": "\n" * 64}))
+                socket.send_multipart([protocol.sign(key, body) if index % 7 else b"0" * 64, body])
+                socket.recv_multipart()
+            socket.close(0)
+            figures["after the fuzz"] = mib()
+            for index in range(LARGEST_REQUESTS):
+                client.infill(_largest_request(index))
+            status = client.status()
+            figures["after the largest requests"] = mib()
+    finally:
+        process.terminate()
+        process.wait(60)
+    print("\nRSS MiB: " + ", ".join(f"{name} {value:.0f}" for name, value in figures.items())
+          + f"; {status['sessions']} sessions holding {status['session_bytes'] / 2 ** 20:.1f} MiB")
+    assert status["session_bytes"] <= 32 * 2 ** 20
+    assert max(figures.values()) < DAEMON_MEMORY_BUDGET_MIB, figures
