@@ -27,6 +27,10 @@ from .errors import RegionError
 from .tokens import Note, Song, TimedNote, decode_ids, events_to_ids, ms_to_step, note_events, timed_notes
 
 DEFAULT_CONTEXT_TOKENS = 2048
+MAX_CONTEXT_GAP_STEPS = 10 * vocab.MAX_WAIT_STEPS_PER_TOKEN
+"""A silence in the prefix or suffix longer than this many steps (10 s at 8 ms, 52 QN at 24 a QN)
+is written as this long, as the reference tokenizer cuts silences over 10 s: the music on either
+side of it is what the model reads, and a range far past a song's end costs ten wait tokens."""
 
 
 class Cut(NamedTuple):
@@ -40,7 +44,7 @@ def cut_notes(notes: Sequence[TimedNote], start_ms: float, end_ms: float) -> Cut
     """The prefix / blank / suffix cut of timed notes at [start_ms, end_ms), for training and serving.
 
     A note's side is where its onset lies; notes before the range end by its start, notes inside
-    it by its end. Each side becomes events on its own (tokens.note_events), so the tokenizer's
+    it by its end; the prefix's and the suffix's silences are cut to MAX_CONTEXT_GAP_STEPS. Each side becomes events on its own (tokens.note_events), so the tokenizer's
     merge of two notes of one key starting in one 8 ms step never joins notes of two sides (it
     would carry the later note's end across the boundary: a negative wait). The prefix ends with
     waits up to the range start, the blank spans exactly the range, the suffix starts at its end.
@@ -68,10 +72,10 @@ def side_ids(notes: Sequence[TimedNote], side: int, start_ms: float, end_ms: flo
     events, _ = note_events(clipped)
     start_step, end_step = (int(s) for s in ms_to_step([start_ms, end_ms]))
     if side == 0:
-        return events_to_ids(events, until_step=start_step)
+        return events_to_ids(events, until_step=start_step, max_gap_steps=MAX_CONTEXT_GAP_STEPS)
     if side == 1:
         return events_to_ids(events, clock_step=start_step, until_step=end_step)
-    return events_to_ids(events, clock_step=end_step)
+    return events_to_ids(events, clock_step=end_step, max_gap_steps=MAX_CONTEXT_GAP_STEPS)
 
 
 class ILMSequence(NamedTuple):

@@ -331,23 +331,29 @@ def note_events(notes: Sequence[TimedNote]) -> tuple[list[Event], Counter]:
 
 
 def events_to_ids(events: Sequence[Event], clock_step: Optional[int] = None,
-                  until_step: Optional[int] = None) -> list[int]:
+                  until_step: Optional[int] = None, max_gap_steps: Optional[int] = None) -> list[int]:
     """Token ids of events with waits between them.
 
     With clock_step, the stream is taken to start at that step (a wait precedes the first
     event if it is later); without, no wait comes before the first event. With until_step,
-    waits bring the clock to that step after the last event.
+    waits bring the clock to that step after the last event. With max_gap_steps, a longer gap
+    is written as that many steps (as the reference tokenizer cuts silences over 10 s), so the
+    tokens of a silence are bounded whatever its length.
     """
     ids: list[int] = []
     clock = events[0].step if (clock_step is None and events) else clock_step
+
+    def waits(gap_steps: int) -> list[int]:
+        return vocab.wait_ids(gap_steps if max_gap_steps is None else min(gap_steps, max_gap_steps))
+
     for event in events:
         if event.step < clock:
             raise ValueError(f"events out of order: step {event.step} after step {clock}")
-        ids.extend(vocab.wait_ids(event.step - clock))
+        ids.extend(waits(event.step - clock))
         ids.append(event.token_id)
         clock = event.step
     if until_step is not None and clock is not None:
-        ids.extend(vocab.wait_ids(until_step - clock))
+        ids.extend(waits(until_step - clock))
     return ids
 
 

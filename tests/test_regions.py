@@ -1,6 +1,7 @@
 """Regions: prefix / blank / suffix on real POP909 bars, ILM sequences, answers never leave the range."""
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from cmi_daemon.annotations import bar_lines_qn
 from cmi_daemon.dil.examples import piece
 from cmi_daemon.engine import blank_positions
 from cmi_daemon.errors import RegionError
-from cmi_daemon.regions import SongCutter, answer_notes, apply_answer, build_region, ilm_parts, jepa_sequence
+from cmi_daemon.regions import (MAX_CONTEXT_GAP_STEPS, SongCutter, answer_notes, apply_answer, build_region, ilm_parts,
+                                 jepa_sequence)
 from cmi_daemon.tempo import TempoMap
 from cmi_daemon.tokens import Note, Song, Track, ms_to_step, read_midi, tokenize
 from conftest import ALL_FIXTURES, POP909_FIXTURES, shared_data
@@ -261,3 +263,18 @@ def test_bad_requests_are_refused_with_the_reason():
         build_region(song, 0.0, 8.0, [])
     with pytest.raises(RegionError, match="not finite"):
         build_region(song, 0.0, float("nan"), [0])
+
+
+def test_a_range_far_past_the_songs_end_costs_ten_waits_not_one_per_second(tmp_path):
+    import tracemalloc
+
+    song = read_midi(POP909_FIXTURES[0])
+    slow = replace(song, tempo_map=TempoMap.constant(1.0))  # a quarter note is a minute
+    tracemalloc.start()
+    region = build_region(slow, 99_990.0, 99_994.0, [0], context_tokens=958)
+    peak_bytes = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    trailing_waits = len(region.prefix_ids) - max(i for i, t in enumerate(region.prefix_ids) if vocab.is_note(t)) - 1
+    assert trailing_waits == len(vocab.wait_ids(MAX_CONTEXT_GAP_STEPS)) == 10
+    assert region.n_steps == round(4 * 60_000 / vocab.WAIT_STEP_MS)  # the blank itself keeps its length
+    assert peak_bytes < 64 * 2 ** 20  # the silence was never written out (it would be 7.5e8 steps)
