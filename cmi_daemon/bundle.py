@@ -29,7 +29,7 @@ from typing import Optional
 from . import vocab
 from .errors import CMIError
 from .model.config import ModelConfig
-from .roles import distinct_bins, song_roles, with_bins
+from .roles import with_distinct_bins
 from .timeunit import TimeUnit
 from .tokens import Song
 
@@ -75,7 +75,7 @@ class TokenizerSettings:
         """The song as this model reads it: with role_bins, tracks of one bin get a bin each by role;
         then its tempo map is the time unit's (`TimeUnit.token_song`). Notes stay in the song's QN."""
         if self.role_bins:
-            song = with_bins(song, distinct_bins(song, range(len(song.tracks)), song_roles(song)))
+            song = with_distinct_bins(song)
         return self.time_unit.token_song(song)
 
 

@@ -115,6 +115,14 @@ def distinct_bins(song: Song, tracks: Sequence[int], roles: Sequence[Optional[st
     return bins
 
 
+def with_distinct_bins(song: Song, roles: Optional[Sequence[Optional[str]]] = None) -> Song:
+    """The song with every group of tracks sharing a bin given a bin each by role (`distinct_bins`
+    over all tracks, roles from `song_roles` unless given): what a model trained with role bins
+    reads, and what its training's engine-bin copies are."""
+    roles = song_roles(song) if roles is None else roles
+    return with_bins(song, distinct_bins(song, range(len(song.tracks)), roles))
+
+
 def with_bins(song: Song, bins: dict[int, int]) -> Song:
     """The song with each named track playing the stand-in program of its new bin."""
     tracks = [replace(track, program=vocab.BIN_STAND_IN_PROGRAM[bins[i]]) if i in bins and not track.is_drum

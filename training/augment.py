@@ -21,7 +21,8 @@ import numpy as np
 
 from cmi_daemon import vocab
 from cmi_daemon.notes import Note
-from cmi_daemon.roles import ACCOMPANIMENT, BASS, DRUMS, MELODY, ROLE_BINS, distinct_bins, song_roles, with_bins
+from cmi_daemon.roles import (ACCOMPANIMENT, BASS, DRUMS, MELODY, ROLE_BINS, song_roles, with_bins,
+                              with_distinct_bins)
 from cmi_daemon.tokens import Song, Track
 
 TRANSPOSE_SEMITONES = tuple(range(-5, 7))
@@ -66,12 +67,10 @@ def augment(song: Song, augmentation: Augmentation) -> Song:
     if augmentation.split_bass:
         song = split_bass(song)
     roles = song_roles(song)
-    tracks = range(len(song.tracks))
     if augmentation.engine_bins:
-        bins = distinct_bins(song, tracks, roles)
+        song = with_distinct_bins(song, roles)
     else:
-        bins = random_role_bins(song, roles, random.Random(augmentation.seed))
-    song = with_bins(song, bins)
+        song = with_bins(song, random_role_bins(song, roles, random.Random(augmentation.seed)))
     return replace(song, tempo_map=song.tempo_map.scaled(augmentation.tempo_factor))
 
 
