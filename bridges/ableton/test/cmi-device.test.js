@@ -269,11 +269,13 @@ describe("the CMI device in a fake Live, against a live daemon", () => {
     const notes = withoutIds(clip);
     assert.equal(notesIn(clip, 8, 12).length, 1);
     live.refuseNotes(["string", "object"], { minNotes: 2 });
+    device.turn("density", 2); // the bars hold one note: ask for 2 a beat, so the candidate surely holds more
     let reply;
     try {
       ({ reply } = await infillAndWait(device));
     } finally {
       live.refuseNotes(null);
+      device.turn("density", 0);
     }
     assert.ok(reply.candidates[0].tracks[0].notes.length >= 2, "the candidate should hold 2 notes or more");
     assert.deepEqual(withoutIds(clip), notes);
