@@ -21,7 +21,9 @@ answer as it grows and says what is allowed next:
   its polyphony sound; on its grid, its note-ons and note-offs only on the lines, and waits only to
   a line of some track (the model's timing renormalised over the allowed steps, not snapped
   afterwards); a logit bias on its note-ons pulls its note count toward its density, one on each
-  open note's note-off pulls its length toward its note length.
+  open note's note-off pulls its length toward its note length, and one on each wait that would
+  carry an open note past its note length holds the clock back (a tempo-relative wait can span
+  bars in one token, and a note-off is only ever drawn between tokens).
 """
 
 from __future__ import annotations
@@ -383,12 +385,17 @@ class AnswerState:
                 if self.need_note and self.n_notes == 0:  # the note an empty answer needs is not held back
                     push = max(push, 0.0)
                 bias += push * self.track_rows[track]
+        wait_lengths = np.arange(1, vocab.MAX_WAIT_STEPS_PER_TOKEN + 1)
+        overshoot = np.zeros(len(wait_lengths))
         for key, open_step in self.open_keys.items():
             constraint = self.constraints.get(self._owner(key))
             if constraint is not None and constraint.note_length_steps is not None:
                 age = self.clock - open_step
                 bias[self.rows.key_rows(*key)] += np.clip(
                     LENGTH_GAIN * np.log((age + 0.5) / constraint.note_length_steps), -MAX_LENGTH_BIAS, MAX_LENGTH_BIAS)
+                overshoot = np.maximum(overshoot, np.clip(LENGTH_GAIN * np.log(
+                    (age + wait_lengths - 0.5) / constraint.note_length_steps), 0.0, MAX_LENGTH_BIAS))
+        bias[FIRST_WAIT_ROW:FIRST_WAIT_ROW + len(wait_lengths)] -= overshoot
         return bias
 
     def sampled_row_token(self, row: int) -> int:

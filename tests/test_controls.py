@@ -113,6 +113,17 @@ def test_note_length_steers_durations(engine, song):
     assert np.median(short) < 0.5 < np.median(long)
 
 
+@pytest.mark.parametrize("track", [0, 2], ids=["melody", "piano"])
+def test_notes_are_as_long_as_the_tracks_context_by_default(engine, song, track):
+    """A wait that jumps past an open note's length must not hold the note: a tempo-relative wait
+    can span whole bars in one token, so the length control steers waits as well as note-offs."""
+    start_qn, end_qn = song.meter.bar_range_qn(*BARS)
+    context = [n.duration_qn for n in song.tracks[track].notes
+               if start_qn - 32 <= n.start_qn < end_qn + 32 and not start_qn <= n.start_qn < end_qn]
+    new = [n.duration_qn for notes in infills(engine, song, track) for n in notes]
+    assert new and 0.75 <= np.median(new) / np.median(context) <= 1.33
+
+
 def test_defaults_come_from_the_tracks_context(song):
     start_qn, end_qn = song.meter.bar_range_qn(*BARS)
     melody, piano = (resolve_controls(song, t, start_qn, end_qn) for t in (0, 2))
