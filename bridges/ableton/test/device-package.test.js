@@ -6,6 +6,7 @@ const { describe, it } = require("node:test");
 const assert = require("node:assert/strict");
 const fs = require("node:fs");
 const path = require("node:path");
+const acorn = require("acorn");
 const { amxdBytes } = require("../build-amxd.js");
 
 const DEVICE_DIR = path.resolve(__dirname, "..");
@@ -79,12 +80,8 @@ describe("CMI.amxd", () => {
 });
 
 describe("cmi-live.js", () => {
-  it("uses only ES5, as Max's classic js object needs", () => {
-    const code = fs.readFileSync(path.join(DEVICE_DIR, "cmi-live.js"), "utf8")
-      .replace(/\/\/.*$/gm, "").replace(/"(?:[^"\\]|\\.)*"/g, '""');
-    for (const [pattern, what] of [[/=>/, "arrow functions"], [/\b(?:let|const|class)\s/, "let, const or class"],
-      [/`/, "template literals"], [/\.\.\./, "spread"]]) {
-      assert.doesNotMatch(code, pattern, what);
-    }
+  it("parses as ES5, as Max's classic js object needs", () => {
+    const code = fs.readFileSync(path.join(DEVICE_DIR, "cmi-live.js"), "utf8");
+    assert.doesNotThrow(() => acorn.parse(code, { ecmaVersion: 5, sourceType: "script" }));
   });
 });
