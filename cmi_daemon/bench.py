@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .annotations import bar_lines_qn
+from .controls import CONTEXT_BARS
 from .engine import Engine, InfillOptions
 from .errors import CMIError
 from .sampling import AnswerRows
@@ -29,7 +29,6 @@ from .tokens import Note, Song, read_midi, tokenize
 
 BENCH_SONGS_DIR = Path(__file__).resolve().parent / "data" / "bench_songs"
 """Two POP909 songs with their beat files, shipped in the package (licence and credit in its README.md)."""
-CONTEXT_BARS = 8
 BLANK_WIDTHS_BARS = (2, 4)
 BLANKS_PER_SONG = 6
 PREFILL_TOKENS = 1024
@@ -94,20 +93,12 @@ def rwkv_package_decode(engine: Engine, token_ids: list[int], repeats: int) -> O
     try:
         from importlib.metadata import version
 
-        import torch
         from safetensors.torch import load_file
-        os.environ.setdefault("RWKV_JIT_ON", "1")
-        os.environ["RWKV_CUDA_ON"] = "0"
-        os.environ["RWKV_RESCALE_LAYER"] = "999"  # the music models run without layer rescaling
-        from rwkv.model import RWKV
+
+        from .model.rwkv import rwkv_package_model
+        model = rwkv_package_model(load_file(str(engine.bundle.file("generator.safetensors"))))
     except ImportError:
         return None
-    weights = load_file(str(engine.bundle.file("generator.safetensors")))
-    blinkdl = {name: tensor.float() for name, tensor in weights.items() if not name.startswith("cond_")}
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "generator.pth"
-        torch.save(blinkdl, path)
-        model = RWKV(str(path), "cpu fp32", verbose=False)
 
     def decode():
         state = None

@@ -8,14 +8,13 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import engine as engine_module
 from . import paths, schema
 from .device import dil_device, onnx_device, onnx_device_problem, onnx_providers
 from .dil.settings import DILSettings
 from .engine import Engine, InfillOptions
 from .sampling import SamplingOptions
 from .schema import InfillRequest
-from .server import InfillCancelled, InfillResult, ProgressCallback
+from .server import BackendResult, StageProgressCallback
 from .settings import Settings
 
 log = logging.getLogger("cmi_daemon.engine_backend")
@@ -31,7 +30,7 @@ def load_engine(model_dir: Path, device: str = "auto", warn: Callable[[str], Non
     return engine
 
 
-def engine_options(options: schema.InfillOptions) -> InfillOptions:
+def engine_options(options: schema.InfillRequestOptions) -> InfillOptions:
     """Validated request options -> the engine's, each option left out taking the engine's default."""
     defaults = SamplingOptions()
     sampling = SamplingOptions(
@@ -79,19 +78,16 @@ class EngineBackend:
             "created": str(bundle.manifest.get("created", "")),
         }
 
-    def infill(self, request: InfillRequest, progress: ProgressCallback,
-               should_stop: Callable[[], bool]) -> InfillResult:
+    def infill(self, request: InfillRequest, progress: StageProgressCallback,
+               should_stop: Callable[[], bool]) -> BackendResult:
         started_s = time.perf_counter()
-        try:
-            result = self.engine.infill(request.song, request.start_qn, request.end_qn, request.target_tracks,
-                                        engine_options(request.options), cancel=should_stop,
-                                        progress=lambda fraction: progress(fraction, "decode"),
-                                        profile=request.options.profile)
-        except engine_module.InfillCancelled as error:
-            raise InfillCancelled(str(error)) from None
+        result = self.engine.infill(request.song, request.start_qn, request.end_qn, request.target_tracks,
+                                    engine_options(request.options), cancel=should_stop,
+                                    progress=lambda fraction: progress(fraction, "decode"),
+                                    profile=request.options.profile)
         timings_ms = dict(result.timings_ms)
         timings_ms["infill"] = round((time.perf_counter() - started_s) * 1000.0, 3)
-        return InfillResult([candidate.notes for candidate in result.candidates], timings_ms,
+        return BackendResult([candidate.notes for candidate in result.candidates], timings_ms,
                             [candidate.seed for candidate in result.candidates])
 
 

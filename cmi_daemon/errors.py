@@ -20,3 +20,8 @@ class TimeMapError(CMIError):
 
 class RegionError(CMIError):
     """An infill request does not describe a usable region (empty range, unknown track, bad note)."""
+
+
+class InfillCancelled(CMIError):
+    """An infill stopped because its caller asked it to (the engine's cancel callback, the server's
+    should_stop): raised by the engine, passed through by the backend, answered as `cancelled`."""

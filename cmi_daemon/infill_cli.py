@@ -153,7 +153,7 @@ def _control_value(flag_name: str, key: str, value: str):
         raise CMIError(f"{flag_name} {value!r}: not a value it takes (e.g. {example})") from None
 
 
-def checked_options(args, limits: Limits, targets: Sequence[int]) -> schema.InfillOptions:
+def checked_options(args, limits: Limits, targets: Sequence[int]) -> schema.InfillRequestOptions:
     """The flags checked exactly as the daemon checks an infill's options; CMIError naming the flag."""
     try:
         return schema.parse_options(wire_options(args, targets), limits, [], path=_FLAGS_PATH)

@@ -20,9 +20,9 @@ import mido
 from . import midi_edit
 from .errors import CMIError
 from .files import write_bytes_atomic
+from .paths import DEFAULT_MODEL_DIR
 from .tokens import Note, Song, open_midi, read_midi
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "default"
 _BARS = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*$")
 
 

@@ -20,6 +20,8 @@ CONNECTION_FILE_NAME = "connection.json"
 LOCK_FILE_NAME = "daemon.lock"
 CONFIG_FILE_NAME = "config.toml"
 LOG_FILE_NAME = "daemon.log"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "default"
+"""The model bundle shipped inside the package: what the daemon and `cmi-daemon infill` load without --model."""
 
 
 def _home() -> Optional[Path]:

@@ -106,11 +106,6 @@ def version_compatible(version: str) -> bool:
     return major == PROTOCOL_MAJOR and minor.isdigit() and major.isdigit()
 
 
-CONTEXT_BARS = 8
-"""Bars of context a bridge sends on each side of the range (`hello` reports it as
-limits.context_bars); the engine keeps what fits the model's window."""
-
-
 @dataclass(frozen=True)
 class Limits:
     """Bounds on what one request may hold (docs/protocol.md section 8)."""

@@ -39,6 +39,8 @@ from .controls import TrackControls
 from .regions import Region, track_bin
 from .tokens import Song, ms_to_step
 
+MAX_SEED = 2 ** 32 - 1
+"""Seeds of the random draws are 0..MAX_SEED (docs/protocol.md `options.seed`): the engine's and the wire's range."""
 MIN_EXPECTED_NOTES = 1.0
 """A context whose target-bin note rate predicts at least this many notes in the blank forbids an empty answer."""
 REPETITION_DECAY = 0.95

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from . import controls as track_controls
 from .errors import CMIError, TimeMapError
 from .protocol import MESSAGE_TYPES, PROTOCOL_VERSION, Limits, ProtocolError, version_compatible
+from .sampling import MAX_SEED
 from .tempo import Meter, TempoMap
 from .notes import Note, normalize_notes
 from .tokens import Song, Track
@@ -21,7 +22,6 @@ from .tokens import Song, Track
 MAX_ID_CHARS = 64
 MAX_SESSION_CHARS = 256
 MAX_NAME_CHARS = 256
-MAX_SEED = 2 ** 32 - 1
 MAX_TOP_K = 100_000
 MAX_TEMPERATURE = 5.0
 MAX_REPETITION_PENALTY = 10.0
@@ -43,7 +43,10 @@ class Envelope:
 
 
 @dataclass(frozen=True)
-class InfillOptions:
+class InfillRequestOptions:
+    """An infill request's validated `options` (docs/protocol.md 5.2): what the musician set, None for
+    what they left to the engine (engine_backend.engine_options turns them into engine.InfillOptions)."""
+
     candidates: int = 1
     temperature: Optional[float] = None
     top_p: Optional[float] = None
@@ -64,7 +67,7 @@ class InfillRequest:
     start_qn: float
     end_qn: float
     target_tracks: tuple[int, ...]
-    options: InfillOptions = field(default_factory=InfillOptions)
+    options: InfillRequestOptions = field(default_factory=InfillRequestOptions)
     timeout_ms: Optional[int] = None
 
 
@@ -322,12 +325,13 @@ def _parse_targets(reader: _Reader, n_tracks: int, limits: Limits) -> tuple[int,
     return targets
 
 
-def parse_options(value: Any, limits: Limits, warnings: list[str], path: str = "content.options") -> InfillOptions:
+def parse_options(value: Any, limits: Limits, warnings: list[str],
+                  path: str = "content.options") -> InfillRequestOptions:
     """An infill's options map; also what `cmi-daemon infill` checks its flags with, offline too."""
     if value is None:
-        return InfillOptions()
+        return InfillRequestOptions()
     reader = _Reader(value, path, warnings)
-    options = InfillOptions(
+    options = InfillRequestOptions(
         candidates=reader.integer("candidates", 1, limits.max_candidates, required=False, default=1),
         temperature=reader.number("temperature", 0.0, MAX_TEMPERATURE, required=False),
         top_p=reader.number("top_p", 0.0, 1.0, low_open=True, required=False),

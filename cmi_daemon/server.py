@@ -24,7 +24,8 @@ from typing import Any, Callable, Optional, Protocol
 import zmq
 
 from . import __version__, protocol, schema
-from .errors import CMIError
+from .controls import CONTEXT_BARS
+from .errors import CMIError, InfillCancelled
 from .files import write_private_atomic
 from .protocol import Limits, ProtocolError
 from .schema import InfillRequest
@@ -51,18 +52,15 @@ WORKER_EXIT_WAIT_S = 2.0
 PROGRESS_INTERVAL_S = 0.1
 """At most one progress event per request in this interval: engines may report every decode step."""
 
-ProgressCallback = Callable[[float, str], None]
+StageProgressCallback = Callable[[float, str], None]
 """progress(fraction 0..1, stage name), called by a backend from the worker thread."""
 
 
-class InfillCancelled(Exception):
-    """Raised by a backend that stopped because `should_stop()` became true."""
-
-
 @dataclass
-class InfillResult:
-    """Candidates (target track index -> notes in QN, one dict per candidate), timings in ms, and the
-    seed each candidate was drawn with (that seed and one candidate give it again)."""
+class BackendResult:
+    """What a backend's infill returns: candidates (target track index -> notes in QN, one dict per
+    candidate), timings in ms, and the seed each candidate was drawn with (that seed and one candidate
+    give it again)."""
 
     candidates: list[dict[int, list[Note]]]
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -75,9 +73,9 @@ class InfillBackend(Protocol):
     def describe(self) -> dict:
         """Model information for `hello` and `status`: at least `name`, `path` and `device`."""
 
-    def infill(self, request: InfillRequest, progress: ProgressCallback,
-               should_stop: Callable[[], bool]) -> InfillResult:
-        """Infill one request; poll should_stop() often and raise InfillCancelled when it is true."""
+    def infill(self, request: InfillRequest, progress: StageProgressCallback,
+               should_stop: Callable[[], bool]) -> BackendResult:
+        """Infill one request; poll should_stop() often and raise errors.InfillCancelled when it is true."""
 
 
 @dataclass(frozen=True)
@@ -471,7 +469,7 @@ class Daemon:
             "capabilities": list(protocol.MESSAGE_TYPES),
             "limits": {**self.limits.as_dict(), **schema.fixed_limits(), "queue_size": self.settings.queue_size,
                        "request_timeout_ms": self.settings.request_timeout_ms,
-                       "context_bars": protocol.CONTEXT_BARS},
+                       "context_bars": CONTEXT_BARS},
         }
 
     def _on_status(self, identity, envelope, warnings) -> dict:
@@ -613,7 +611,7 @@ class Daemon:
         else:
             self._succeed(job, outcome)
 
-    def _succeed(self, job: Job, result: InfillResult) -> None:
+    def _succeed(self, job: Job, result: BackendResult) -> None:
         request = job.request
         now_s = time.monotonic()
         candidates = [_clipped_candidate(c, request) for c in result.candidates]

@@ -22,7 +22,6 @@ from .errors import CMIError
 from .files import open_private, private_folder, remove_temporaries
 from .settings import Settings
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "default"
 LOG_FILE_BYTES = 1_000_000
 LOG_FILE_BACKUPS = 3
 DETACH_START_TIMEOUT_S = 120.0
@@ -148,7 +147,7 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
 
 def model_dir(settings: Settings) -> Path:
     """The model folder to load: --model / config, or the shipped default model."""
-    path = Path(settings.model).expanduser() if settings.model else DEFAULT_MODEL_DIR
+    path = Path(settings.model).expanduser() if settings.model else paths.DEFAULT_MODEL_DIR
     if not path.is_dir():
         if settings.model:
             raise CMIError(f"model folder {path} does not exist; pass a model bundle with --model DIR")

@@ -4,11 +4,11 @@ The simple dict (what tests and hand-made models use), loadable with torch.load(
     {"model_config": ModelConfig.to_dict(), "generator": RWKVGenerator state dict,
      "encoder": ContextEncoder state dict, "target_encoder": ContextEncoder state dict,
      "predictor": Predictor state dict, "training": optional dict copied into the manifest}
-training.train writes {"format": "cmi-train-1", "stage": "jepa" | "generator", "model_config",
-"train_config", "model": state dict, "step", ...}; a generator checkpoint is exported together
-with the stage-1 JEPA it was conditioned on (its train_config's jepa_dir, or --jepa): a stage-1
-output folder (its best.pt), a stage-1 checkpoint file, or a model bundle (whose JEPA a new
-generator can be trained against: `training.train --jepa cmi_daemon/models/default`).
+training.train writes the dict described in training.checkpoints ("format": CHECKPOINT_FORMAT); a
+generator checkpoint is exported together with the stage-1 JEPA it was conditioned on (its
+train_config's jepa_dir, or --jepa): a stage-1 output folder (its best.pt), a stage-1 checkpoint
+file, or a model bundle (whose JEPA a new generator can be trained against:
+`training.train --jepa cmi_daemon/models/default`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 
 from cmi_daemon.bundle import JEPA_WEIGHTS, MANIFEST_NAME, BundleError, fp32_weights, load_bundle
 from cmi_daemon.model.config import ModelConfig
+from training.checkpoints import CHECKPOINT_FORMAT
 
-TRAIN_CHECKPOINT_FORMAT = "cmi-train-1"
 SIMPLE_KEYS = ("model_config", "generator", "encoder", "target_encoder", "predictor")
 TRAINING_SUMMARY_KEYS = ("stage", "step", "examples_seen", "elapsed_s", "best_dev", "train_config", "tokenizer")
 """`tokenizer`: how the training shards were tokenized (training.batches.shard_tokenizer)."""
@@ -63,14 +63,14 @@ def read_checkpoint(path, jepa_path=None) -> Checkpoint:
     checkpoint = _load(path)
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(checkpoint).__name__}")
-    if checkpoint.get("format") == TRAIN_CHECKPOINT_FORMAT:
+    if checkpoint.get("format") == CHECKPOINT_FORMAT:
         return _read_train_checkpoint(path, checkpoint, jepa_path)
     missing = [key for key in SIMPLE_KEYS if key not in checkpoint]
     model_config = ModelConfig.from_dict(checkpoint["model_config"]) if "model_config" in checkpoint else None
     if model_config is not None and not model_config.generator.conditioned:
         missing = [key for key in missing if key == "generator"]
     if missing:
-        raise CheckpointError(f"{path}: neither a {TRAIN_CHECKPOINT_FORMAT} checkpoint nor the simple dict "
+        raise CheckpointError(f"{path}: neither a {CHECKPOINT_FORMAT} checkpoint nor the simple dict "
                               f"(missing {', '.join(missing)})")
     jepa = None
     if model_config.generator.conditioned:

@@ -127,7 +127,8 @@ class StandInBackend:
         return {"name": "stand-in", "path": "-", "device": "cpu"}
 
     def infill(self, request, progress, should_stop):
-        from cmi_daemon.server import InfillCancelled, InfillResult
+        from cmi_daemon.errors import InfillCancelled
+        from cmi_daemon.server import BackendResult
         from cmi_daemon.tokens import Note
 
         self.calls += 1
@@ -141,4 +142,4 @@ class StandInBackend:
         if self.fail:
             raise RuntimeError("stand-in failure")
         notes = {t: [Note(request.start_qn, 1.0, 60 + t, 100)] for t in request.target_tracks}
-        return InfillResult([notes] * request.options.candidates)
+        return BackendResult([notes] * request.options.candidates)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 
 from cmi_daemon.model import wkv_kernel
 from cmi_daemon.model.config import GeneratorConfig, preset
-from cmi_daemon.model.rwkv import RWKVGenerator, load_blinkdl_checkpoint, wkv_chunked, wkv_step
+from cmi_daemon.model.rwkv import RWKVGenerator, load_blinkdl_checkpoint, rwkv_package_model, wkv_chunked, wkv_step
 from cmi_daemon.vocab import FIRST_NOTE_ID, LAST_NOTE_ID, LAST_WAIT_ID, PUBLIC_VOCAB_SIZE, VOCAB_SIZE
 from conftest import FIXTURES, SHARED_DATA
 
@@ -195,11 +194,7 @@ def test_matches_the_rwkv_package(tmp_path: Path, monkeypatch):
     which alone moves its logits by ~1e-2; it is given the same bf16 values stored as fp32,
     so both sides compute in fp32 on identical weights.
     """
-    monkeypatch.setenv("RWKV_JIT_ON", "0")
-    monkeypatch.setenv("RWKV_CUDA_ON", "0")
-    monkeypatch.setenv("RWKV_RESCALE_LAYER", "999")  # the music models run without layer rescaling
-    rwkv_model = importlib.import_module("rwkv.model")
-
+    monkeypatch.setenv("RWKV_JIT_ON", "0")  # the package's plain torch path
     source = randomize_(RWKVGenerator(GeneratorConfig(n_layer=3, n_embd=64, ctx_len=256, conditioned=False)), 3)
     checkpoint = {name: (tensor[:PUBLIC_VOCAB_SIZE] if name in ("emb.weight", "head.weight") else tensor)
                   .to(torch.bfloat16).clone() for name, tensor in source.state_dict().items()}
@@ -207,11 +202,10 @@ def test_matches_the_rwkv_package(tmp_path: Path, monkeypatch):
     assert checkpoint["blocks.0.att.time_decay"].shape == (64,)
     assert checkpoint["blocks.0.ffn.key.weight"].shape == (256, 64)
     torch.save(checkpoint, tmp_path / "public_bf16.pth")
-    torch.save({name: tensor.float() for name, tensor in checkpoint.items()}, tmp_path / "public_fp32.pth")
 
     ours = load_blinkdl_checkpoint(tmp_path / "public_bf16.pth", ctx_len=256)
     assert ours.emb.weight.shape == (VOCAB_SIZE, 64) and ours.head.weight.shape == (VOCAB_SIZE, 64)
-    peer = rwkv_model.RWKV(str(tmp_path / "public_fp32.pth"), "cpu fp32", verbose=False)
+    peer = rwkv_package_model(checkpoint)
 
     token_ids = real_or_synthetic_tokens(300)
     with torch.no_grad():

@@ -27,8 +27,7 @@ from cmi_daemon.bench import BENCH_SONGS_DIR, cpu_model, latency_requests, song_
 from cmi_daemon.dil.learner import Learner
 from cmi_daemon.engine import Engine, InfillOptions
 from cmi_daemon.server import InteractionSignal
-from cmi_daemon.schema import InfillOptions as RequestOptions
-from cmi_daemon.schema import InfillRequest
+from cmi_daemon.schema import InfillRequest, InfillRequestOptions
 from cmi_daemon.tokens import read_midi
 from training.evaluate import target_tracks
 
@@ -41,7 +40,7 @@ def requests(songs_dir: Path, n_infills: int) -> list[InfillRequest]:
         song = read_midi(path)
         for index, (window, start_qn, end_qn) in enumerate(latency_requests(song, bar_lines_qn(song, path)[0], 2)):
             found.append(InfillRequest(f"{path.stem}:{index}", window, start_qn, end_qn, target_tracks(window),
-                                       RequestOptions(profile=PROFILE)))
+                                       InfillRequestOptions(profile=PROFILE)))
             if len(found) == n_infills:
                 return found
     return found

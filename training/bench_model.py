@@ -13,15 +13,13 @@ import argparse
 import os
 import platform
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
 from cmi_daemon.device import choose_device, flush_denormals_in_this_thread
 from cmi_daemon.model.config import preset
-from cmi_daemon.model.rwkv import RWKVGenerator
+from cmi_daemon.model.rwkv import RWKVGenerator, rwkv_package_model
 from cmi_daemon.vocab import FIRST_NOTE_ID, PUBLIC_VOCAB_SIZE
 from cmi_daemon.bench import cpu_model, fastest_s
 
@@ -69,15 +67,7 @@ def bench_decode(model, batch_size: int, n_tokens: int, device) -> float:
 
 def bench_rwkv_package(model, n_tokens: int) -> tuple[float, float]:
     """(decode tokens/s of rwkv.model.RWKV on the same weights, max |logit difference|)."""
-    os.environ.setdefault("RWKV_JIT_ON", "1")
-    os.environ["RWKV_CUDA_ON"] = "0"
-    os.environ["RWKV_RESCALE_LAYER"] = "999"
-    from rwkv.model import RWKV
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "same_weights.pth"
-        torch.save({name: tensor.float().cpu() for name, tensor in model.state_dict().items()}, path)
-        peer = RWKV(str(path), "cpu fp32", verbose=False)
+    peer = rwkv_package_model(model.state_dict())
     token_ids = torch.randint(FIRST_NOTE_ID, PUBLIC_VOCAB_SIZE, (n_tokens,)).tolist()
 
     def decode():

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from cmi_daemon import vocab
 from cmi_daemon.annotations import bar_lines_qn
+from cmi_daemon.controls import CONTEXT_BARS
 from cmi_daemon.errors import MidiFileError
 from cmi_daemon.files import write_bytes_atomic
 from cmi_daemon.regions import ilm_sequence
@@ -32,7 +33,6 @@ from cmi_daemon.tokens import Note, Song, read_midi
 from training import metrics
 from training.baselines import BASELINES, Blank, InfillSystem, notes_in_range
 
-CONTEXT_BARS = 8
 BLANK_WIDTHS_BARS = (2, 4)
 """Blank k of a song is BLANK_WIDTHS_BARS[k % 2] bars wide."""
 DEFAULT_BLANKS_PER_SONG = 4

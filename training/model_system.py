@@ -16,7 +16,7 @@ from cmi_daemon import vocab
 from cmi_daemon.bundle import load_torch_models
 from cmi_daemon.engine import Engine, InfillOptions
 from cmi_daemon.regions import Region, ilm_parts, jepa_sequence
-from cmi_daemon.schema import MAX_SEED
+from cmi_daemon.sampling import MAX_SEED
 from cmi_daemon.tokens import Note, Song
 from training.baselines import Blank
 

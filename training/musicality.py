@@ -36,13 +36,13 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from cmi_daemon.controls import CONTEXT_BARS
 from cmi_daemon.errors import CMIError
 from cmi_daemon.files import write_bytes_atomic
 from cmi_daemon.tokens import Note, Song, read_midi
 from training.baselines import Blank, RepeatPreviousBars, context_notes
 from training.evaluate import ground_truth_infill, masked_song
 
-CONTEXT_BARS = 8
 GRIDS_QN = (1.0, 0.5, 1 / 3, 0.25, 1 / 6, 0.125)
 """Quarter, 8th, 8th triplet, 16th, 16th triplet, 32nd: candidate grids, coarsest first."""
 GRID_TOLERANCE = 1 / 8

@@ -44,9 +44,9 @@ from cmi_daemon.vocab import PAD_ID
 from cmi_daemon.timeunit import TimeUnit
 from export.checkpoint import read_jepa
 from training.batches import BlankConfig, ExampleStream, TokenShard, micro_batch_indices
+from training.checkpoints import CHECKPOINT_FORMAT
 from training.losses import head_cross_entropy
 
-CHECKPOINT_FORMAT = "cmi-train-1"
 STAGES = ("jepa", "generator")
 
 

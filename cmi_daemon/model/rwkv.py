@@ -30,6 +30,9 @@ generator to learn to read in a short run.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -340,3 +343,22 @@ def load_blinkdl_checkpoint(path, conditioned: bool = False, cond_in_dim: int = 
         raise ValueError(f"{path} is not an RWKV-4 checkpoint in BlinkDL's layout: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
+
+
+def rwkv_package_model(weights: dict):
+    """BlinkDL's `rwkv` package (rwkv.model.RWKV, 'cpu fp32') running these generator weights
+    (BlinkDL's layout, as float32; the conditioning weights, which it has no place for, left out):
+    the reference the generator is checked and timed against. ImportError when the package is not
+    installed. The package reads its switches from the environment when rwkv.model is first
+    imported: its TorchScript path unless RWKV_JIT_ON says otherwise, never its CUDA kernel, and no
+    layer rescaling (the music models run without)."""
+    os.environ.setdefault("RWKV_JIT_ON", "1")
+    os.environ["RWKV_CUDA_ON"] = "0"
+    os.environ["RWKV_RESCALE_LAYER"] = "999"
+    from rwkv.model import RWKV
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "generator.pth"
+        torch.save({name: tensor.float().cpu() for name, tensor in weights.items() if not name.startswith("cond_")},
+                   path)
+        return RWKV(str(path), "cpu fp32", verbose=False)
