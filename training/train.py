@@ -98,7 +98,7 @@ PRESETS: dict[str, dict] = {
                   dev_examples=8, log_interval=1, cond_stats_examples=16, lr={"jepa": 1e-3, "generator": 3e-3}),
     "tiny": dict(model="tiny", ctx_len=256, batch_size=8, max_steps=1000, warmup_steps=20, eval_interval=100,
                  dev_examples=32, lr={"jepa": 1e-3, "generator": 2e-3}),
-    # The shipped default's size: JEPA and both generators train on a 2-core CPU in about 95 minutes (DEVELOPERS.md).
+    # The shipped default's size: JEPA and both generators train on a 2-core CPU in about 2 hours (the model card).
     "small": dict(model="small", ctx_len=1024, batch_size=4, max_steps=100_000, warmup_steps=30,
                   eval_interval=100, dev_examples=48, lr={"jepa": 5e-4, "generator": 1e-3}),
     # The paper: RWKV-4 560M, 4096-token sequences, batch 4 per GPU on 4 GPUs, lr 1e-6.
