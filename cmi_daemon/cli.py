@@ -29,8 +29,7 @@ def command_tokens(args) -> int:
     token_song = unit.token_song(song)
     encoding = tokenize(token_song)
     ids = encoding.ids
-    counts = Counter("wait" if vocab.is_wait(t) else
-                     ("note-on" if vocab.note_fields(t)[2] else "note-off") for t in ids)
+    counts = Counter("wait" if vocab.is_wait(t) else ("note-on" if vocab.is_note_on(t) else "note-off") for t in ids)
     first_ms = min((n.start_ms for n in encoding.notes), default=0.0)
     last_ms = max((n.start_ms + n.duration_ms for n in encoding.notes), default=0.0)
     duration_s = float(np.diff(song.tempo_map.ms_at(token_song.tempo_map.qn_at([first_ms, last_ms])))[0]) / 1000.0

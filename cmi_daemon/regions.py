@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -180,7 +180,7 @@ class Region:
         if any(vocab.is_note(t) for t in self.blank_ids):
             return len(self.blank_ids)
         context = self.prefix_ids + self.suffix_ids
-        context_steps = sum(vocab.wait_steps(t) for t in context)
+        context_steps = vocab.total_steps(context)
         if context_steps == 0:
             return max(1, len(self.blank_ids))
         n_events = sum(1 for t in context if vocab.is_note(t))
@@ -337,13 +337,20 @@ def answer_notes(song: Song, region: Region, answer_ids: Sequence[int],
     return result
 
 
-def apply_answer(song: Song, region: Region, answer_ids: Sequence[int]) -> Song:
-    """The song with the target tracks' notes starting inside the range replaced by the answer's."""
-    new_notes = answer_notes(song, region, answer_ids)
+def replace_notes_in_range(song: Song, start_qn: float, end_qn: float,
+                           new_notes: Mapping[int, Sequence[Sequence]]) -> Song:
+    """The song with the notes of each track in new_notes that start in [start_qn, end_qn) replaced
+    by its new notes (start_qn, duration_qn, pitch, velocity); an empty list only removes them.
+    Other tracks, and every note starting outside the range, are as they were."""
     tracks = []
     for index, track in enumerate(song.tracks):
         if index in new_notes:
-            kept = [n for n in track.notes if not region.start_qn <= n.start_qn < region.end_qn]
-            track = replace(track, notes=sorted(kept + new_notes[index]))
+            kept = [n for n in track.notes if not start_qn <= n.start_qn < end_qn]
+            track = replace(track, notes=sorted(kept + [Note(*n) for n in new_notes[index]]))
         tracks.append(track)
     return replace(song, tracks=tracks)
+
+
+def apply_answer(song: Song, region: Region, answer_ids: Sequence[int]) -> Song:
+    """The song with the target tracks' notes starting inside the range replaced by the answer's."""
+    return replace_notes_in_range(song, region.start_qn, region.end_qn, answer_notes(song, region, answer_ids))

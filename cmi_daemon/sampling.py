@@ -203,11 +203,10 @@ def requires_note(region: Region, constraints: Optional[dict[int, TrackConstrain
     if expected and None not in expected and sum(expected) < MIN_EXPECTED_NOTES:
         return False
     context = region.prefix_ids + region.suffix_ids
-    context_steps = sum(vocab.wait_steps(t) for t in context)
+    context_steps = vocab.total_steps(context)
     if context_steps == 0 or region.n_steps < 1:
         return False
-    n_notes = sum(1 for t in context if vocab.is_note(t) and vocab.note_fields(t)[2] > 0
-                  and vocab.note_bin(t) in region.target_bins)
+    n_notes = vocab.note_on_count(context, region.target_bins)
     return n_notes * region.n_steps / context_steps >= MIN_EXPECTED_NOTES
 
 
@@ -326,7 +325,7 @@ class AnswerState:
             while self.events and self.events[0][0] == self.clock:
                 _, token_id = self.events.popleft()
                 key = vocab.note_fields(token_id)[:2]
-                if vocab.note_fields(token_id)[2] and key in self.open_keys:
+                if vocab.is_note_on(token_id) and key in self.open_keys:
                     self.forced.append((vocab.note_id(*key, 0), False))
                 self.forced.append((token_id, True))
         if not self.forced and self.clock >= self.n_steps:

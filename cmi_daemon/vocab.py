@@ -1,4 +1,5 @@
-"""Token ids of the RWKV-4-MIDI vocabulary plus the three infilling tokens: all token arithmetic.
+"""Token ids of the RWKV-4-MIDI vocabulary plus the three infilling tokens: all token arithmetic,
+of one token and of token streams (note-ons, the steps a stream spans, its onset steps).
 
 Ids match the public MIDI-LLM-tokenizer vocabulary (20,096 ids) used by the RWKV-4 music
 checkpoints, followed by `<mask>`, `<sep>` and `<ans>` (docs: ../shared/docs/vocabulary.md).
@@ -125,6 +126,31 @@ def note_fields(token_id: int) -> tuple[int, int, int]:
 def note_bin(token_id: int) -> int:
     """Instrument bin of a note token."""
     return (token_id - NOTE_ID_OFFSET) // (N_PITCHES * N_VELOCITY_BINS)
+
+
+def is_note_on(token_id: int) -> bool:
+    """A note event with a velocity (bin 1..11); velocity bin 0 is a note-off."""
+    return is_note(token_id) and (token_id - NOTE_ID_OFFSET) % N_VELOCITY_BINS > 0
+
+
+def total_steps(token_ids) -> int:
+    """Wait steps a token stream spans: the sum of its waits."""
+    return sum(wait_steps(t) for t in token_ids)
+
+
+def note_on_count(token_ids, bins=None) -> int:
+    """Note-ons in a token stream; only those of the instrument bins in `bins` when it is given."""
+    return sum(1 for t in token_ids if is_note_on(t) and (bins is None or note_bin(t) in bins))
+
+
+def onset_steps(token_ids) -> list[int]:
+    """The steps (counted from the stream's start) at which note-ons start, each once, in order."""
+    steps, clock = [], 0
+    for token_id in token_ids:
+        clock += wait_steps(token_id)
+        if is_note_on(token_id) and (not steps or steps[-1] != clock):
+            steps.append(clock)
+    return steps
 
 
 def transposed_ids(token_ids, semitones: int, velocity_bin_shift: int = 0) -> np.ndarray:

@@ -12,8 +12,8 @@ import threading
 import pytest
 
 from cmi_daemon.bundle import load_bundle
-from cmi_daemon.dil.examples import piece, song_with_content
-from cmi_daemon.regions import region_in_window
+from cmi_daemon.dil.examples import piece
+from cmi_daemon.regions import region_in_window, replace_notes_in_range
 from cmi_daemon.server import SESSION_FIXED_BYTES, SESSION_NOTE_BYTES, session_song
 from cmi_daemon.paths import DEFAULT_MODEL_DIR
 from cmi_daemon.tokens import Note, read_midi
@@ -51,9 +51,9 @@ def test_the_piece_of_a_session_song_is_the_piece_of_the_request(path, window_to
         targets = (0,) if index % 2 else tuple(range(len(song.tracks)))
         content = _content(song, start_qn, end_qn, targets, index)
         kept = session_song(song, start_qn, end_qn, targets, window_tokens)
-        expected = piece(tokenizer.model_song(song_with_content(song, start_qn, end_qn, content)),
+        expected = piece(tokenizer.model_song(replace_notes_in_range(song, start_qn, end_qn, content)),
                          start_qn, end_qn, targets, window_tokens)
-        got = piece(tokenizer.model_song(song_with_content(kept, start_qn, end_qn, content)),
+        got = piece(tokenizer.model_song(replace_notes_in_range(kept, start_qn, end_qn, content)),
                     start_qn, end_qn, targets, window_tokens)
         assert got == expected, f"{path.name} [{start_qn:g}, {end_qn:g}) targets {targets}"
         trimmed_notes.append(sum(len(t.notes) for t in kept.tracks) / sum(len(t.notes) for t in song.tracks))

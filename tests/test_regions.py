@@ -14,7 +14,7 @@ from cmi_daemon.dil.examples import piece
 from cmi_daemon.engine import blank_positions
 from cmi_daemon.errors import RegionError
 from cmi_daemon.regions import (MAX_CONTEXT_GAP_STEPS, SongCutter, answer_notes, apply_answer, build_region, ilm_parts,
-                                 jepa_sequence)
+                                 jepa_sequence, replace_notes_in_range)
 from cmi_daemon.tempo import TempoMap
 from cmi_daemon.tokens import Note, Song, Track, ms_to_step, read_midi, tokenize
 from conftest import ALL_FIXTURES, POP909_FIXTURES, shared_data
@@ -278,3 +278,26 @@ def test_a_range_far_past_the_songs_end_costs_ten_waits_not_one_per_second(tmp_p
     assert trailing_waits == len(vocab.wait_ids(MAX_CONTEXT_GAP_STEPS)) == 10
     assert region.n_steps == round(4 * 60_000 / vocab.WAIT_STEP_MS)  # the blank itself keeps its length
     assert peak_bytes < 64 * 2 ** 20  # the silence was never written out (it would be 7.5e8 steps)
+
+
+def test_replacing_a_ranges_notes_changes_only_the_named_tracks_notes_that_start_in_it():
+    """Bars 9-12 of a POP909 song: the melody's notes starting there become two new notes, the
+    piano's are removed, the bridge is not named; everything else is as it was, the song untouched."""
+    song = read_midi(POP909_FIXTURES[0])
+    before = [list(track.notes) for track in song.tracks]
+    start_qn, end_qn = song.meter.bar_range_qn(9, 12)
+    new = [Note(start_qn + 0.5, 1.0, 72, 90), (start_qn, 30.0, 60, 64)]  # any 4-sequence; may sound past the end
+    melody, bridge, piano = 0, 1, 2
+    assert [t.name for t in song.tracks] == ["MELODY", "BRIDGE", "PIANO"]
+    replaced = replace_notes_in_range(song, start_qn, end_qn, {melody: new, piano: []})
+    inside = lambda n: start_qn <= n.start_qn < end_qn
+    assert [list(track.notes) for track in song.tracks] == before
+    assert all(any(inside(n) for n in notes) for notes in before), "every track plays in the range"
+    assert replaced.tracks[bridge] is song.tracks[bridge]
+    for index in (melody, piano):
+        assert [n for n in replaced.tracks[index].notes if not inside(n)] == [n for n in before[index] if not inside(n)]
+    assert [n for n in replaced.tracks[melody].notes if inside(n)] == [Note(start_qn, 30.0, 60, 64), new[0]]
+    assert not [n for n in replaced.tracks[piano].notes if inside(n)]
+    assert all(type(n) is Note for n in replaced.tracks[melody].notes)
+    assert replaced.tracks[melody].notes == sorted(replaced.tracks[melody].notes)
+    assert (replaced.tempo_map, replaced.meter, replaced.ticks_per_qn) == (song.tempo_map, song.meter, song.ticks_per_qn)

@@ -1,8 +1,13 @@
-"""The vocabulary's ids are exactly the public RWKV-4-MIDI ids plus the three infilling tokens."""
+"""The vocabulary's ids are exactly the public RWKV-4-MIDI ids plus the three infilling tokens; its
+stream helpers agree with the decoder on real songs."""
+
+from dataclasses import replace
 
 import pytest
 
 from cmi_daemon import vocab
+from cmi_daemon.tokens import decode_ids, read_midi, tokenize
+from conftest import GROOVE_FIXTURES, POP909_FIXTURES
 
 
 def test_sizes_and_special_ids():
@@ -61,3 +66,38 @@ def test_bad_text_is_refused():
     for text in ("x:1:1", "pi:80:1", "pi:3c:c", "t0", "t126", "<nope>"):
         with pytest.raises(ValueError):
             vocab.text_token(text)
+
+
+def test_a_note_on_is_a_note_event_with_a_velocity():
+    for token_id in range(vocab.VOCAB_SIZE):
+        expected = vocab.is_note(token_id) and vocab.note_fields(token_id)[2] > 0
+        assert vocab.is_note_on(token_id) == expected, vocab.token_text(token_id)
+
+
+@pytest.mark.parametrize("path", POP909_FIXTURES[:2] + GROOVE_FIXTURES[:1], ids=lambda p: p.stem)
+@pytest.mark.parametrize("lead_steps", [0, 300])
+def test_stream_helpers_agree_with_the_decoded_notes_of_a_real_song(path, lead_steps):
+    """Steps spanned, onset steps and note-on counts of a song's tokens (after lead_steps of waits)
+    are those of the notes the decoder reads back from the same tokens."""
+    ids = vocab.wait_ids(lead_steps) + tokenize(read_midi(path)).ids
+    notes = decode_ids(ids)
+    step = lambda ms: round(ms / vocab.WAIT_STEP_MS)
+    assert vocab.total_steps(ids) == max(step(n.start_ms + n.duration_ms) for n in notes)
+    assert vocab.onset_steps(ids) == sorted({step(n.start_ms) for n in notes})
+    assert vocab.onset_steps(ids)[0] == lead_steps
+    assert vocab.note_on_count(ids) == len(notes)
+
+
+def test_note_ons_are_counted_per_bin():
+    """A POP909 song whose melody is played on the flute bin: counted per bin, its notes and the others'."""
+    song = read_midi(POP909_FIXTURES[0])
+    song.tracks[0] = replace(song.tracks[0], program=73)
+    ids = tokenize(song).ids
+    notes = decode_ids(ids)
+    flute = vocab.program_to_bin(73, False)
+    on_flute = sum(n.instrument_bin == flute for n in notes)
+    assert 0 < on_flute < len(notes)
+    assert vocab.note_on_count(ids, {flute}) == on_flute
+    assert vocab.note_on_count(ids, {flute: "a dict's keys"}) == on_flute
+    assert vocab.note_on_count(ids, {flute, vocab.program_to_bin(0, False)}) == len(notes)
+    assert vocab.note_on_count(ids, set()) == 0

@@ -117,18 +117,13 @@ def time_aligned_span(window: Sequence[int], rng: np.random.Generator, config: B
     """A blank from a note onset lasting min..max_blank_qn in the window's time unit (capped at
     max_span_fraction of the window's duration); None when the window is too short in time or
     would have no context."""
-    total_steps = sum(vocab.wait_steps(t) for t in window)
+    total_steps = vocab.total_steps(window)
     shortest_steps = max(1, round(config.min_blank_qn * unit.nominal_steps_per_qn))
     longest_steps = min(round(config.max_blank_qn * unit.nominal_steps_per_qn),
                         math.floor(config.max_span_fraction * total_steps))
     if longest_steps < shortest_steps:
         return None
-    onset_steps, clock = [], 0
-    for token_id in window:
-        clock += vocab.wait_steps(token_id)
-        if vocab.is_note(token_id) and vocab.note_fields(token_id)[2] > 0 \
-                and (not onset_steps or onset_steps[-1] != clock) and clock + shortest_steps <= total_steps:
-            onset_steps.append(clock)
+    onset_steps = [step for step in vocab.onset_steps(window) if step + shortest_steps <= total_steps]
     if not onset_steps:
         return None
     start_step = onset_steps[int(rng.integers(len(onset_steps)))]

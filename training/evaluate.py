@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import zlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -28,7 +28,7 @@ from cmi_daemon.annotations import bar_lines_qn
 from cmi_daemon.controls import CONTEXT_BARS
 from cmi_daemon.errors import MidiFileError
 from cmi_daemon.files import write_bytes_atomic
-from cmi_daemon.regions import ilm_sequence
+from cmi_daemon.regions import ilm_sequence, replace_notes_in_range
 from cmi_daemon.tokens import Note, Song, read_midi
 from training import metrics
 from training.baselines import BASELINES, Blank, InfillSystem, notes_in_range
@@ -122,10 +122,7 @@ def choose_blanks(song: Song, song_id: str, lines_qn: Sequence[float], targets: 
 
 def masked_song(song: Song, blank: Blank, targets: Sequence[int]) -> Song:
     """The song without the target tracks' notes that start inside the blank: what systems see."""
-    tracks = [track if index not in targets else
-              replace(track, notes=[n for n in track.notes if not blank.start_qn <= n.start_qn < blank.end_qn])
-              for index, track in enumerate(song.tracks)]
-    return replace(song, tracks=tracks)
+    return replace_notes_in_range(song, blank.start_qn, blank.end_qn, {index: [] for index in targets})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +179,7 @@ def blank_nll_bits(system, song: Song, blank: Blank, targets: Sequence[int]) -> 
     region = system.region(song, blank.start_qn, blank.end_qn, targets)
     sequence = ilm_sequence(region.prefix_ids, region.suffix_ids, region.blank_ids)
     ilm_ids, answer_start = sequence.ids, sequence.answer_start
-    n_notes = sum(1 for t in region.blank_ids if vocab.is_note(t) and vocab.note_fields(t)[2] > 0)
+    n_notes = vocab.note_on_count(region.blank_ids)
     per_token, per_note = metrics.nll_bits(system.logprob_fn, ilm_ids, answer_start, n_notes)
     values = {"bits_per_token": per_token, "bits_per_note": per_note}
     if getattr(system, "conditioned", False):

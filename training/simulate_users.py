@@ -50,12 +50,12 @@ from cmi_daemon.bench import window_song
 from cmi_daemon.bundle import load_torch_jepa
 from cmi_daemon.dil.adapter import ProfileModel
 from cmi_daemon.dil.settings import DILSettings
-from cmi_daemon.dil.examples import neutral_span, piece, song_with_content
+from cmi_daemon.dil.examples import neutral_span, piece
 from cmi_daemon.dil.learner import served_initializers, trainable_keys
 from cmi_daemon.engine import Engine, InfillOptions
 from cmi_daemon.errors import CMIError
 from cmi_daemon.files import write_bytes_atomic
-from cmi_daemon.regions import JEPASequence
+from cmi_daemon.regions import JEPASequence, replace_notes_in_range
 from cmi_daemon.tokens import Song, read_midi
 from training import metrics
 from training.baselines import Blank
@@ -162,7 +162,7 @@ class SimulatedSystem:
 
 
 def case_piece(case: Case, content: dict, window: int) -> JEPASequence:
-    song = song_with_content(case.song, case.blank.start_qn, case.blank.end_qn, content)
+    song = replace_notes_in_range(case.song, case.blank.start_qn, case.blank.end_qn, content)
     return piece(song, case.blank.start_qn, case.blank.end_qn, case.targets, window)
 
 

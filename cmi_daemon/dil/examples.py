@@ -1,7 +1,8 @@
 """What an interaction signal means in token space.
 
 A piece "with content C in the range" is the request's song whose target tracks' notes starting
-inside [start_qn, end_qn) are replaced by C (a candidate the daemon returned). Its JEPA sequence is
+inside [start_qn, end_qn) are replaced by C (a candidate the daemon returned;
+regions.replace_notes_in_range). Its JEPA sequence is
 prefix + blank + suffix (regions.jepa_sequence of the region bounded to the model's window); the
 blank's positions are the unsatisfied span. A neutral span is a random stretch of the same length
 inside the context (before or after the blank).
@@ -9,24 +10,12 @@ inside the context (before or after the blank).
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Optional, Sequence
 
 import numpy as np
 
 from ..regions import JEPASequence, jepa_sequence, region_in_window
-from ..tokens import Note, Song
-
-
-def song_with_content(song: Song, start_qn: float, end_qn: float, content: dict[int, Sequence[Note]]) -> Song:
-    """The song with each content track's notes starting in [start_qn, end_qn) replaced by content's."""
-    tracks = []
-    for index, track in enumerate(song.tracks):
-        if index in content:
-            kept = [n for n in track.notes if not start_qn <= n.start_qn < end_qn]
-            track = replace(track, notes=sorted(kept + [Note(*n) for n in content[index]]))
-        tracks.append(track)
-    return replace(song, tracks=tracks)
+from ..tokens import Song
 
 
 def piece(song: Song, start_qn: float, end_qn: float, target_tracks: Sequence[int],

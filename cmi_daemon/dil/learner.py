@@ -33,9 +33,9 @@ import torch
 from ..bundle import JEPA_WEIGHTS, load_torch_jepa
 from ..device import choose_device, flush_denormals_in_this_thread
 from ..model.jepa import JEPA
-from ..regions import JEPASequence
+from ..regions import JEPASequence, replace_notes_in_range
 from .adapter import TRAINED_MODULES, ProfileModel, graph_weight_key, graph_weights
-from .examples import neutral_span, piece, song_with_content
+from .examples import neutral_span, piece
 from .settings import DILSettings
 from .store import ProfileStore
 
@@ -227,7 +227,7 @@ class Learner:
 
     def _piece(self, request, content: dict) -> JEPASequence:
         song = self.engine.bundle.tokenizer.model_song(
-            song_with_content(request.song, request.start_qn, request.end_qn, content))
+            replace_notes_in_range(request.song, request.start_qn, request.end_qn, content))
         return piece(song, request.start_qn, request.end_qn, request.target_tracks, self.window_tokens)
 
     def _iteration_steps(self, signal, content: dict, model: ProfileModel) -> tuple[str, list[dict]]:
