@@ -18,13 +18,16 @@ after its parameter (export.weights then points it into the safetensors files) a
 derived from a weight (a transpose, -exp(time_decay)) is baked into a graph; ONNX Runtime
 folds those at session creation. The encoder's and predictor's sinusoidal position tables are
 computed in the graph too (Range, Mul, Sin, Cos), instead of being stored as a constant of
-max_len x width floats.
+max_len x width floats. The encoder and predictor are traced with their attention computed one
+head at a time (model.jepa.attention_one_head_at_a_time), so ONNX Runtime holds one head's
+(B, N, N) scores at a time, not all heads' at once.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +38,7 @@ import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
 from cmi_daemon.bundle import PREFILL_CHUNK_TOKENS
-from cmi_daemon.model.jepa import ContextEncoder, Predictor, conditioning_vector, sinusoid_table
+from cmi_daemon.model.jepa import ContextEncoder, Predictor, SelfAttention, conditioning_vector, sinusoid_table
 from cmi_daemon.model.rwkv import WKV_CHUNK_LEN, RWKVGenerator
 
 ONNX_OPSET = 17
@@ -77,6 +80,19 @@ class PredictorGraph(nn.Module):
     def forward(self, context_repr, context_positions, context_valid, target_positions, target_valid):
         predicted = self.predictor(context_repr, context_positions, context_valid, target_positions, target_valid)
         return conditioning_vector(predicted, target_valid)
+
+
+@contextmanager
+def heads_one_at_a_time(*modules: nn.Module):
+    """The modules' SelfAttention layers attend one head at a time inside the block."""
+    layers = [layer for module in modules for layer in module.modules() if isinstance(layer, SelfAttention)]
+    for layer in layers:
+        layer.one_head_at_a_time = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.one_head_at_a_time = False
 
 
 def _export(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_axes) -> None:
@@ -181,7 +197,7 @@ def export_jepa_graphs(encoder: ContextEncoder, predictor: Predictor, encoder_pa
     n_context, n_target, width = 7, 3, encoder.config.n_embd
     positions = torch.arange(n_context)[None]
     valid = torch.ones(1, n_context, dtype=torch.bool)
-    with torch.no_grad():
+    with torch.no_grad(), heads_one_at_a_time(encoder, predictor):
         _export(encoder, (torch.full((1, n_context), 300), positions, valid), encoder_path,
                 ("token_ids", "positions", "valid"), ("representations",),
                 {"token_ids": {0: "batch", 1: "n_context"}, "positions": {0: "batch", 1: "n_context"},

@@ -1,10 +1,14 @@
 """Model bundles: every weight is stored once as fp16 and the ONNX graphs read it from the safetensors
-files; the graphs agree with the torch model on real tokens; broken bundles are refused."""
+files; the graphs agree with the torch model on real tokens; the JEPA graphs' memory at full windows
+is bounded; broken bundles are refused."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import shutil
+import sys
 
 import numpy as np
 import onnx
@@ -20,14 +24,24 @@ from cmi_daemon.engine import Engine, blank_positions
 from cmi_daemon.model.config import preset
 from cmi_daemon.model.jepa import JEPA
 from cmi_daemon.model.rwkv import RWKVGenerator
+from cmi_daemon.offline import default_model_dir
 from cmi_daemon.tokens import read_midi
 from conftest import POP909_FIXTURES
+from daemon_support import process_rss_bytes
 from export.__main__ import main as export_main
 from export.bundle import GRAPH_WEIGHT_LINKS
 from export.weights import FP16_INITIALIZER_SUFFIX
 from tiny_bundle import randomized, tiny_bundle_dir
 
 TOLERANCE = 1e-4
+JEPA_TOLERANCE = 1e-5
+FULL_WINDOW_BARS = (20, 30)
+FULL_WINDOW_FRACTION = 0.95
+"""One-bar blanks of the POP909 fixtures whose context fills at least this share of the default model's window."""
+FULL_WINDOW_CONDITIONING_MIB = 40
+"""What conditioning at full windows may add to a process's memory with the default model: measured 11 MiB
+(ONNX Runtime's arena for the encoder and predictor), and 179 MiB while the graphs held all heads'
+(B, heads, N, N) scores at once and the sessions kept a memory pattern per input shape."""
 MAX_INLINE_TENSOR_BYTES = 4096
 """The largest constant a graph may hold itself (the traced code's small masks, shapes and indices)."""
 
@@ -122,7 +136,22 @@ def test_prefill_agrees_with_torch_and_with_stepping(engine, region):
     assert np.allclose(step_state, state, rtol=TOLERANCE, atol=TOLERANCE)
 
 
-def test_encoder_and_predictor_graphs_agree_with_torch(engine, region):
+def full_window_regions(engine: Engine) -> list:
+    """Regions of one-bar blanks of the POP909 fixtures, each with a full window of context."""
+    regions = []
+    for path in POP909_FIXTURES:
+        song = read_midi(path)
+        for bar in FULL_WINDOW_BARS:
+            region = engine.region(song, *song.meter.bar_range_qn(bar, bar), [0])
+            assert len(region.prefix_ids) + len(region.suffix_ids) >= (
+                FULL_WINDOW_FRACTION * engine.bundle.tokenizer.context_tokens), f"{path.name} bar {bar}"
+            regions.append(region)
+    return regions
+
+
+def jepa_graph_errors(engine: Engine, region) -> tuple[float, float]:
+    """Largest differences of the encoder graph's representations and of the engine's conditioning
+    vector from the torch JEPA's (training's fused attention) for the region."""
     _, jepa = load_torch_models(engine.bundle)
     n_blank = region.expected_answer_tokens()
     context_ids, context_positions, _ = blank_positions(region, n_blank)
@@ -136,8 +165,36 @@ def test_encoder_and_predictor_graphs_agree_with_torch(engine, region):
         target_mask = torch.zeros_like(token_ids, dtype=torch.bool)
         target_mask[0, len(region.prefix_ids):len(region.prefix_ids) + n_blank] = True
         torch_cond = jepa.conditioning(token_ids, ~target_mask, target_mask)
-    assert np.abs(representations - torch_representations.numpy()).max() <= TOLERANCE
-    assert np.abs(engine.conditioning(region, n_blank) - torch_cond.numpy()).max() <= TOLERANCE
+    return (float(np.abs(representations - torch_representations.numpy()).max()),
+            float(np.abs(engine.conditioning(region, n_blank) - torch_cond.numpy()).max()))
+
+
+def test_encoder_and_predictor_graphs_agree_with_torch(engine, region):
+    assert max(jepa_graph_errors(engine, region)) <= JEPA_TOLERANCE
+
+
+def test_the_default_models_jepa_graphs_agree_with_torch_at_full_windows():
+    engine = Engine(default_model_dir())
+    for region in full_window_regions(engine):
+        assert max(jepa_graph_errors(engine, region)) <= JEPA_TOLERANCE
+
+
+def conditioning_rise_mib() -> float:
+    """Run in a fresh process: how much conditioning twice at each full window adds to its resident memory
+    once the default model's engine is built."""
+    engine = Engine(default_model_dir())
+    regions = full_window_regions(engine)
+    before = process_rss_bytes(os.getpid())
+    for region in regions + regions:  # a shape's second run is where a memory pattern is allocated
+        engine.conditioning(region, region.expected_answer_tokens())
+    return (process_rss_bytes(os.getpid()) - before) / 2 ** 20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process's RSS from /proc")
+def test_conditioning_at_full_windows_costs_little_memory():
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        rise_mib = pool.apply(conditioning_rise_mib)
+    assert rise_mib < FULL_WINDOW_CONDITIONING_MIB
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""JEPA: context isolation, padding, EMA, loss that learns, conditioning vector; configs; device."""
+"""JEPA: context isolation, padding, EMA, loss that learns, conditioning vector, the exported graphs'
+attention against training's; configs; device."""
 
 from __future__ import annotations
 
@@ -7,10 +8,17 @@ import json
 import pytest
 import torch
 
+from cmi_daemon.bundle import load_bundle, load_torch_jepa
 from cmi_daemon.device import choose_device
 from cmi_daemon.model.config import ModelConfig, preset
-from cmi_daemon.model.jepa import JEPA, conditioning_vector, ema_momentum, gather_positions
+from cmi_daemon.model.jepa import JEPA, SelfAttention, conditioning_vector, ema_momentum, gather_positions
+from cmi_daemon.offline import default_model_dir
+from cmi_daemon.tokens import read_midi, tokenize
 from cmi_daemon.vocab import FIRST_NOTE_ID, PAD_ID, PUBLIC_VOCAB_SIZE
+from conftest import POP909_FIXTURES
+from export.graphs import heads_one_at_a_time
+
+EXPORTED_ATTENTION_TOLERANCE = 1e-5
 
 
 def tiny_jepa(seed: int = 0) -> JEPA:
@@ -71,6 +79,33 @@ def test_conditioning_vector_is_the_mean_over_the_blank():
     assert torch.allclose(cond, predicted.mean(dim=1), atol=1e-6)
     half_valid = torch.tensor([[True] * 5 + [False] * 10] * 2)
     assert torch.allclose(conditioning_vector(predicted, half_valid), predicted[:, :5].mean(dim=1), atol=1e-6)
+
+
+def test_the_exported_graphs_attention_one_head_at_a_time_is_trainings_fused_attention():
+    """The default model on a real song's tokens: rows of 900 and 500 tokens (padding) with a blank
+    each, and a row with no context at all (it attends to everything); encodings and predictions
+    with the heads one at a time (as exported) match torch's fused attention."""
+    bundle = load_bundle(default_model_dir())
+    jepa = load_torch_jepa(bundle)
+    song_ids = tokenize(bundle.tokenizer.model_song(read_midi(POP909_FIXTURES[0]))).ids
+    rows = ((song_ids[1000:1900], (400, 450)), (song_ids[3000:3500], (100, 300)), (song_ids[:200], (0, 200)))
+    token_ids = torch.full((len(rows), 900), PAD_ID)
+    target_mask = torch.zeros_like(token_ids, dtype=torch.bool)
+    for row, (ids, (blank_start, blank_end)) in enumerate(rows):
+        token_ids[row, :len(ids)] = torch.tensor(ids)
+        target_mask[row, blank_start:blank_end] = True
+    context_mask = ~target_mask & (token_ids != PAD_ID)
+    exported = (jepa.context_encoder, jepa.predictor)
+    layers = [layer for module in exported for layer in module.modules() if isinstance(layer, SelfAttention)]
+    with torch.no_grad():
+        fused = jepa.encode_context(token_ids, context_mask)[0], jepa.predict(token_ids, context_mask, target_mask)[0]
+        with heads_one_at_a_time(*exported):
+            assert layers and all(layer.one_head_at_a_time for layer in layers)
+            one_at_a_time = (jepa.encode_context(token_ids, context_mask)[0],
+                             jepa.predict(token_ids, context_mask, target_mask)[0])
+    assert not any(layer.one_head_at_a_time for layer in layers)
+    for expected, got in zip(fused, one_at_a_time):
+        assert float((got - expected).abs().max()) <= EXPORTED_ATTENTION_TOLERANCE
 
 
 def test_gather_positions_pads_ragged_rows():

@@ -10,6 +10,12 @@ Shapes: B sequences of N tokens; E = encoder width; positions index into the ful
   context encoder by EMA.
 - The generator's conditioning vector is the mean of predictor outputs over the blank.
 Padding is PAD_ID and never attended to.
+
+Attention is torch's fused scaled_dot_product_attention, except in the exported graphs, which
+compute it one head at a time (SelfAttention.one_head_at_a_time): traced to ONNX, the fused
+call becomes (B, heads, N, N) float scores and their copies (mask added, softmax), which held
+120-190 MiB of ONNX Runtime's arena at a full window of the default model; head by head, ONNX
+Runtime reuses one head's buffers for the next (11-35 MiB).
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ class SelfAttention(nn.Module):
         self.n_head = n_head
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.one_head_at_a_time = False
+        """Attend with attention_one_head_at_a_time instead of the fused kernel (set while exporting)."""
 
     def forward(self, x, key_valid):
         """x (B, N, D); key_valid (B, N) bool: which tokens may be attended to."""
@@ -53,8 +61,22 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(b, n, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
         # A sequence with no valid token at all attends to everything instead of producing NaN.
         key_valid = key_valid | ~key_valid.any(dim=1, keepdim=True)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid[:, None, None, :])
+        if self.one_head_at_a_time:
+            y = attention_one_head_at_a_time(q, k, v, key_valid)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid[:, None, None, :])
         return self.proj(y.transpose(1, 2).reshape(b, n, d))
+
+
+def attention_one_head_at_a_time(q, k, v, key_valid):
+    """scaled_dot_product_attention(q, k, v, attn_mask=key_valid[:, None, None, :]) for q, k, v
+    (B, H, N, d) and key_valid (B, N) with a valid key in every row, each head's (B, N, N) scores
+    computed, softmaxed and applied to its values before the next head's."""
+    masked = torch.zeros_like(key_valid, dtype=q.dtype).masked_fill(~key_valid, float("-inf"))[:, None, :]
+    scale = q.shape[-1] ** -0.5
+    heads = [torch.softmax((q[:, head] * scale) @ k[:, head].transpose(1, 2) + masked, dim=-1) @ v[:, head]
+             for head in range(q.shape[1])]
+    return torch.stack(heads, dim=1)
 
 
 class MLP(nn.Module):
