@@ -14,8 +14,8 @@ Padding is PAD_ID and never attended to.
 Attention is torch's fused scaled_dot_product_attention, except in the exported graphs, which
 compute it one head at a time (SelfAttention.one_head_at_a_time): traced to ONNX, the fused
 call becomes (B, heads, N, N) float scores and their copies (mask added, softmax), which held
-120-190 MiB of ONNX Runtime's arena at a full window of the default model; head by head, ONNX
-Runtime reuses one head's buffers for the next (11-35 MiB).
+120-188 MiB of ONNX Runtime's arena at full windows of the default model; head by head, ONNX
+Runtime reuses one head's buffers for the next (13 MiB; docs/measurements.md).
 """
 
 from __future__ import annotations
