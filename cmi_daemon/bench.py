@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import onnxruntime as ort
+import psutil
 
 from .annotations import bar_lines_qn
 from .controls import CONTEXT_BARS
@@ -58,12 +59,12 @@ def fastest_s(function: Callable[[], object], repeats: int) -> float:
 
 
 def peak_rss_mb() -> float:
-    """Resident-memory high-water mark of this process (ru_maxrss is KB on Linux, bytes on macOS);
-    NaN on Windows, which has no `resource` module."""
+    """Resident-memory high-water mark of this process: ru_maxrss (KB on Linux, bytes on macOS), or
+    psutil's peak working set on Windows, which has no `resource` module."""
     try:
         import resource
     except ImportError:
-        return float("nan")
+        return psutil.Process().memory_info().peak_wset / (1024 * 1024)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 

@@ -1,7 +1,8 @@
 """Python client of the CMI daemon (docs/protocol.md): finds it through the connection file, signs, waits.
 
-Dependency-light on purpose (pyzmq, msgpack, the standard library): the REAPER bridge runs it
-inside the DAW's Python. One DaemonClient per thread.
+Dependency-light on purpose (pyzmq, msgpack, the standard library, and psutil once it checks that
+the daemon's process runs): the REAPER bridge runs it inside the DAW's Python. One DaemonClient per
+thread.
 """
 
 from __future__ import annotations

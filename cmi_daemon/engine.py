@@ -13,17 +13,16 @@ several) may share an engine.
 
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import onnxruntime as ort
+import psutil
 from safetensors import safe_open
 
 from . import vocab
@@ -117,24 +116,12 @@ def default_intra_op_threads() -> int:
 
 
 def physical_cores() -> int:
-    """Physical CPU cores this process may use (hyper-threads do not speed up matrix products)."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        cores = set()
-        physical_id = core_id = None
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("physical id"):
-                physical_id = line.split(":")[1].strip()
-            elif line.startswith("core id"):
-                core_id = line.split(":")[1].strip()
-            elif not line.strip() and core_id is not None:
-                cores.add((physical_id, core_id))
-                core_id = None
-        if core_id is not None:
-            cores.add((physical_id, core_id))
-    except OSError:
-        cores = set()
-    return max(1, min(usable, len(cores) or usable))
+    """Physical CPU cores this process may use (hyper-threads do not speed up matrix products): the
+    machine's physical cores, at most the logical CPUs the process may run on (its affinity, where
+    the platform has one), at least 1."""
+    process = psutil.Process()
+    usable = len(process.cpu_affinity()) if hasattr(process, "cpu_affinity") else (psutil.cpu_count() or 1)
+    return max(1, min(usable, psutil.cpu_count(logical=False) or usable))
 
 
 def session_options(intra_op_threads: int) -> ort.SessionOptions:

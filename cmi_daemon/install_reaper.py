@@ -14,11 +14,12 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 from typing import Callable, Optional
+
+import psutil
 
 from .errors import CMIError
 from .files import write_bytes_atomic
@@ -70,14 +71,15 @@ def python_library() -> Path:
 
 
 def import_paths() -> list[str]:
-    """Folders REAPER's Python needs on sys.path to import cmi_daemon.client, pyzmq, msgpack and appdirs."""
+    """Folders REAPER's Python needs on sys.path to import cmi_daemon.client, pyzmq, msgpack, psutil
+    and appdirs."""
     import appdirs
     import msgpack
     import zmq
 
     folders = [Path(__file__).resolve().parent.parent, Path(sysconfig.get_paths()["purelib"]),
                Path(sysconfig.get_paths()["platlib"])]
-    folders += [Path(module.__file__).resolve().parent.parent for module in (zmq, msgpack)]
+    folders += [Path(module.__file__).resolve().parent.parent for module in (zmq, msgpack, psutil)]
     folders.append(Path(appdirs.__file__).resolve().parent)
     unique: list[str] = []
     for folder in folders:
@@ -87,23 +89,8 @@ def import_paths() -> list[str]:
 
 
 def is_reaper_running() -> bool:
-    """Whether a process named reaper runs (by /proc on Linux, ps on macOS, tasklist on Windows)."""
-    if os.name == "nt":
-        listing = subprocess.run(["tasklist", "/FI", "IMAGENAME eq reaper.exe", "/NH"],
-                                 capture_output=True, text=True, check=False).stdout
-        return "reaper.exe" in listing.lower()
-    proc = Path("/proc")
-    if proc.is_dir():
-        names = []
-        for comm in proc.glob("[0-9]*/comm"):
-            try:
-                names.append(comm.read_text().strip())
-            except OSError:
-                continue
-    else:
-        listing = subprocess.run(["ps", "-axo", "comm="], capture_output=True, text=True, check=False).stdout
-        names = [os.path.basename(line.strip()) for line in listing.splitlines()]
-    return any(name.lower() in PROCESS_NAMES for name in names)
+    """Whether a process named reaper (REAPER on macOS, reaper.exe on Windows) runs, any user's."""
+    return any((process.info["name"] or "").lower() in PROCESS_NAMES for process in psutil.process_iter(["name"]))
 
 
 # ----- reaper.ini, edited line by line so everything else stays byte for byte -----

@@ -1,7 +1,8 @@
-"""Where the daemon keeps its files (appdirs, or everything under $CMI_HOME) and the connection file.
+"""Where the daemon keeps its files (appdirs, or everything under $CMI_HOME), the connection file,
+and whether the process it names runs (psutil).
 
-Imports appdirs only when a default folder is needed, so a client given an explicit connection
-file needs nothing beyond pyzmq and msgpack.
+Imports appdirs only when a default folder is needed and psutil only when a process is looked at,
+so importing the client needs nothing beyond pyzmq and msgpack.
 """
 
 from __future__ import annotations
@@ -122,24 +123,15 @@ def read_connection_file(path: Path) -> dict:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this id is running (it may belong to another user). Zombies count
-    as dead; on Windows, where signal 0 would end the process, every positive id counts as alive."""
+    """Whether a process with this id is running (it may belong to another user, whose process's
+    state we may not read: alive). Zombies, ended but not yet reaped, count as dead."""
+    import psutil
+
     if pid <= 0:
         return False
-    if os.name == "nt":
-        return True
-    status = Path(f"/proc/{pid}/status")
-    if status.exists():
-        try:
-            return "\nState:\tZ" not in status.read_text()
-        except OSError:
-            return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # ZombieProcess included, where the platform raises it
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    except OSError:
-        return False
-    return True

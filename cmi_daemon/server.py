@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
+import psutil
 import zmq
 
 from . import __version__, protocol, schema
@@ -766,9 +767,8 @@ def _candidate_content(candidate: dict[int, list[Note]], targets: tuple[int, ...
 
 
 def resident_memory_bytes() -> Optional[int]:
-    """Current resident set size of this process, where the platform tells it (Linux /proc)."""
+    """Current resident set size of this process (psutil); None where the platform will not tell."""
     try:
-        with open("/proc/self/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError, AttributeError):
+        return int(psutil.Process().memory_info().rss)
+    except psutil.Error:
         return None

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+import psutil
+
 from cmi_daemon import paths
 from cmi_daemon.client import DaemonClient
 from cmi_daemon.server import Daemon
@@ -106,11 +108,11 @@ def client_for(home: Path, timeout_ms: int = 30_000) -> DaemonClient:
 
 
 def process_rss_bytes(pid: int) -> Optional[int]:
+    """Resident set size of a running process (psutil); None once it has ended."""
     try:
-        fields = Path(f"/proc/{pid}/statm").read_text().split()
-    except OSError:
+        return psutil.Process(pid).memory_info().rss
+    except psutil.NoSuchProcess:
         return None
-    return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class StandInBackend:

@@ -12,9 +12,11 @@ import sys
 import threading
 import time
 
+import psutil
 import pytest
 
 from cmi_daemon.client import DaemonClient, DaemonNotRunning, load_connection
+from cmi_daemon.paths import pid_alive
 from daemon_support import (REPO, check_infill_reply, client_for, connection_path, daemon_environment,
                             infill_request, start_daemon_process)
 from tiny_bundle import tiny_bundle_dir
@@ -145,3 +147,21 @@ def test_busy_port_and_missing_model_are_clear(tmp_path, tiny_bundle):
 def test_clients_without_a_daemon_get_a_clear_error(tmp_path):
     with pytest.raises(DaemonNotRunning, match="cmi-daemon start"):
         DaemonClient(connection_file=tmp_path / "connection.json")
+
+
+def test_a_process_is_alive_until_it_ends_and_a_zombie_counts_as_ended():
+    """What the client and `status` decide a daemon's connection file by: this process runs; a child
+    that has ended is dead before it is reaped (a zombie, on POSIX) and after; no id <= 0 runs."""
+    assert pid_alive(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert pid_alive(child.pid)
+    finally:
+        child.kill()
+    if os.name != "nt":
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # ended, still unreaped: a zombie
+        assert psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE
+        assert not pid_alive(child.pid)
+    child.wait(10)
+    assert not pid_alive(child.pid)
+    assert not pid_alive(0) and not pid_alive(-1)

@@ -6,7 +6,6 @@ the session memory filled with the largest requests, its resident memory under t
 from __future__ import annotations
 
 import random
-import sys
 import threading
 
 import pytest
@@ -116,7 +115,6 @@ def _largest_request(index: int) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the daemon's RSS from /proc")
 def test_default_model_daemon_stays_under_its_memory_budget(tmp_path):
     """Serving only: no session is infilled twice, so the DIL learner never starts torch's training
     (its first signals add about 250 MiB, which this budget does not cover yet)."""

@@ -183,7 +183,6 @@ def test_daemon_learns_from_repeat_and_accept_keeps_it_across_restart_and_resets
         assert not ProfileStore(dil_dir, "").folder("alice").exists()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process's RSS from /proc")
 def test_learning_from_many_signals_does_not_grow_memory(tiny_bundle, tmp_path):
     """After the first signals (torch's autograd and the profile's sessions, a one-time cost), each
     further signal replaces the profile's sessions: memory stays flat, not one copy per signal."""

@@ -1,12 +1,18 @@
-"""The engine's answers obey the constraints on real songs, and seeds make them reproducible."""
+"""The engine's answers obey the constraints on real songs, seeds make them reproducible, and it
+counts the physical cores it may use."""
 
 from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from cmi_daemon import vocab
-from cmi_daemon.engine import Engine, InfillCancelled, InfillOptions
+from cmi_daemon.engine import Engine, InfillCancelled, InfillOptions, physical_cores
 from cmi_daemon.regions import build_region
 from cmi_daemon.sampling import SamplingOptions, TrackConstraints, fixed_events, requires_note
 from cmi_daemon.tokens import read_midi
@@ -125,3 +131,18 @@ def test_greedy_decoding_needs_no_seed(engine, song):
     options = [InfillOptions(sampling=SamplingOptions(temperature=0)) for _ in range(2)]
     first, second = (engine.infill(song, start_qn, end_qn, [0], o) for o in options)
     assert first.candidates[0].answer_ids == second.candidates[0].answer_ids
+
+
+@pytest.mark.skipif(shutil.which("lscpu") is None or not hasattr(os, "sched_setaffinity"),
+                    reason="needs lscpu and CPU affinity (Linux) for an independent count")
+def test_physical_cores_are_the_machines_within_the_processs_affinity():
+    """lscpu's distinct (core, socket) pairs, at most the CPUs this process may use; pinned to one CPU,
+    one core (so the engine runs one intra-op thread)."""
+    listing = subprocess.run(["lscpu", "-p=CORE,SOCKET"], capture_output=True, text=True, check=True).stdout
+    machine_cores = len({line for line in listing.splitlines() if line and not line.startswith("#")})
+    assert physical_cores() == min(machine_cores, len(os.sched_getaffinity(0)))
+    pinned = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+              "from cmi_daemon.engine import default_intra_op_threads, physical_cores; "
+              "print(physical_cores(), default_intra_op_threads())")
+    shown = subprocess.run([sys.executable, "-c", pinned], capture_output=True, text=True, check=True, timeout=120)
+    assert shown.stdout.split() == ["1", "1"]

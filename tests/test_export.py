@@ -8,7 +8,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import sys
 
 import numpy as np
 import onnx
@@ -190,7 +189,6 @@ def conditioning_rise_mib() -> float:
     return (process_rss_bytes(os.getpid()) - before) / 2 ** 20
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process's RSS from /proc")
 def test_conditioning_at_full_windows_costs_little_memory():
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         rise_mib = pool.apply(conditioning_rise_mib)

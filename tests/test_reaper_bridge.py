@@ -5,6 +5,8 @@ REAPER resource folder."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -489,6 +491,22 @@ def test_installer_refuses_while_reaper_runs_and_without_a_resource_folder(tmp_p
     assert sorted(p.name for p in resource.iterdir()) == ["reaper.ini"]
     with pytest.raises(CMIError, match="no reaper.ini"):
         install_reaper.install(tmp_path / "elsewhere", running=lambda: False)
+    assert install_reaper.is_reaper_running() is False
+
+
+@pytest.mark.skipif(shutil.which("sleep") is None, reason="needs a `sleep` program to run under REAPER's name")
+def test_a_process_named_reaper_is_seen_running_until_it_ends(tmp_path):
+    executable = tmp_path / ("reaper.exe" if os.name == "nt" else "reaper")
+    shutil.copy(shutil.which("sleep"), executable)
+    process = subprocess.Popen(["sleep", "60"], executable=str(executable))  # argv[0] for multi-call binaries
+    try:
+        deadline_s = time.monotonic() + 10
+        while not install_reaper.is_reaper_running() and time.monotonic() < deadline_s:
+            time.sleep(0.05)
+        assert install_reaper.is_reaper_running()
+    finally:
+        process.kill()
+        process.wait(10)
     assert install_reaper.is_reaper_running() is False
 
 
