@@ -300,4 +300,5 @@ def test_replacing_a_ranges_notes_changes_only_the_named_tracks_notes_that_start
     assert not [n for n in replaced.tracks[piano].notes if inside(n)]
     assert all(type(n) is Note for n in replaced.tracks[melody].notes)
     assert replaced.tracks[melody].notes == sorted(replaced.tracks[melody].notes)
-    assert (replaced.tempo_map, replaced.meter, replaced.ticks_per_qn) == (song.tempo_map, song.meter, song.ticks_per_qn)
+    assert (replaced.tempo_map, replaced.meter, replaced.ticks_per_qn) == \
+        (song.tempo_map, song.meter, song.ticks_per_qn)
