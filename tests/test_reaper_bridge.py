@@ -324,13 +324,14 @@ def test_daemon_not_running_says_how_to_start_it(reaper, song_project, tmp_path,
     assert_nothing_changed(reaper, song_project, before)
 
 
-def test_missing_pyzmq_gives_the_pip_command(reaper, song_project, monkeypatch):
-    monkeypatch.setitem(sys.modules, "zmq", None)
+@pytest.mark.parametrize("module", ["zmq", "psutil"])
+def test_a_missing_client_dependency_gives_the_pip_command(reaper, song_project, monkeypatch, module):
+    monkeypatch.setitem(sys.modules, module, None)
     before = snapshot(reaper, song_project)
     reaper.run_script(INFILL_SCRIPT)
     assert len(reaper.message_boxes) == 1
     message = reaper.message_boxes[0][0]
-    assert f'"{sys.executable}" -m pip install pyzmq msgpack' in message
+    assert f'"{sys.executable}" -m pip install pyzmq msgpack psutil' in message
     assert "cmi-daemon install reaper" in message
     assert_nothing_changed(reaper, song_project, before)
 

@@ -1,7 +1,7 @@
 """Shared logic of the CMI actions in REAPER: read the selection, ask the daemon, write the answer.
 
 The actions run in REAPER's embedded Python and talk to the daemon through cmi_daemon.client
-(which needs only pyzmq, msgpack and the standard library) instead of a second copy of the
+(which needs only pyzmq, msgpack, psutil and the standard library) instead of a second copy of the
 protocol here: one implementation of framing and signing, tested against the daemon. REAPER
 loads a libpython whose sys.path usually lacks the environment CMI is installed in (a venv's
 libpython belongs to its base interpreter), so `cmi-daemon install reaper` writes
@@ -194,13 +194,13 @@ def load_client():
         return _client_module
     add_install_paths()
     python = reaper_python_path()
-    for module_name, package in (("zmq", "pyzmq"), ("msgpack", "msgpack")):
+    for module_name, package in (("zmq", "pyzmq"), ("msgpack", "msgpack"), ("psutil", "psutil")):
         try:
             importlib.import_module(module_name)
         except ImportError:
             raise BridgeError(
                 f"REAPER's Python ({python}) cannot import {package}, which CMI needs to reach its daemon.\n\n"
-                f"Install it for that interpreter:\n    \"{python}\" -m pip install pyzmq msgpack\n\n"
+                f"Install it for that interpreter:\n    \"{python}\" -m pip install pyzmq msgpack psutil\n\n"
                 "or point REAPER at the Python CMI is installed in: quit REAPER, run "
                 "`cmi-daemon install reaper`, and start REAPER again.") from None
     try:
