@@ -15,9 +15,10 @@ from typing import Any, Callable, Iterable, Optional
 
 import zmq
 
-from . import paths, protocol
+from . import paths
+from .daemon import protocol
 from .errors import CMIError
-from .notes import normalize_notes
+from .music.notes import normalize_notes
 
 DEFAULT_TIMEOUT_MS = 10_000
 INFILL_TIMEOUT_MARGIN_MS = 5_000
@@ -195,7 +196,7 @@ def reply_content(reply: dict) -> dict:
 
 def infill_content(song: Any, start_qn: float, end_qn: float, targets: Iterable[int], session: str,
                    options: Optional[dict] = None) -> dict:
-    """The content of an `infill` request for a song (anything shaped like cmi_daemon.tokens.Song), its
+    """The content of an `infill` request for a song (anything shaped like cmi_daemon.music.tokens.Song), its
     notes under the degenerate-note rule (`notes.normalize_notes`) as the daemon reads them."""
     tempo_map, meter = song.tempo_map, song.meter
     return {

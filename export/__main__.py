@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cmi_daemon.bundle import load_bundle
+from cmi_daemon.inference.bundle import load_bundle
 from export.bundle import write_bundle
 from export.checkpoint import CheckpointError, read_checkpoint, shard_summary
 

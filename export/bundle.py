@@ -1,4 +1,4 @@
-"""Write a model bundle folder (format: cmi_daemon.bundle) from a checkpoint.
+"""Write a model bundle folder (format: cmi_daemon.inference.bundle) from a checkpoint.
 
 The weights are written once, as fp16 safetensors (export.weights); the ONNX graphs are traced
 from the models holding those fp16-rounded weights in fp32, then their initializers are pointed
@@ -19,8 +19,8 @@ from typing import Optional
 
 import torch
 
-from cmi_daemon import vocab
-from cmi_daemon.bundle import (BUNDLE_FORMAT, CONTEXT_ENCODER_GRAPH, GENERATOR_WEIGHTS, JEPA_WEIGHTS,
+from cmi_daemon.music import vocab
+from cmi_daemon.inference.bundle import (BUNDLE_FORMAT, CONTEXT_ENCODER_GRAPH, GENERATOR_WEIGHTS, JEPA_WEIGHTS,
                                MANIFEST_NAME, PREDICTOR_GRAPH, PREFILL_CHUNK_TOKENS, PREFILL_GRAPH, STEP_GRAPH,
                                WEIGHTS_DTYPE, bundle_files, sha256_of)
 from cmi_daemon.model.config import ModelConfig

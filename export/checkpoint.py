@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from cmi_daemon.bundle import JEPA_WEIGHTS, MANIFEST_NAME, BundleError, fp32_weights, load_bundle
+from cmi_daemon.inference.bundle import JEPA_WEIGHTS, MANIFEST_NAME, BundleError, fp32_weights, load_bundle
 from cmi_daemon.model.config import ModelConfig
 from training.checkpoints import CHECKPOINT_FORMAT
 

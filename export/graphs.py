@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
-from cmi_daemon.bundle import PREFILL_CHUNK_TOKENS
+from cmi_daemon.inference.bundle import PREFILL_CHUNK_TOKENS
 from cmi_daemon.model.jepa import ContextEncoder, Predictor, SelfAttention, conditioning_vector, sinusoid_table
 from cmi_daemon.model.rwkv import WKV_CHUNK_LEN, RWKVGenerator
 

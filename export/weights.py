@@ -25,7 +25,7 @@ import torch
 from onnx import TensorProto, helper
 from safetensors.torch import save_file
 
-from cmi_daemon.bundle import WEIGHTS_DTYPE
+from cmi_daemon.inference.bundle import WEIGHTS_DTYPE
 
 STORAGE_DTYPE = getattr(torch, WEIGHTS_DTYPE)
 SAFETENSORS_ONNX_TYPES = {"F16": TensorProto.FLOAT16}

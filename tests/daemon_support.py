@@ -17,8 +17,8 @@ import psutil
 
 from cmi_daemon import paths
 from cmi_daemon.client import DaemonClient
-from cmi_daemon.server import Daemon
-from cmi_daemon.settings import Settings
+from cmi_daemon.daemon.server import Daemon
+from cmi_daemon.daemon.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 DAEMON_START_TIMEOUT_S = 60.0
@@ -75,8 +75,8 @@ def daemon_environment(home: Path) -> dict:
 
 
 def start_daemon_process(home: Path, model_dir: Path, *extra: str) -> subprocess.Popen:
-    """`python -m cmi_daemon.cli start` with CMI_HOME=home on free ports; returns once it listens."""
-    command = [sys.executable, "-m", "cmi_daemon.cli", "start", "--model", str(model_dir), "--port", "0", *extra]
+    """`python -m cmi_daemon.cli.main start` with CMI_HOME=home on free ports; returns once it listens."""
+    command = [sys.executable, "-m", "cmi_daemon.cli.main", "start", "--model", str(model_dir), "--port", "0", *extra]
     process = subprocess.Popen(command, env=daemon_environment(home), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, cwd=REPO)
     wait_for_connection_file(home, process)
@@ -129,9 +129,9 @@ class StandInBackend:
         return {"name": "stand-in", "path": "-", "device": "cpu"}
 
     def infill(self, request, progress, should_stop):
+        from cmi_daemon.daemon.server import BackendResult
         from cmi_daemon.errors import InfillCancelled
-        from cmi_daemon.server import BackendResult
-        from cmi_daemon.tokens import Note
+        from cmi_daemon.music.tokens import Note
 
         self.calls += 1
         self.started.set()

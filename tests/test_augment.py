@@ -8,9 +8,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from cmi_daemon import vocab
-from cmi_daemon.roles import BASS, MELODY, ROLE_BINS, distinct_bins, song_roles
-from cmi_daemon.tokens import read_midi, tokenize
+from cmi_daemon.music import vocab
+from cmi_daemon.music.roles import BASS, MELODY, ROLE_BINS, distinct_bins, song_roles
+from cmi_daemon.music.tokens import read_midi, tokenize
 from tests.conftest import GROOVE_FIXTURES, POP909_FIXTURES
 from training.augment import (BASS_SPLIT_MAX_PITCH, RANDOM_ROLE_BINS, Augmentation, augment, augment_window,
                               split_bass)

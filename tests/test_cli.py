@@ -5,12 +5,12 @@ import sys
 
 import pytest
 
-from cmi_daemon import vocab
+from cmi_daemon.music import vocab
 from conftest import POP909_FIXTURES, REPO
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "cmi_daemon.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "cmi_daemon.cli.main", *map(str, args)],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
 
 

@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from cmi_daemon.controls import ControlRequest, detect_grid, parse_grid, resolve_controls
-from cmi_daemon.engine import Engine, InfillOptions
+from cmi_daemon.cli.offline import default_model_dir
 from cmi_daemon.errors import CMIError
-from cmi_daemon.offline import default_model_dir
-from cmi_daemon.tokens import Note, read_midi
+from cmi_daemon.inference.controls import ControlRequest, detect_grid, parse_grid, resolve_controls
+from cmi_daemon.inference.engine import Engine, InfillOptions
+from cmi_daemon.music.tokens import Note, read_midi
 from conftest import GROOVE_FIXTURES, POP909_FIXTURES
 from training import musicality
 
@@ -142,7 +142,7 @@ def test_bad_controls_say_what_is_wrong(bad):
 
 
 def test_cli_flags_set_controls_per_track(tmp_path, capsys):
-    from cmi_daemon.cli import main
+    from cmi_daemon.cli.main import main
 
     out = tmp_path / "out.mid"
     assert main(["infill", str(POP909_FIXTURES[0]), "--bars", "17-18", "--tracks", "1,3", "--seed", "4",
@@ -164,7 +164,7 @@ def test_cli_flags_set_controls_per_track(tmp_path, capsys):
     (["--note-length", "long"], "--note-length 'long': not a value it takes"),
 ])
 def test_bad_control_flags_say_which_and_why(tmp_path, capsys, flags, words):
-    from cmi_daemon.cli import main
+    from cmi_daemon.cli.main import main
 
     out = tmp_path / "out.mid"
     assert main(["infill", str(POP909_FIXTURES[0]), "--bars", "17", "--tracks", "1", *flags, "-o", str(out)]) == 2
@@ -179,8 +179,8 @@ def test_bad_control_flags_say_which_and_why(tmp_path, capsys, flags, words):
     ([{"track": 0, "grid": "1/5"}], "content.options.controls[0].grid"),
 ])
 def test_the_daemon_refuses_bad_controls_naming_the_field(controls, field):
-    from cmi_daemon import schema
-    from cmi_daemon.protocol import Limits, ProtocolError
+    from cmi_daemon.daemon import schema
+    from cmi_daemon.daemon.protocol import Limits, ProtocolError
     from daemon_support import infill_request
 
     with pytest.raises(ProtocolError) as error:
@@ -189,9 +189,9 @@ def test_the_daemon_refuses_bad_controls_naming_the_field(controls, field):
 
 
 def test_the_daemon_reads_controls_into_the_engines_options():
-    from cmi_daemon import schema
-    from cmi_daemon.engine_backend import engine_options
-    from cmi_daemon.protocol import Limits
+    from cmi_daemon.daemon import schema
+    from cmi_daemon.daemon.engine_backend import engine_options
+    from cmi_daemon.daemon.protocol import Limits
     from daemon_support import infill_request
 
     request = schema.parse_infill(infill_request(controls=[{"track": 0, "max_polyphony": 2, "grid": "1/8T",

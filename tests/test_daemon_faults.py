@@ -23,7 +23,7 @@ from tiny_bundle import tiny_bundle_dir
 
 
 def _cli(home, *args, timeout_s=120):
-    return subprocess.run([sys.executable, "-m", "cmi_daemon.cli", *args], env=daemon_environment(home),
+    return subprocess.run([sys.executable, "-m", "cmi_daemon.cli.main", *args], env=daemon_environment(home),
                           capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
 
 

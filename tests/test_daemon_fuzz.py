@@ -13,7 +13,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cmi_daemon import protocol
+from cmi_daemon.daemon import protocol
 from cmi_daemon.client import load_connection
 from daemon_support import check_infill_reply, client_for, connection_path, infill_request, start_daemon_process
 from tiny_bundle import tiny_bundle_dir

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from cmi_daemon.client import DaemonClient
+from cmi_daemon.daemon.server import NoLearning
 from cmi_daemon.dil.store import ProfileStore
-from cmi_daemon.server import NoLearning
 from daemon_support import (StandInBackend, check_infill_reply, client_for, infill_request, start_daemon_process,
                             threaded_daemon)
 from tiny_bundle import tiny_bundle_dir

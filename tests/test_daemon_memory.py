@@ -10,12 +10,12 @@ import threading
 
 import pytest
 
-from cmi_daemon.bundle import load_bundle
+from cmi_daemon.daemon.server import SESSION_FIXED_BYTES, SESSION_NOTE_BYTES, session_song
 from cmi_daemon.dil.examples import piece
-from cmi_daemon.regions import region_in_window, replace_notes_in_range
-from cmi_daemon.server import SESSION_FIXED_BYTES, SESSION_NOTE_BYTES, session_song
+from cmi_daemon.inference.bundle import load_bundle
+from cmi_daemon.music.regions import region_in_window, replace_notes_in_range
+from cmi_daemon.music.tokens import Note, read_midi
 from cmi_daemon.paths import DEFAULT_MODEL_DIR
-from cmi_daemon.tokens import Note, read_midi
 from conftest import ALL_FIXTURES, POP909_FIXTURES
 from daemon_support import StandInBackend, infill_request, threaded_daemon
 from cmi_daemon.client import DaemonClient, infill_content
@@ -121,7 +121,7 @@ def test_default_model_daemon_stays_under_its_memory_budget(tmp_path):
     import msgpack
     import zmq
 
-    from cmi_daemon import protocol
+    from cmi_daemon.daemon import protocol
     from daemon_support import client_for, process_rss_bytes, start_daemon_process
 
     process = start_daemon_process(tmp_path, DEFAULT_MODEL_DIR)

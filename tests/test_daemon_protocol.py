@@ -7,9 +7,9 @@ import math
 import msgpack
 import pytest
 
-from cmi_daemon import protocol, schema
-from cmi_daemon.protocol import Limits, ProtocolError
-from cmi_daemon.settings import ConfigError, Settings, load_settings
+from cmi_daemon.daemon import protocol, schema
+from cmi_daemon.daemon.protocol import Limits, ProtocolError
+from cmi_daemon.daemon.settings import ConfigError, Settings, load_settings
 from daemon_support import infill_request
 
 
@@ -158,7 +158,7 @@ def test_a_denormal_is_validated_as_sent_after_the_dil_device_is_chosen():
     session.set_denormal_as_zero applies to the thread that runs a session, in the daemon its worker)."""
     import torch
 
-    from cmi_daemon.device import dil_device
+    from cmi_daemon.inference.device import dil_device
 
     torch.set_flush_denormal(False)
     dil_device("auto")

@@ -14,12 +14,12 @@ import msgpack
 import pytest
 import zmq
 
-from cmi_daemon import protocol
 from cmi_daemon.client import DaemonClient, DaemonError, read_event, subscribe
-from cmi_daemon.engine_backend import EngineBackend
+from cmi_daemon.daemon import protocol
+from cmi_daemon.daemon.engine_backend import EngineBackend
+from cmi_daemon.daemon.server import Daemon
+from cmi_daemon.daemon.settings import Settings, load_settings
 from cmi_daemon.errors import CMIError
-from cmi_daemon.server import Daemon
-from cmi_daemon.settings import Settings, load_settings
 from daemon_support import StandInBackend, check_infill_reply, infill_request, threaded_daemon
 from tiny_bundle import tiny_bundle_dir
 

@@ -10,13 +10,13 @@ import io
 import mido
 import pytest
 
-from cmi_daemon import schema
 from cmi_daemon.client import DaemonClient, infill_content
-from cmi_daemon.engine import Engine, InfillOptions
-from cmi_daemon.engine_backend import EngineBackend
-from cmi_daemon.notes import Note, normalize_notes
-from cmi_daemon.protocol import Limits
-from cmi_daemon.tokens import read_midi
+from cmi_daemon.daemon import schema
+from cmi_daemon.daemon.engine_backend import EngineBackend
+from cmi_daemon.daemon.protocol import Limits
+from cmi_daemon.inference.engine import Engine, InfillOptions
+from cmi_daemon.music.notes import Note, normalize_notes
+from cmi_daemon.music.tokens import read_midi
 from conftest import FIXTURES, shared_data
 from daemon_support import threaded_daemon
 from tiny_bundle import tiny_bundle_dir

@@ -16,16 +16,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cmi_daemon import schema
 from cmi_daemon.client import DaemonClient
+from cmi_daemon.daemon import schema
+from cmi_daemon.daemon.engine_backend import EngineBackend
+from cmi_daemon.daemon.protocol import Limits
 from cmi_daemon.dil import losses
-from cmi_daemon.dil.settings import DILSettings
 from cmi_daemon.dil.examples import piece
 from cmi_daemon.dil.learner import Learner
+from cmi_daemon.dil.settings import DILSettings
 from cmi_daemon.dil.store import STATE_FILE, ProfileStore
-from cmi_daemon.engine import PROFILE_SESSIONS_IN_MEMORY, Engine
-from cmi_daemon.engine_backend import EngineBackend
-from cmi_daemon.protocol import Limits
+from cmi_daemon.inference.engine import PROFILE_SESSIONS_IN_MEMORY, Engine
 from daemon_support import REPO, infill_request, process_rss_bytes, threaded_daemon
 from tiny_bundle import tiny_bundle_dir
 
@@ -261,7 +261,7 @@ def test_a_state_of_another_model_is_refused_once_until_it_changes(tmp_path, cap
 
 
 def test_profiles_command_resets_on_disk_when_no_daemon_runs(tmp_path, monkeypatch, capsys):
-    from cmi_daemon import cli
+    from cmi_daemon.cli import main as cli
 
     monkeypatch.setenv("CMI_HOME", str(tmp_path))
     store = ProfileStore(tmp_path / "data" / "dil", "base")

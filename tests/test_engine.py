@@ -11,11 +11,11 @@ import sys
 import numpy as np
 import pytest
 
-from cmi_daemon import vocab
-from cmi_daemon.engine import Engine, InfillCancelled, InfillOptions, physical_cores
-from cmi_daemon.regions import build_region
-from cmi_daemon.sampling import SamplingOptions, TrackConstraints, fixed_events, requires_note
-from cmi_daemon.tokens import read_midi
+from cmi_daemon.inference.engine import Engine, InfillCancelled, InfillOptions, physical_cores
+from cmi_daemon.inference.sampling import SamplingOptions, TrackConstraints, fixed_events, requires_note
+from cmi_daemon.music import vocab
+from cmi_daemon.music.regions import build_region
+from cmi_daemon.music.tokens import read_midi
 from conftest import POP909_FIXTURES, SHARED_DATA
 from tiny_bundle import tiny_bundle_dir
 
@@ -142,7 +142,7 @@ def test_physical_cores_are_the_machines_within_the_processs_affinity():
     machine_cores = len({line for line in listing.splitlines() if line and not line.startswith("#")})
     assert physical_cores() == min(machine_cores, len(os.sched_getaffinity(0)))
     pinned = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-              "from cmi_daemon.engine import default_intra_op_threads, physical_cores; "
+              "from cmi_daemon.inference.engine import default_intra_op_threads, physical_cores; "
               "print(physical_cores(), default_intra_op_threads())")
     shown = subprocess.run([sys.executable, "-c", pinned], capture_output=True, text=True, check=True, timeout=120)
     assert shown.stdout.split() == ["1", "1"]

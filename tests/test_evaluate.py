@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cmi_daemon import vocab
-from cmi_daemon.annotations import BEAT_FILE_NAME, bar_lines_qn
-from cmi_daemon.regions import build_region
-from cmi_daemon.tokens import read_midi
+from cmi_daemon.music import vocab
+from cmi_daemon.music.annotations import BEAT_FILE_NAME, bar_lines_qn
+from cmi_daemon.music.regions import build_region
+from cmi_daemon.music.tokens import read_midi
 from conftest import GROOVE_FIXTURES, POP909_FIXTURES, shared_data
 from tiny_bundle import tiny_bundle_dir
 from training import evaluate

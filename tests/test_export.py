@@ -17,14 +17,14 @@ from onnx import TensorProto, numpy_helper
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cmi_daemon.bundle import (BUNDLE_FORMAT, GENERATOR_WEIGHTS, JEPA_WEIGHTS, MANIFEST_NAME, PREDICTOR_GRAPH,
+from cmi_daemon.inference.bundle import (BUNDLE_FORMAT, GENERATOR_WEIGHTS, JEPA_WEIGHTS, MANIFEST_NAME, PREDICTOR_GRAPH,
                                STEP_GRAPH, BundleError, load_bundle, load_torch_models, sha256_of)
-from cmi_daemon.engine import Engine, blank_positions
+from cmi_daemon.cli.offline import default_model_dir
+from cmi_daemon.inference.engine import Engine, blank_positions
 from cmi_daemon.model.config import preset
 from cmi_daemon.model.jepa import JEPA
 from cmi_daemon.model.rwkv import RWKVGenerator
-from cmi_daemon.offline import default_model_dir
-from cmi_daemon.tokens import read_midi
+from cmi_daemon.music.tokens import read_midi
 from conftest import POP909_FIXTURES
 from daemon_support import process_rss_bytes
 from export.__main__ import main as export_main

@@ -10,9 +10,9 @@ import signal
 import mido
 import pytest
 
-from cmi_daemon import offline
-from cmi_daemon.cli import main
-from cmi_daemon.tokens import read_midi
+from cmi_daemon.cli import offline
+from cmi_daemon.cli.main import main
+from cmi_daemon.music.tokens import read_midi
 from conftest import POP909_FIXTURES
 from daemon_support import start_daemon_process
 from midi_events import assert_only_replaced

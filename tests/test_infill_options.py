@@ -10,11 +10,13 @@ import sys
 
 import pytest
 
-from cmi_daemon import device, infill_cli, schema
-from cmi_daemon.cli import build_parser, main
-from cmi_daemon.engine_backend import EngineBackend
-from cmi_daemon.protocol import Limits, ProtocolError
-from cmi_daemon.sampling import SamplingOptions
+from cmi_daemon.cli import infill as infill_cli
+from cmi_daemon.cli.main import build_parser, main
+from cmi_daemon.daemon import schema
+from cmi_daemon.daemon.engine_backend import EngineBackend
+from cmi_daemon.daemon.protocol import Limits, ProtocolError
+from cmi_daemon.inference import device
+from cmi_daemon.inference.sampling import SamplingOptions
 from conftest import POP909_FIXTURES
 from daemon_support import (REPO, client_for, daemon_environment, infill_request, start_daemon_process,
                             threaded_daemon)
@@ -131,7 +133,7 @@ def test_daemon_infill_takes_the_same_flags_and_json_and_gives_the_offline_notes
     process = start_daemon_process(home, model)
     try:
         def cli(*args):
-            return subprocess.run([sys.executable, "-m", "cmi_daemon.cli", *args], env=daemon_environment(home),
+            return subprocess.run([sys.executable, "-m", "cmi_daemon.cli.main", *args], env=daemon_environment(home),
                                   capture_output=True, text=True, timeout=120, cwd=REPO)
 
         flags = ["--bars", "9-10", "--candidates", "2", "--seed", "123", "--temperature", "0.8", "--top-k", "40",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cmi_daemon import cli, install_ableton
+from cmi_daemon.cli import main as cli, install_ableton
 from cmi_daemon.errors import CMIError
 
 SOURCE = Path(__file__).resolve().parent.parent / "bridges" / "ableton"

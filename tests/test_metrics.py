@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from cmi_daemon import vocab
-from cmi_daemon.tokens import Note
+from cmi_daemon.music import vocab
+from cmi_daemon.music.tokens import Note
 from training import metrics
 
 PITCH_CLASS = {name: index for index, name in enumerate(metrics.PITCH_CLASS_NAMES)}

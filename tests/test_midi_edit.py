@@ -8,10 +8,10 @@ import io
 import mido
 import pytest
 
-from cmi_daemon import offline
+from cmi_daemon.cli import offline
 from cmi_daemon.errors import MidiFileError
-from cmi_daemon.midi_edit import replaced_midi_bytes
-from cmi_daemon.tokens import Note, read_midi
+from cmi_daemon.music.midi_edit import replaced_midi_bytes
+from cmi_daemon.music.tokens import Note, read_midi
 from conftest import ALL_FIXTURES, POP909_FIXTURES, shared_data
 from midi_events import assert_only_replaced, events
 

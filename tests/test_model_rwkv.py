@@ -10,7 +10,7 @@ import torch
 from cmi_daemon.model import wkv_kernel
 from cmi_daemon.model.config import GeneratorConfig, preset
 from cmi_daemon.model.rwkv import RWKVGenerator, load_blinkdl_checkpoint, rwkv_package_model, wkv_chunked, wkv_step
-from cmi_daemon.vocab import FIRST_NOTE_ID, LAST_NOTE_ID, LAST_WAIT_ID, PUBLIC_VOCAB_SIZE, VOCAB_SIZE
+from cmi_daemon.music.vocab import FIRST_NOTE_ID, LAST_NOTE_ID, LAST_WAIT_ID, PUBLIC_VOCAB_SIZE, VOCAB_SIZE
 from conftest import FIXTURES, SHARED_DATA
 
 
@@ -171,7 +171,7 @@ def test_paper_parameter_counts():
 def real_or_synthetic_tokens(n_tokens: int) -> list[int]:
     """A real tokenized MIDI file when the tokenizer and a file are at hand, else valid ids."""
     try:
-        from cmi_daemon.tokens import encode_file
+        from cmi_daemon.music.tokens import encode_file
     except ImportError:
         encode_file = None
     candidates = sorted(FIXTURES.rglob("*.mid"))

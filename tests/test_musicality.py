@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from cmi_daemon.tokens import Note, read_midi
+from cmi_daemon.music.tokens import Note, read_midi
 from training import musicality
 from conftest import FIXTURES, GROOVE_FIXTURES, POP909_FIXTURES
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cmi_daemon import bench, install_ableton, install_reaper
+from cmi_daemon.cli import bench, install_ableton, install_reaper
 from tiny_bundle import tiny_bundle_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,7 +51,7 @@ def installed(tmp_path_factory) -> Path:
 def run_installed(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """`cmi-daemon ARGS` from the installed wheel alone, in a folder with no checkout in it."""
     env = {**os.environ, "PYTHONPATH": str(site), "CMI_HOME": str(cwd / "cmi-home")}
-    return subprocess.run([sys.executable, "-m", "cmi_daemon.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "cmi_daemon.cli.main", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -77,7 +77,7 @@ def test_the_wheel_installs_the_reaper_actions_and_the_live_device(installed, tm
 
 
 def test_the_wheel_benchmarks_the_songs_it_ships(installed, tmp_path, tmp_path_factory):
-    found = subprocess.run([sys.executable, "-c", "from cmi_daemon import bench; "
+    found = subprocess.run([sys.executable, "-c", "from cmi_daemon.cli import bench; "
                             "print('\\n'.join(str(p) for p in bench.song_files(bench.BENCH_SONGS_DIR)))"],
                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(installed)}, capture_output=True,
                            text=True, timeout=120)

@@ -8,8 +8,8 @@ from collections import Counter
 import mido
 import pytest
 
-from cmi_daemon import cli, playback
-from cmi_daemon.tokens import read_midi
+from cmi_daemon.cli import main as cli, playback
+from cmi_daemon.music.tokens import read_midi
 from conftest import GROOVE_FIXTURES, POP909_FIXTURES
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from cmi_daemon import vocab
-from cmi_daemon.bundle import load_bundle
-from cmi_daemon.timeunit import QUARTER_NOTE_24
-from cmi_daemon.tokens import read_midi, tokenize
+from cmi_daemon.inference.bundle import load_bundle
+from cmi_daemon.music import vocab
+from cmi_daemon.music.timeunit import QUARTER_NOTE_24
+from cmi_daemon.music.tokens import read_midi, tokenize
 from export.__main__ import main as export_main
 from tests.conftest import ALL_FIXTURES, GROOVE_FIXTURES, POP909_FIXTURES
 from training import batches, train

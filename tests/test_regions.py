@@ -8,15 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cmi_daemon import vocab
-from cmi_daemon.annotations import bar_lines_qn
 from cmi_daemon.dil.examples import piece
-from cmi_daemon.engine import blank_positions
 from cmi_daemon.errors import RegionError
-from cmi_daemon.regions import (MAX_CONTEXT_GAP_STEPS, SongCutter, answer_notes, apply_answer, build_region, ilm_parts,
+from cmi_daemon.inference.engine import blank_positions
+from cmi_daemon.music import vocab
+from cmi_daemon.music.annotations import bar_lines_qn
+from cmi_daemon.music.regions import (MAX_CONTEXT_GAP_STEPS, SongCutter, answer_notes, apply_answer, build_region, ilm_parts,
                                  jepa_sequence, replace_notes_in_range)
-from cmi_daemon.tempo import TempoMap
-from cmi_daemon.tokens import Note, Song, Track, ms_to_step, read_midi, tokenize
+from cmi_daemon.music.tempo import TempoMap
+from cmi_daemon.music.tokens import Note, Song, Track, ms_to_step, read_midi, tokenize
 from conftest import ALL_FIXTURES, POP909_FIXTURES, shared_data
 from training import batches
 

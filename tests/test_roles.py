@@ -9,12 +9,12 @@ import shutil
 
 import pytest
 
-from cmi_daemon import vocab
-from cmi_daemon.engine import Engine, InfillOptions
-from cmi_daemon.notes import Note
-from cmi_daemon.roles import (ACCOMPANIMENT, BASS, DRUMS, MELODY, distinct_bins, name_role, song_roles,
+from cmi_daemon.inference.engine import Engine, InfillOptions
+from cmi_daemon.music import vocab
+from cmi_daemon.music.notes import Note
+from cmi_daemon.music.roles import (ACCOMPANIMENT, BASS, DRUMS, MELODY, distinct_bins, name_role, song_roles,
                               with_bins)
-from cmi_daemon.tokens import Song, Track, read_midi
+from cmi_daemon.music.tokens import Song, Track, read_midi
 from conftest import GROOVE_FIXTURES, POP909_FIXTURES, shared_data
 from tiny_bundle import tiny_bundle_dir
 

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from cmi_daemon.annotations import bar_lines_qn
-from cmi_daemon.tokens import read_midi
+from cmi_daemon.music.annotations import bar_lines_qn
+from cmi_daemon.music.tokens import read_midi
 from conftest import ALL_FIXTURES, FIXTURES, POP909_FIXTURES, shared_data
 from training import sweep_infills
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cmi_daemon.errors import TimeMapError
-from cmi_daemon.tempo import Meter, TempoMap
+from cmi_daemon.music.tempo import Meter, TempoMap
 
 tempo_changes = st.lists(
     st.tuples(st.floats(0, 2000, allow_nan=False, allow_subnormal=False), st.floats(20, 300, allow_nan=False, allow_subnormal=False)),

@@ -9,12 +9,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from cmi_daemon import vocab
-from cmi_daemon.bundle import BundleError, load_bundle
-from cmi_daemon.engine import Engine, InfillOptions
-from cmi_daemon.tempo import TempoMap
-from cmi_daemon.timeunit import QUARTER_NOTE_24, REAL_TIME, TimeUnit
-from cmi_daemon.tokens import decode_ids, read_midi, tokenize
+from cmi_daemon.inference.bundle import BundleError, load_bundle
+from cmi_daemon.inference.engine import Engine, InfillOptions
+from cmi_daemon.music import vocab
+from cmi_daemon.music.tempo import TempoMap
+from cmi_daemon.music.timeunit import QUARTER_NOTE_24, REAL_TIME, TimeUnit
+from cmi_daemon.music.tokens import decode_ids, read_midi, tokenize
 from tests.conftest import GROOVE_FIXTURES, POP909_FIXTURES
 from tests.tiny_bundle import tiny_bundle_dir
 

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cmi_daemon import vocab
 from cmi_daemon.errors import MidiFileError
-from cmi_daemon.tempo import TempoMap
-from cmi_daemon.tokens import (
+from cmi_daemon.music import vocab
+from cmi_daemon.music.tempo import TempoMap
+from cmi_daemon.music.tokens import (
     Note, Song, TimedNote, Track, decode_ids, events_to_ids, midi_bytes, ms_to_step, note_events,
     read_midi, song_from_timed_notes, tokenize, write_midi)
 from conftest import ALL_FIXTURES, shared_data

@@ -23,11 +23,11 @@ from torch.nn import functional as F
 
 from safetensors.torch import load_file
 
-from cmi_daemon import vocab
-from cmi_daemon.bundle import JEPA_WEIGHTS
+from cmi_daemon.inference.bundle import JEPA_WEIGHTS
 from cmi_daemon.model.config import preset
 from cmi_daemon.model.jepa import JEPA
 from cmi_daemon.model.rwkv import RWKVGenerator
+from cmi_daemon.music import vocab
 from export.__main__ import main as export_main
 from tests.conftest import ALL_FIXTURES, GROOVE_FIXTURES, POP909_FIXTURES, REPO
 from training import batches, bench_train, train

@@ -5,8 +5,8 @@ from dataclasses import replace
 
 import pytest
 
-from cmi_daemon import vocab
-from cmi_daemon.tokens import decode_ids, read_midi, tokenize
+from cmi_daemon.music import vocab
+from cmi_daemon.music.tokens import decode_ids, read_midi, tokenize
 from conftest import GROOVE_FIXTURES, POP909_FIXTURES
 
 

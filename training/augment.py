@@ -19,11 +19,11 @@ import random
 from dataclasses import dataclass, replace
 import numpy as np
 
-from cmi_daemon import vocab
-from cmi_daemon.notes import Note
-from cmi_daemon.roles import (ACCOMPANIMENT, BASS, DRUMS, MELODY, ROLE_BINS, song_roles, with_bins,
+from cmi_daemon.music import vocab
+from cmi_daemon.music.notes import Note
+from cmi_daemon.music.roles import (ACCOMPANIMENT, BASS, DRUMS, MELODY, ROLE_BINS, song_roles, with_bins,
                               with_distinct_bins)
-from cmi_daemon.tokens import Song, Track
+from cmi_daemon.music.tokens import Song, Track
 
 TRANSPOSE_SEMITONES = tuple(range(-5, 7))
 """Every key once: a fifth down to a tritone up."""

@@ -12,7 +12,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from cmi_daemon.tokens import Note, Song
+from cmi_daemon.music.tokens import Note, Song
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ by index without talking to each other.
 A blank is one of two kinds, mixed by `BlankConfig.time_aligned_fraction`:
 - a random token span (the paper's masking): one contiguous span covering 10-80 % of the window;
 - a time-aligned blank, what a musician selects: it starts at a note onset and covers k seconds
-  of music, read off the wait tokens. It is cut by `cmi_daemon.regions.cut_notes`, the cut the
+  of music, read off the wait tokens. It is cut by `cmi_daemon.music.regions.cut_notes`, the cut the
   daemon makes of a song: notes starting before the blank are kept whole but end at its start,
   notes starting inside it are the answer and end by its end, the rest is the suffix; the prefix
   ends with waits up to the blank start, the answer's waits end exactly at the blank end, the
@@ -28,10 +28,10 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from cmi_daemon import vocab
-from cmi_daemon.regions import cut_notes, ilm_sequence, jepa_sequence
-from cmi_daemon.timeunit import TimeUnit
-from cmi_daemon.tokens import decode_ids
+from cmi_daemon.music import vocab
+from cmi_daemon.music.regions import cut_notes, ilm_sequence, jepa_sequence
+from cmi_daemon.music.timeunit import TimeUnit
+from cmi_daemon.music.tokens import decode_ids
 from training.augment import augment_window
 
 N_ILM_SPECIAL_TOKENS = 3

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from cmi_daemon.cli.bench import cpu_model
 from cmi_daemon.client import DaemonClient, DaemonError, load_connection
-from cmi_daemon.bench import cpu_model
 
 BUSY_RETRY_PAUSE_S = 0.02
 INFILL_TIMEOUT_MS = 120_000

@@ -17,11 +17,11 @@ import sys
 import torch
 from torch.nn import functional as F
 
-from cmi_daemon.device import choose_device, flush_denormals_in_this_thread
+from cmi_daemon.cli.bench import cpu_model, fastest_s
+from cmi_daemon.inference.device import choose_device, flush_denormals_in_this_thread
 from cmi_daemon.model.config import preset
 from cmi_daemon.model.rwkv import RWKVGenerator, rwkv_package_model
-from cmi_daemon.vocab import FIRST_NOTE_ID, PUBLIC_VOCAB_SIZE
-from cmi_daemon.bench import cpu_model, fastest_s
+from cmi_daemon.music.vocab import FIRST_NOTE_ID, PUBLIC_VOCAB_SIZE
 
 
 def perturb_(model, seed: int = 0):

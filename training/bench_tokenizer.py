@@ -15,8 +15,8 @@ from pathlib import Path
 
 import mido
 
-from cmi_daemon.tokens import decode_ids, read_midi, tokenize
-from cmi_daemon.bench import cpu_model, fastest_s
+from cmi_daemon.cli.bench import cpu_model, fastest_s
+from cmi_daemon.music.tokens import decode_ids, read_midi, tokenize
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pop909" / "dev"
 

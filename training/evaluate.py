@@ -23,13 +23,13 @@ import numpy as np
 from scipy import stats
 from tqdm import tqdm
 
-from cmi_daemon import vocab
-from cmi_daemon.annotations import bar_lines_qn
-from cmi_daemon.controls import CONTEXT_BARS
 from cmi_daemon.errors import MidiFileError
 from cmi_daemon.files import write_bytes_atomic
-from cmi_daemon.regions import ilm_sequence, replace_notes_in_range
-from cmi_daemon.tokens import Note, Song, read_midi
+from cmi_daemon.inference.controls import CONTEXT_BARS
+from cmi_daemon.music import vocab
+from cmi_daemon.music.annotations import bar_lines_qn
+from cmi_daemon.music.regions import ilm_sequence, replace_notes_in_range
+from cmi_daemon.music.tokens import Note, Song, read_midi
 from training import metrics
 from training.baselines import BASELINES, Blank, InfillSystem, notes_in_range
 

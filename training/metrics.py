@@ -12,7 +12,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from cmi_daemon.tokens import Note
+from cmi_daemon.music.tokens import Note
 
 N_PITCH_CLASSES = 12
 PITCH_CLASS_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")

@@ -12,12 +12,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from cmi_daemon import vocab
-from cmi_daemon.bundle import load_torch_models
-from cmi_daemon.engine import Engine, InfillOptions
-from cmi_daemon.regions import Region, ilm_parts, jepa_sequence
-from cmi_daemon.sampling import MAX_SEED
-from cmi_daemon.tokens import Note, Song
+from cmi_daemon.inference.bundle import load_torch_models
+from cmi_daemon.inference.engine import Engine, InfillOptions
+from cmi_daemon.inference.sampling import MAX_SEED
+from cmi_daemon.music import vocab
+from cmi_daemon.music.regions import Region, ilm_parts, jepa_sequence
+from cmi_daemon.music.tokens import Note, Song
 from training.baselines import Blank
 
 

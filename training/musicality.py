@@ -36,10 +36,10 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from cmi_daemon.controls import CONTEXT_BARS
 from cmi_daemon.errors import CMIError
 from cmi_daemon.files import write_bytes_atomic
-from cmi_daemon.tokens import Note, Song, read_midi
+from cmi_daemon.inference.controls import CONTEXT_BARS
+from cmi_daemon.music.tokens import Note, Song, read_midi
 from training.baselines import Blank, RepeatPreviousBars, context_notes
 from training.evaluate import ground_truth_infill, masked_song
 
@@ -226,8 +226,8 @@ def table_markdown(summaries: dict[str, dict[str, dict]]) -> str:
 
 def run(data_dir: Path, model_dir: Optional[Path], first_bar: int, last_bar: int, seed: int,
         n_songs: Optional[int], masked: bool = False) -> dict:
-    from cmi_daemon.engine import Engine, InfillOptions
-    from cmi_daemon.offline import default_model_dir
+    from cmi_daemon.cli.offline import default_model_dir
+    from cmi_daemon.inference.engine import Engine, InfillOptions
 
     engine = Engine(model_dir or default_model_dir())
     paths = sorted(data_dir.glob("*/*.mid")) or sorted(data_dir.rglob("*.mid"))

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cmi_daemon import vocab
 from cmi_daemon.errors import CMIError
 from cmi_daemon.files import write_bytes_atomic
-from cmi_daemon.timeunit import TimeUnit
-from cmi_daemon.tokens import read_midi, tokenize
+from cmi_daemon.music import vocab
+from cmi_daemon.music.timeunit import TimeUnit
+from cmi_daemon.music.tokens import read_midi, tokenize
 from training.augment import TEMPO_FACTORS, TRANSPOSE_SEMITONES, VELOCITY_BIN_SHIFTS, Augmentation, augment
 from training.recipes import DEV, RECIPES, TRAIN, Source, content_hash, folder, sources
 from training.sweep_infills import Failures

@@ -45,18 +45,18 @@ import numpy as np
 import torch
 from scipy import stats
 
-from cmi_daemon.annotations import bar_lines_qn
-from cmi_daemon.bench import window_song
-from cmi_daemon.bundle import load_torch_jepa
+from cmi_daemon.cli.bench import window_song
 from cmi_daemon.dil.adapter import ProfileModel
-from cmi_daemon.dil.settings import DILSettings
 from cmi_daemon.dil.examples import neutral_span, piece
 from cmi_daemon.dil.learner import served_initializers, trainable_keys
-from cmi_daemon.engine import Engine, InfillOptions
+from cmi_daemon.dil.settings import DILSettings
 from cmi_daemon.errors import CMIError
 from cmi_daemon.files import write_bytes_atomic
-from cmi_daemon.regions import JEPASequence, replace_notes_in_range
-from cmi_daemon.tokens import Song, read_midi
+from cmi_daemon.inference.bundle import load_torch_jepa
+from cmi_daemon.inference.engine import Engine, InfillOptions
+from cmi_daemon.music.annotations import bar_lines_qn
+from cmi_daemon.music.regions import JEPASequence, replace_notes_in_range
+from cmi_daemon.music.tokens import Song, read_midi
 from training import metrics
 from training.baselines import Blank
 from training.evaluate import (choose_blanks, ground_truth_infill, infill_metrics, song_paths,

@@ -27,11 +27,11 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from cmi_daemon.annotations import bar_lines_qn
-from cmi_daemon.engine import Engine, InfillOptions
-from cmi_daemon.offline import default_model_dir
-from cmi_daemon.regions import SongCutter
-from cmi_daemon.tokens import Song, read_midi
+from cmi_daemon.cli.offline import default_model_dir
+from cmi_daemon.inference.engine import Engine, InfillOptions
+from cmi_daemon.music.annotations import bar_lines_qn
+from cmi_daemon.music.regions import SongCutter
+from cmi_daemon.music.tokens import Song, read_midi
 from training.evaluate import check_infill, song_paths
 
 DEFAULT_WIDTHS_BARS = (1, 2, 4, 8)

@@ -36,12 +36,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from cmi_daemon.device import choose_device, flush_denormals_in_this_thread
+from cmi_daemon.inference.device import choose_device, flush_denormals_in_this_thread
 from cmi_daemon.model.config import ModelConfig, preset
 from cmi_daemon.model.jepa import JEPA, ema_momentum
 from cmi_daemon.model.rwkv import RWKVGenerator, load_blinkdl_checkpoint
-from cmi_daemon.vocab import PAD_ID
-from cmi_daemon.timeunit import TimeUnit
+from cmi_daemon.music.timeunit import TimeUnit
+from cmi_daemon.music.vocab import PAD_ID
 from export.checkpoint import read_jepa
 from training.batches import BlankConfig, ExampleStream, TokenShard, micro_batch_indices
 from training.checkpoints import CHECKPOINT_FORMAT

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..model.jepa import JEPA
-from ..regions import JEPASequence
+from ..music.regions import JEPASequence
 from .losses import iteration_loss, sample_loss
 from .settings import DILSettings
 

@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..regions import JEPASequence, jepa_sequence, region_in_window
-from ..tokens import Song
+from ..music.regions import JEPASequence, jepa_sequence, region_in_window
+from ..music.tokens import Song
 
 
 def piece(song: Song, start_qn: float, end_qn: float, target_tracks: Sequence[int],

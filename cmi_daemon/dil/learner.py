@@ -30,10 +30,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..bundle import JEPA_WEIGHTS, load_torch_jepa
-from ..device import choose_device, flush_denormals_in_this_thread
+from ..inference.bundle import JEPA_WEIGHTS, load_torch_jepa
+from ..inference.device import choose_device, flush_denormals_in_this_thread
 from ..model.jepa import JEPA
-from ..regions import JEPASequence, replace_notes_in_range
+from ..music.regions import JEPASequence, replace_notes_in_range
 from .adapter import TRAINED_MODULES, ProfileModel, graph_weight_key, graph_weights
 from .examples import neutral_span, piece
 from .settings import DILSettings

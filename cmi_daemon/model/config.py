@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from cmi_daemon.vocab import VOCAB_SIZE
+from cmi_daemon.music.vocab import VOCAB_SIZE
 
 
 @dataclass

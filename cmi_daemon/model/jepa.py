@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from cmi_daemon.model.config import EncoderConfig, PredictorConfig
-from cmi_daemon.vocab import PAD_ID
+from cmi_daemon.music.vocab import PAD_ID
 
 EMA_MOMENTUM_START = 0.996
 EMA_MOMENTUM_END = 1.0

@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from cmi_daemon.model import wkv_kernel
 from cmi_daemon.model.config import GeneratorConfig
-from cmi_daemon.vocab import PUBLIC_VOCAB_SIZE, VOCAB_SIZE
+from cmi_daemon.music.vocab import PUBLIC_VOCAB_SIZE, VOCAB_SIZE
 
 WKV_CHUNK_LEN = 16
 """Tokens per chunk of the parallel WKV: memory grows with B * T * chunk * C."""

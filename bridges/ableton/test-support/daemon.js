@@ -1,4 +1,4 @@
-// A live CMI daemon for the Node tests: `python -m cmi_daemon.cli start` with a temporary CMI_HOME and the
+// A live CMI daemon for the Node tests: `python -m cmi_daemon.cli.main start` with a temporary CMI_HOME and the
 // default model shipped in the package (the real engine). Python is $CMI_PYTHON, else `python`.
 "use strict";
 
@@ -21,7 +21,7 @@ const DEFAULT_MODEL_DIR = path.join(REPO, "cmi_daemon", "models", "default");
 // Starts a daemon on the shipped default model under CMI_HOME=home; resolves once its connection file
 // names its process.
 async function startDaemon(home) {
-  const daemon = spawn(PYTHON, ["-m", "cmi_daemon.cli", "start", "--model", DEFAULT_MODEL_DIR, "--port", "0"],
+  const daemon = spawn(PYTHON, ["-m", "cmi_daemon.cli.main", "start", "--model", DEFAULT_MODEL_DIR, "--port", "0"],
     { cwd: REPO, env: pythonEnv(home), stdio: ["ignore", "ignore", "pipe"] });
   let output = "";
   daemon.stderr.on("data", (chunk) => { output += chunk; });

@@ -1,4 +1,4 @@
-// The Node client against a live daemon: `python -m cmi_daemon.cli start` with a temporary CMI_HOME
+// The Node client against a live daemon: `python -m cmi_daemon.cli.main start` with a temporary CMI_HOME
 // and the shipped default model (the real engine), started by test-support/daemon.js.
 "use strict";
 

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
-from . import paths
-from .client import DaemonClient, DaemonNotRunning, load_connection, wait_for_exit
-from .errors import CMIError
-from .files import open_private, private_folder, remove_temporaries
+from .. import paths
+from ..client import DaemonClient, DaemonNotRunning, load_connection, wait_for_exit
+from ..errors import CMIError
+from ..files import open_private, private_folder, remove_temporaries
 from .settings import Settings
 
 LOG_FILE_BYTES = 1_000_000
@@ -28,7 +28,7 @@ DETACH_START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_MARGIN_S = 10.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-log = logging.getLogger("cmi_daemon.service")
+log = logging.getLogger("cmi_daemon.daemon.service")
 T = TypeVar("T")
 
 
@@ -245,7 +245,7 @@ def start_detached(argv: list[str]) -> int:
     """Start `cmi-daemon start` again as a new background process; wait until it listens."""
     log_path = paths.log_file()
     output_path = log_path.with_name("daemon-output.log")
-    command = [sys.executable, "-m", "cmi_daemon.cli", "start", *argv, "--detached-child"]
+    command = [sys.executable, "-m", "cmi_daemon.cli.main", "start", *argv, "--detached-child"]
     with os.fdopen(open_private(output_path), "ab") as output:
         child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
                                  start_new_session=True, close_fds=True)

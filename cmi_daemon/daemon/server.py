@@ -9,7 +9,6 @@ time, so `status` is answered at once even while a long infill runs. Interaction
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,16 +23,17 @@ from typing import Any, Callable, Optional, Protocol
 import psutil
 import zmq
 
-from . import __version__, protocol, schema
-from .controls import CONTEXT_BARS
-from .errors import CMIError, InfillCancelled
-from .files import write_private_atomic
+from .. import __version__
+from ..errors import CMIError, InfillCancelled
+from ..inference.controls import CONTEXT_BARS
+from ..music.tokens import Note, Song
+from . import protocol, schema
+from .profiles import ProfileBook
 from .protocol import Limits, ProtocolError
 from .schema import InfillRequest
 from .settings import Settings
-from .tokens import Note, Song
 
-log = logging.getLogger("cmi_daemon.server")
+log = logging.getLogger("cmi_daemon.daemon.server")
 
 POLL_INTERVAL_MS = 50
 MAX_MESSAGES_PER_TURN = 64
@@ -109,43 +109,6 @@ class NoLearning:
 
     def reset_profile(self, profile: str) -> None:
         return None
-
-
-class ProfileBook:
-    """Per-profile signal counts, saved atomically to a JSON file after each change."""
-
-    def __init__(self, path: Optional[Path]):
-        self.path = path
-        self.profiles: dict[str, dict] = {}
-        if path is not None and path.exists():
-            self._load(path)
-
-    def _load(self, path: Path) -> None:
-        try:
-            stored = json.loads(path.read_text(encoding="utf-8"))
-            self.profiles = {str(name): dict(entry) for name, entry in stored.items()}
-        except (OSError, ValueError, AttributeError, TypeError) as error:
-            log.warning("ignoring unreadable profile file %s (%s)", path, error)
-
-    def record(self, profile: str, kind: str, time_s: float) -> None:
-        entry = self.profiles.setdefault(profile, {"accepted": 0, "rejected": 0, "repeated": 0,
-                                                   "last_signal_at": None})
-        entry[{"accept": "accepted", "reject": "rejected", "repeat": "repeated"}[kind]] += 1
-        entry["last_signal_at"] = time_s
-        self._save()
-
-    def reset(self, profile: str) -> bool:
-        if self.profiles.pop(profile, None) is None:
-            return False
-        self._save()
-        return True
-
-    def listing(self) -> list[dict]:
-        return [{"name": name, **entry} for name, entry in sorted(self.profiles.items())]
-
-    def _save(self) -> None:
-        if self.path is not None:
-            write_private_atomic(self.path, json.dumps(self.profiles, indent=1).encode("utf-8"))
 
 
 @dataclass

@@ -22,8 +22,8 @@ from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from ..errors import RegionError
 from . import vocab
-from .errors import RegionError
 from .tokens import Note, Song, TimedNote, decode_ids, events_to_ids, ms_to_step, note_events, timed_notes
 
 DEFAULT_CONTEXT_TOKENS = 2048

@@ -43,9 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .device import DEVICES
-from .dil.settings import DILSettings
-from .errors import CMIError
+from ..dil.settings import DILSettings
+from ..errors import CMIError
+from ..inference.device import DEVICES
 from .protocol import Limits
 
 if sys.version_info >= (3, 11):

@@ -25,17 +25,17 @@ import onnxruntime as ort
 import psutil
 from safetensors import safe_open
 
-from . import vocab
+from ..music import vocab
 from .bundle import (CONTEXT_ENCODER_GRAPH, GENERATOR_WEIGHTS, PREDICTOR_GRAPH, PREFILL_GRAPH, STEP_GRAPH, Bundle,
                      load_bundle)
-from .device import onnx_providers, quiet_onnx_runtime
-from .dil.graph_weights import float_initializers
+from ..errors import CMIError, InfillCancelled
+from ..music.regions import Region, answer_notes, jepa_sequence, region_in_window
 from .controls import ControlRequest, TrackControls, resolve_controls, snap_to_grid
-from .errors import CMIError, InfillCancelled
-from .regions import Region, answer_notes, jepa_sequence, region_in_window
+from .device import onnx_providers, quiet_onnx_runtime
+from .graph_weights import float_initializers
 from .sampling import (MAX_SEED, AnswerRows, AnswerState, SamplingOptions, TrackConstraints, fixed_events,
                        held_keys, pitch_owners, requires_note, sample_row)
-from .tokens import Note, Song
+from ..music.tokens import Note, Song
 
 MIN_ANSWER_CAP_TOKENS = 64
 ANSWER_CAP_FACTOR = 3

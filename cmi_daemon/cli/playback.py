@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 from typing import Callable, NamedTuple, Optional
 
-from .errors import CMIError
-from .tokens import Song
+from ..errors import CMIError
+from ..music.tokens import Song
 
 DRUM_CHANNEL = 9
 ALL_NOTES_OFF = 123

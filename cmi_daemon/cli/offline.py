@@ -17,11 +17,11 @@ from typing import Mapping, Sequence
 
 import mido
 
-from . import midi_edit
-from .errors import CMIError
-from .files import write_bytes_atomic
-from .paths import DEFAULT_MODEL_DIR
-from .tokens import Note, Song, open_midi, read_midi
+from ..errors import CMIError
+from ..files import write_bytes_atomic
+from ..music import midi_edit
+from ..music.tokens import Note, Song, open_midi, read_midi
+from ..paths import DEFAULT_MODEL_DIR
 
 _BARS = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*$")
 

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from . import vocab
-from .errors import CMIError
-from .model.config import ModelConfig
-from .roles import with_distinct_bins
-from .timeunit import TimeUnit
-from .tokens import Song
+from ..errors import CMIError
+from ..model.config import ModelConfig
+from ..music import vocab
+from ..music.roles import with_distinct_bins
+from ..music.timeunit import TimeUnit
+from ..music.tokens import Song
 
 BUNDLE_FORMAT = "cmi-bundle-2"
 WEIGHTS_DTYPE = "float16"
@@ -165,7 +165,7 @@ def fp32_weights(bundle: Bundle, name: str) -> dict:
 
 def load_torch_jepa(bundle: Bundle):
     """The bundle's JEPA (context encoder, predictor, target encoder) in fp32, eval mode, frozen."""
-    from .model.jepa import JEPA
+    from ..model.jepa import JEPA
 
     jepa = JEPA(bundle.model_config.encoder, bundle.model_config.predictor)
     jepa.load_state_dict(fp32_weights(bundle, JEPA_WEIGHTS))
@@ -174,7 +174,7 @@ def load_torch_jepa(bundle: Bundle):
 
 def load_torch_models(bundle: Bundle):
     """(RWKVGenerator, JEPA or None) in eval mode, from the bundle's safetensors in fp32 (for DIL and NLL)."""
-    from .model.rwkv import RWKVGenerator
+    from ..model.rwkv import RWKVGenerator
 
     generator = RWKVGenerator(bundle.model_config.generator)
     missing, unexpected = generator.load_state_dict(fp32_weights(bundle, GENERATOR_WEIGHTS), strict=False)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import paths
-from .client import DaemonClient, infill_content, load_connection
-from .device import DEVICES
-from .errors import CMIError
+from .. import paths
+from ..client import DaemonClient, infill_content, load_connection
+from ..errors import CMIError
+from ..inference.device import DEVICES
 
 STATUS_TIMEOUT_MS = 3_000
 STOP_TIMEOUT_MS = 10_000
@@ -16,15 +16,15 @@ STOP_TIMEOUT_MS = 10_000
 
 def command_start(args) -> int:
     """Run the daemon: in the foreground (Ctrl-C stops it), or in the background with --detach."""
-    from .service import run_foreground, start_detached
-    from .settings import load_settings
+    from ..daemon.service import run_foreground, start_detached
+    from ..daemon.settings import load_settings
 
     overrides = {"model": args.model, "port": args.port, "bind_address": args.bind, "queue_size": args.queue_size,
                  "request_timeout_ms": args.timeout_ms, "device": args.device, "log_level": args.log_level}
     settings = load_settings(paths.config_file(), overrides)
     if args.detach:
         return start_detached(_forwarded_flags(args))
-    from .engine_backend import load_engine_backend
+    from ..daemon.engine_backend import load_engine_backend
     return run_foreground(settings, load_engine_backend, console=not args.detached_child)
 
 
@@ -39,14 +39,14 @@ def _forwarded_flags(args) -> list[str]:
 
 def command_stop(args) -> int:
     """Ask the running daemon to finish its current request and exit."""
-    from .service import stop
+    from ..daemon.service import stop
 
     return stop(args.timeout_ms)
 
 
 def command_status(args) -> int:
     """Show what the daemon is doing; exit code 2 when no daemon answers."""
-    from .service import format_status
+    from ..daemon.service import format_status
 
     connection = load_connection()
     with DaemonClient(connection=connection, timeout_ms=args.timeout_ms) as client:
@@ -59,9 +59,9 @@ def infill_via_daemon(args, midi, song, bars: tuple[int, int], range_qn: tuple[f
     """`cmi-daemon infill --daemon`: the running daemon infills the file (read, with the bars and tracks
     named, by command_infill) instead of this process. The flags are checked as offline (so the output
     paths can be checked before any daemon is asked), then against the limits the daemon reports."""
-    from . import infill_cli, offline
-    from .settings import load_settings
-    from .tokens import Note
+    from ..daemon.settings import load_settings
+    from ..music.tokens import Note
+    from . import infill as infill_cli, offline
 
     for name in ("model", "device"):
         if getattr(args, name):

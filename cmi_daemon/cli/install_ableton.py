@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .errors import CMIError
-from .files import write_bytes_atomic
-from .paths import bridge_dir
+from ..errors import CMIError
+from ..files import write_bytes_atomic
+from ..paths import bridge_dir
 
 DEVICE_FILES = ("CMI.amxd", "cmi-live.js", "cmi-node.js", "cmi-client.js", "package.json", "package-lock.json")
 DEVICE_FOLDER = Path("Presets", "MIDI Effects", "Max MIDI Effect", "CMI")

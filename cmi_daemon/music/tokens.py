@@ -18,9 +18,9 @@ from typing import NamedTuple, Optional, Sequence, Union
 import mido
 import numpy as np
 
+from ..errors import MidiFileError, TimeMapError
+from ..files import write_bytes_atomic
 from . import vocab
-from .errors import MidiFileError, TimeMapError
-from .files import write_bytes_atomic
 from .notes import Note, normalize_notes
 from .tempo import Meter, TempoMap
 

@@ -34,10 +34,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import vocab
+from ..music import vocab
+from ..music.regions import Region, track_bin
+from ..music.tokens import Song, ms_to_step
 from .controls import TrackControls
-from .regions import Region, track_bin
-from .tokens import Song, ms_to_step
 
 MAX_SEED = 2 ** 32 - 1
 """Seeds of the random draws are 0..MAX_SEED (docs/protocol.md `options.seed`): the engine's and the wire's range."""

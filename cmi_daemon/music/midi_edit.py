@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 
 import mido
 
-from .errors import MidiFileError
+from ..errors import MidiFileError
 from .tokens import EXPRESSION_CONTROL, VOLUME_CONTROL, Note, mixed_velocity, read_midi_note_ons
 
 # Order of the events at one tick of a track.

@@ -12,7 +12,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .errors import TimeMapError
+from ..errors import TimeMapError
 
 MIN_TEMPO_BPM = 1.0
 MAX_TEMPO_BPM = 1000.0

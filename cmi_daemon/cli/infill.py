@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-from . import schema
-from .errors import CMIError
-from .protocol import Limits, ProtocolError
-from .sampling import SamplingOptions
-from .tokens import Note, Song
+from ..daemon import schema
+from ..daemon.protocol import Limits, ProtocolError
+from ..errors import CMIError
+from ..inference.sampling import SamplingOptions
+from ..music.tokens import Note, Song
 
 OPTION_NAMES = ("candidates", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "profile")
 """The infill options of docs/protocol.md 5.2 that are flags: --candidates, --top-p, ..."""

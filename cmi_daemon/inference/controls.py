@@ -21,8 +21,8 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import CMIError
-from .tokens import Note, Song
+from ..errors import CMIError
+from ..music.tokens import Note, Song
 
 CONTEXT_BARS = 8
 """Bars of context each side of a range: their notes set a track's default controls, a bridge sends

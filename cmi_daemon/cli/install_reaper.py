@@ -21,9 +21,9 @@ from typing import Callable, Optional
 
 import psutil
 
-from .errors import CMIError
-from .files import write_bytes_atomic
-from .paths import bridge_dir
+from ..errors import CMIError
+from ..files import write_bytes_atomic
+from ..paths import bridge_dir
 
 SCRIPT_FILES = ("cmi_reaper.py", "cmi_infill_selection.py", "cmi_accept_infill.py", "cmi_infill_settings.py")
 ACTIONS = (("cmi_infill_selection.py", "CMI: Infill selection"), ("cmi_accept_infill.py", "CMI: Accept infill"),
@@ -77,7 +77,7 @@ def import_paths() -> list[str]:
     import msgpack
     import zmq
 
-    folders = [Path(__file__).resolve().parent.parent, Path(sysconfig.get_paths()["purelib"]),
+    folders = [Path(__file__).resolve().parents[2], Path(sysconfig.get_paths()["purelib"]),
                Path(sysconfig.get_paths()["platlib"])]
     folders += [Path(module.__file__).resolve().parent.parent for module in (zmq, msgpack, psutil)]
     folders.append(Path(appdirs.__file__).resolve().parent)

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, infill_cli, vocab
+from .. import __version__
+from ..errors import CMIError
+from ..inference.device import DEVICES
+from ..music import vocab
+from ..music.timeunit import TimeUnit
+from ..music.tokens import read_midi, tokenize
+from . import infill as infill_cli
 from .daemon_commands import add_daemon_commands, infill_via_daemon
-from .device import DEVICES
-from .errors import CMIError
-from .timeunit import TimeUnit
-from .tokens import read_midi, tokenize
 
 
 def _format_duration(seconds: float) -> str:
@@ -83,11 +85,11 @@ def command_play(args) -> int:
 
 def command_infill(args) -> int:
     """Infill bars of a MIDI file with the model, in this process (no daemon needed) or with --daemon."""
+    from ..daemon.engine_backend import engine_options, load_engine
+    from ..daemon.settings import load_settings
+    from ..inference.device import onnx_device
+    from ..paths import config_file, data_dir
     from . import offline
-    from .device import onnx_device
-    from .engine_backend import engine_options, load_engine
-    from .paths import config_file, data_dir
-    from .settings import load_settings
 
     midi, song = offline.read_input(args.file)
     if args.list_tracks:
@@ -104,7 +106,7 @@ def command_infill(args) -> int:
     paths = offline.output_paths(args.file, args.output, options.candidates, args.force)
     engine = load_engine(args.model or offline.default_model_dir(), settings.device, warn=_warn)
     if settings.dil.enabled and engine.bundle.conditioned and (data_dir() / "dil").is_dir():
-        from .dil.learner import serve_saved_profiles
+        from ..dil.learner import serve_saved_profiles
         serve_saved_profiles(engine, data_dir() / "dil")
     result = engine.infill(song, start_qn, end_qn, targets, engine_options(options), profile=options.profile)
     offline.write_candidates(midi, str(args.file), start_qn, end_qn, [c.notes for c in result.candidates], paths)
@@ -162,10 +164,10 @@ def command_install_reaper(args) -> int:
 def command_profiles(args) -> int:
     """List the DIL profiles, or reset one to the base model: through the running daemon when one
     answers, else directly in the user data folder."""
-    from . import paths
-    from .client import DaemonClient, DaemonNotRunning, load_connection
-    from .dil.store import ProfileStore
-    from .server import ProfileBook
+    from .. import paths
+    from ..client import DaemonClient, DaemonNotRunning, load_connection
+    from ..daemon.profiles import ProfileBook
+    from ..dil.store import ProfileStore
 
     try:
         connection = load_connection()

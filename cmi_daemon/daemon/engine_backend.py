@@ -1,4 +1,4 @@
-"""The adapter that plugs the inference engine (cmi_daemon.engine) into the server's InfillBackend,
+"""The adapter that plugs the inference engine (cmi_daemon.inference.engine) into the server's InfillBackend,
 and the DIL learner (cmi_daemon.dil) into its SignalSink when given a folder for the profiles."""
 
 from __future__ import annotations
@@ -8,16 +8,17 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import paths, schema
-from .device import dil_device, onnx_device, onnx_device_problem, onnx_providers
-from .dil.settings import DILSettings
-from .engine import Engine, InfillOptions
-from .sampling import SamplingOptions
+from .. import paths
+from ..dil.settings import DILSettings
+from ..inference.device import dil_device, onnx_device, onnx_device_problem, onnx_providers
+from ..inference.engine import Engine, InfillOptions
+from ..inference.sampling import SamplingOptions
+from . import schema
 from .schema import InfillRequest
 from .server import BackendResult, StageProgressCallback
 from .settings import Settings
 
-log = logging.getLogger("cmi_daemon.engine_backend")
+log = logging.getLogger("cmi_daemon.daemon.engine_backend")
 
 
 def load_engine(model_dir: Path, device: str = "auto", warn: Callable[[str], None] = log.warning) -> Engine:
@@ -55,7 +56,7 @@ class EngineBackend:
         is conditioned."""
         self.dil_device: Optional[str] = None
         if dil_dir is not None and dil_settings.enabled and self.engine.bundle.conditioned:
-            from .dil.learner import Learner
+            from ..dil.learner import Learner
             torch_device, problem = dil_device(device)
             if problem is not None:
                 log.warning(problem)

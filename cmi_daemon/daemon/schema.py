@@ -11,13 +11,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import controls as track_controls
-from .errors import CMIError, TimeMapError
+from ..errors import CMIError, TimeMapError
+from ..inference import controls as track_controls
+from ..inference.sampling import MAX_SEED
+from ..music.notes import Note, normalize_notes
+from ..music.tempo import Meter, TempoMap
+from ..music.tokens import Song, Track
 from .protocol import MESSAGE_TYPES, PROTOCOL_VERSION, Limits, ProtocolError, version_compatible
-from .sampling import MAX_SEED
-from .tempo import Meter, TempoMap
-from .notes import Note, normalize_notes
-from .tokens import Song, Track
 
 MAX_ID_CHARS = 64
 MAX_SESSION_CHARS = 256

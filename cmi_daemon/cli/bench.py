@@ -21,14 +21,14 @@ import numpy as np
 import onnxruntime as ort
 import psutil
 
-from .annotations import bar_lines_qn
-from .controls import CONTEXT_BARS
-from .engine import Engine, InfillOptions
-from .errors import CMIError
-from .sampling import AnswerRows
-from .tokens import Note, Song, read_midi, tokenize
+from ..errors import CMIError
+from ..inference.controls import CONTEXT_BARS
+from ..inference.engine import Engine, InfillOptions
+from ..inference.sampling import AnswerRows
+from ..music.annotations import bar_lines_qn
+from ..music.tokens import Note, Song, read_midi, tokenize
 
-BENCH_SONGS_DIR = Path(__file__).resolve().parent / "data" / "bench_songs"
+BENCH_SONGS_DIR = Path(__file__).resolve().parents[1] / "data" / "bench_songs"
 """Two POP909 songs with their beat files, shipped in the package (licence and credit in its README.md)."""
 BLANK_WIDTHS_BARS = (2, 4)
 BLANKS_PER_SONG = 6
@@ -96,7 +96,7 @@ def rwkv_package_decode(engine: Engine, token_ids: list[int], repeats: int) -> O
 
         from safetensors.torch import load_file
 
-        from .model.rwkv import rwkv_package_model
+        from ..model.rwkv import rwkv_package_model
         model = rwkv_package_model(load_file(str(engine.bundle.file("generator.safetensors"))))
     except ImportError:
         return None

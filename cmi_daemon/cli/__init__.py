@@ -1,0 +1,1 @@
+"""The `cmi-daemon` command: one module per command group, the installers among them."""

@@ -1,0 +1,1 @@
+"""The daemon: its protocol and messages, settings, server, backend and process lifecycle."""

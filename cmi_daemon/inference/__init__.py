@@ -1,0 +1,1 @@
+"""Running a model bundle: loading, ONNX sessions and devices, constrained sampling, controls."""

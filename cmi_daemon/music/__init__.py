@@ -1,0 +1,1 @@
+"""MIDI and its token form: vocabulary, tempo and meter, songs, regions, roles, editing a file."""
