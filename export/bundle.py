@@ -29,7 +29,7 @@ from cmi_daemon.model.rwkv import RWKVGenerator
 from export.checkpoint import Checkpoint
 from export.graphs import export_generator_graphs, export_jepa_graphs
 from export.weights import STORAGE_DTYPE, link_graph_to_weights, save_weights
-from training.batches import ilm_window_tokens
+from training.data.batches import ilm_window_tokens
 
 
 GRAPH_WEIGHT_LINKS = {

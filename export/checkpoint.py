@@ -26,7 +26,7 @@ from training.checkpoints import CHECKPOINT_FORMAT
 
 SIMPLE_KEYS = ("model_config", "generator", "encoder", "target_encoder", "predictor")
 TRAINING_SUMMARY_KEYS = ("stage", "step", "examples_seen", "elapsed_s", "best_dev", "train_config", "tokenizer")
-"""`tokenizer`: how the training shards were tokenized (training.batches.shard_tokenizer)."""
+"""`tokenizer`: how the training shards were tokenized (training.data.batches.shard_tokenizer)."""
 SHARD_SUMMARY_KEYS = ("vocab_id", "tokenizer", "time_unit", "data_root", "git_commit", "seed",
                       "augmented_copies_per_train_file", "augmentation_choices", "left_out_files",
                       "sources", "splits")
@@ -122,7 +122,7 @@ def read_jepa(location) -> tuple[dict, ModelConfig, dict]:
 
 
 def shard_summary(shard_dir) -> dict:
-    """What the training data was, from training.prepare's manifest.json."""
+    """What the training data was, from training.data.prepare's manifest.json."""
     manifest_path = Path(shard_dir) / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())

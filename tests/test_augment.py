@@ -12,7 +12,7 @@ from cmi_daemon.music import vocab
 from cmi_daemon.music.roles import BASS, MELODY, ROLE_BINS, distinct_bins, song_roles
 from cmi_daemon.music.tokens import read_midi, tokenize
 from tests.conftest import GROOVE_FIXTURES, POP909_FIXTURES
-from training.augment import (BASS_SPLIT_MAX_PITCH, RANDOM_ROLE_BINS, Augmentation, augment, augment_window,
+from training.data.augment import (BASS_SPLIT_MAX_PITCH, RANDOM_ROLE_BINS, Augmentation, augment, augment_window,
                               split_bass)
 
 

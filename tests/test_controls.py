@@ -1,5 +1,5 @@
 """Each control changes the shipped model's infills of real songs the way it says, and defaults to
-what the track does around the range. Notes are judged with training.musicality's own grid and
+what the track does around the range. Notes are judged with training.eval.musicality's own grid and
 polyphony measures, which share no code with the engine's controls."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from cmi_daemon.inference.controls import ControlRequest, detect_grid, parse_gri
 from cmi_daemon.inference.engine import Engine, InfillOptions
 from cmi_daemon.music.tokens import Note, read_midi
 from conftest import GROOVE_FIXTURES, POP909_FIXTURES
-from training import musicality
+from training.eval import musicality
 
 BARS = (17, 20)
 SEEDS = (1, 2, 3)
@@ -202,8 +202,8 @@ def test_the_daemon_reads_controls_into_the_engines_options():
 
 def test_density_follows_the_bars_being_rewritten_when_they_hold_notes(song):
     """Rewriting bars that hold notes keeps their pace; empty bars take the context's."""
-    from training.baselines import Blank
-    from training.evaluate import masked_song
+    from training.eval.baselines import Blank
+    from training.eval.evaluate import masked_song
 
     start_qn, end_qn = song.meter.bar_range_qn(*BARS)
     in_range = [n for n in song.tracks[0].notes if start_qn <= n.start_qn < end_qn]

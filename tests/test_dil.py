@@ -275,7 +275,7 @@ def test_profiles_command_resets_on_disk_when_no_daemon_runs(tmp_path, monkeypat
 def test_latency_benchmark_runs_and_reports_its_figures(tiny_bundle, tmp_path):
     """`python -m training.bench_dil` end to end on the fixture songs (its figures are measured
     by hand on a quiet machine; here only that it runs and reports them)."""
-    from training import bench_dil
+    from training.bench import dil as bench_dil
 
     out = tmp_path / "bench.json"
     bench_dil.main(["--model", str(tiny_bundle), "--infills", "2", "--out", str(out)])

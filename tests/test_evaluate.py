@@ -14,8 +14,8 @@ from cmi_daemon.music.regions import build_region
 from cmi_daemon.music.tokens import read_midi
 from conftest import GROOVE_FIXTURES, POP909_FIXTURES, shared_data
 from tiny_bundle import tiny_bundle_dir
-from training import evaluate
-from training.baselines import BASELINES, RandomNotes, RepeatPreviousBars
+from training.eval import evaluate
+from training.eval.baselines import BASELINES, RandomNotes, RepeatPreviousBars
 
 
 def all_blanks(path, n_blanks=12, seed=3):

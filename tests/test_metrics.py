@@ -7,7 +7,7 @@ import pytest
 
 from cmi_daemon.music import vocab
 from cmi_daemon.music.tokens import Note
-from training import metrics
+from training.eval import metrics
 
 PITCH_CLASS = {name: index for index, name in enumerate(metrics.PITCH_CLASS_NAMES)}
 QUALITY_INTERVALS = dict(metrics.CHORD_QUALITIES)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cmi_daemon.music.tokens import Note, read_midi
-from training import musicality
+from training.eval import musicality
 from conftest import FIXTURES, GROOVE_FIXTURES, POP909_FIXTURES
 
 

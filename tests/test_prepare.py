@@ -16,9 +16,10 @@ from cmi_daemon.music.timeunit import QUARTER_NOTE_24
 from cmi_daemon.music.tokens import read_midi, tokenize
 from export.__main__ import main as export_main
 from tests.conftest import ALL_FIXTURES, GROOVE_FIXTURES, POP909_FIXTURES
-from training import batches, train
-from training.prepare import prepare, work_items, write_split
-from training.recipes import Source, folder
+from training import train
+from training.data import batches
+from training.data.prepare import prepare, work_items, write_split
+from training.data.recipes import Source, folder
 
 SMOKE = ["--config", "smoke", "--eval-interval", "2", "--dev-examples", "4"]
 

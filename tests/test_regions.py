@@ -18,7 +18,7 @@ from cmi_daemon.music.regions import (MAX_CONTEXT_GAP_STEPS, SongCutter, answer_
 from cmi_daemon.music.tempo import TempoMap
 from cmi_daemon.music.tokens import Note, Song, Track, ms_to_step, read_midi, tokenize
 from conftest import ALL_FIXTURES, POP909_FIXTURES, shared_data
-from training import batches
+from training.data import batches
 
 
 ONSET_TOLERANCE_MS = vocab.WAIT_STEP_MS / 2 + 1e-6

@@ -1,4 +1,4 @@
-"""The simulated-user command (training.simulate_users) end to end on the committed fixture songs
+"""The simulated-user command (training.eval.simulate_users) end to end on the committed fixture songs
 with the tiny random model: every user and strategy runs, the report and plots are written, a
 rerun resumes from the saved runs, and the paired test over pieces is the one reported."""
 
@@ -12,7 +12,7 @@ from scipy import stats
 
 from conftest import POP909_FIXTURES
 from tiny_bundle import tiny_bundle_dir
-from training import simulate_users
+from training.eval import simulate_users
 
 
 def test_every_user_and_strategy_runs_writes_the_report_and_resumes(tmp_path, tmp_path_factory, capsys):

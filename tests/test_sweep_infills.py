@@ -9,7 +9,7 @@ import pytest
 from cmi_daemon.music.annotations import bar_lines_qn
 from cmi_daemon.music.tokens import read_midi
 from conftest import ALL_FIXTURES, FIXTURES, POP909_FIXTURES, shared_data
-from training import sweep_infills
+from training.eval import sweep_infills
 
 
 def expected_regions(paths, widths):

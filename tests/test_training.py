@@ -1,6 +1,6 @@
 """Training examples and the training loop: masks, ILM layout, DDP equivalence, exact resume, learning.
 
-Shards are built from the committed fixture MIDI with training.prepare's own functions.
+Shards are built from the committed fixture MIDI with training.data.prepare's own functions.
 """
 
 from __future__ import annotations
@@ -30,10 +30,12 @@ from cmi_daemon.model.rwkv import RWKVGenerator
 from cmi_daemon.music import vocab
 from export.__main__ import main as export_main
 from tests.conftest import ALL_FIXTURES, GROOVE_FIXTURES, POP909_FIXTURES, REPO
-from training import batches, bench_train, train
+from training.data import batches
+from training.bench import train as bench_train
+from training import train
 from training.losses import ROW_CHUNK, head_cross_entropy
 from tests.tiny_bundle import tiny_bundle_dir
-from training.prepare import work_items, write_split
+from training.data.prepare import work_items, write_split
 
 SMOKE = ["--config", "smoke", "--eval-interval", "2", "--dev-examples", "4"]
 

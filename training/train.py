@@ -43,8 +43,8 @@ from cmi_daemon.model.rwkv import RWKVGenerator, load_blinkdl_checkpoint
 from cmi_daemon.music.timeunit import TimeUnit
 from cmi_daemon.music.vocab import PAD_ID
 from export.checkpoint import read_jepa
-from training.batches import BlankConfig, ExampleStream, TokenShard, micro_batch_indices
 from training.checkpoints import CHECKPOINT_FORMAT
+from training.data.batches import BlankConfig, ExampleStream, TokenShard, micro_batch_indices
 from training.losses import head_cross_entropy
 
 STAGES = ("jepa", "generator")
@@ -348,7 +348,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", choices=STAGES, required=True)
     parser.add_argument("--config", default="small", help="training preset: " + ", ".join(PRESETS))
-    parser.add_argument("--shards", type=Path, required=True, help="folder from training.prepare")
+    parser.add_argument("--shards", type=Path, required=True, help="folder from training.data.prepare")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--conditioning", choices=("on", "off"), default="on")
     parser.add_argument("--jepa", default="", help="stage 1's output folder (stage 2)")

@@ -7,7 +7,7 @@ inside the range are context the model hears while it fills the blank (`fixed_no
 never produce a note outside the range.
 
 The cut (`cut_notes`), the ILM sequence (`ilm_sequence`) and the JEPA sequence (`jepa_sequence`)
-are defined here once, for training (`training.batches` cuts token windows with them), evaluation,
+are defined here once, for training (`training.data.batches` cuts token windows with them), evaluation,
 DIL and the engine. The ILM sequence is `prefix <mask> suffix <sep> [answer <ans>]`: the prefix
 ends with waits up to the range start, the answer spans exactly the range (its waits end at the
 range end), and the suffix continues from the range end. The JEPA sequence is prefix + blank +

@@ -40,8 +40,8 @@ from cmi_daemon.errors import CMIError
 from cmi_daemon.files import write_bytes_atomic
 from cmi_daemon.inference.controls import CONTEXT_BARS
 from cmi_daemon.music.tokens import Note, Song, read_midi
-from training.baselines import Blank, RepeatPreviousBars, context_notes
-from training.evaluate import ground_truth_infill, masked_song
+from training.eval.baselines import Blank, RepeatPreviousBars, context_notes
+from training.eval.evaluate import ground_truth_infill, masked_song
 
 GRIDS_QN = (1.0, 0.5, 1 / 3, 0.25, 1 / 6, 0.125)
 """Quarter, 8th, 8th triplet, 16th, 16th triplet, 32nd: candidate grids, coarsest first."""
@@ -274,7 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="infill seed (default: 1)")
     parser.add_argument("--songs", type=int, help="only the first N songs")
     parser.add_argument("--masked", action="store_true",
-                        help="remove the target tracks' notes in the bars before infilling (as training.evaluate "
+                        help="remove the target tracks' notes in the bars before infilling (as training.eval.evaluate "
                              "does); by default the model gets the file as a musician has it, bars and all")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)

@@ -18,7 +18,7 @@ import mido
 from cmi_daemon.cli.bench import cpu_model, fastest_s
 from cmi_daemon.music.tokens import decode_ids, read_midi, tokenize
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pop909" / "dev"
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "pop909" / "dev"
 
 
 def main(argv=None) -> None:

@@ -32,7 +32,7 @@ from cmi_daemon.music import vocab
 from cmi_daemon.music.regions import cut_notes, ilm_sequence, jepa_sequence
 from cmi_daemon.music.timeunit import TimeUnit
 from cmi_daemon.music.tokens import decode_ids
-from training.augment import augment_window
+from training.data.augment import augment_window
 
 N_ILM_SPECIAL_TOKENS = 3
 """<mask>, <sep> and <ans> added to a window to make an ILM sequence."""

@@ -5,7 +5,7 @@ taste no model component defines.
         [--tests 20 --pieces 5 --rounds 10] [--first-test 0] [--users paper,grounded,random] [--loss cosine]
 
 One test is one user over `pieces` pieces (a song cut to 8 bars, a 2-bar blank, 8 bars, chosen
-as training.evaluate chooses blanks) and up to `rounds` infills per piece; the profile learns
+as training.eval.evaluate chooses blanks) and up to `rounds` infills per piece; the profile learns
 across the pieces of a test and starts from the base model at each test. Every system sees the
 same pieces and the same sampling seed per (test, piece, round); systems: `off` (DIL off, the
 baseline), `iteration`, `sample`, `both` (which steps the learner takes).
@@ -22,7 +22,7 @@ baseline), `iteration`, `sample`, `both` (which steps the learner takes).
   `--register-drop` semitones below the original content's; rejects until then (random
   neutral span, as the daemon draws it), accepts and moves on. Reports rounds to satisfaction.
 - random: no consistent taste: accepts a round with probability 0.3, at random. Reports the
-  infills' context fit (mean of PD/DD/CD overlaps with past and future, training.metrics) with
+  infills' context fit (mean of PD/DD/CD overlaps with past and future, training.eval.metrics) with
   and without DIL, to see whether learning from noise makes infills worse.
 
 Results of each (user, system, test) are written to DIR/runs/ as they finish, and a run with the
@@ -57,9 +57,9 @@ from cmi_daemon.inference.engine import Engine, InfillOptions
 from cmi_daemon.music.annotations import bar_lines_qn
 from cmi_daemon.music.regions import JEPASequence, replace_notes_in_range
 from cmi_daemon.music.tokens import Song, read_midi
-from training import metrics
-from training.baselines import Blank
-from training.evaluate import (choose_blanks, ground_truth_infill, infill_metrics, song_paths,
+from training.eval import metrics
+from training.eval.baselines import Blank
+from training.eval.evaluate import (choose_blanks, ground_truth_infill, infill_metrics, song_paths,
                                target_tracks)
 
 GAMMA = 0.10

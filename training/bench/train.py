@@ -38,10 +38,10 @@ from cmi_daemon.model.config import preset
 from cmi_daemon.model.jepa import JEPA
 from cmi_daemon.model.rwkv import RWKVGenerator
 from training import train
-from training.batches import ExampleStream, TokenShard
+from training.data.batches import ExampleStream, TokenShard
 
 WARMUP_STEPS = 2
-FIXTURE_MIDI = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "midi"
+FIXTURE_MIDI = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "midi"
 
 
 class ReferenceGeneratorObjective(torch.nn.Module):
@@ -60,8 +60,8 @@ class ReferenceGeneratorObjective(torch.nn.Module):
 
 
 def fixture_shards(folder: Path) -> Path:
-    """Token shards of the committed fixture songs (training.prepare's own functions)."""
-    from training.prepare import work_items, write_split
+    """Token shards of the committed fixture songs (training.data.prepare's own functions)."""
+    from training.data.prepare import work_items, write_split
 
     songs = sorted(FIXTURE_MIDI.glob("pop909/*/*.mid")) + sorted(FIXTURE_MIDI.glob("groove/*.mid"))
     write_split(folder, "train", list(work_items(songs, 0, 0)), workers=1)

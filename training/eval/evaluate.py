@@ -1,5 +1,5 @@
 """Objective evaluation of infilling systems on held-out songs: a fixed, seeded protocol of blanks,
-every metric of `training.metrics` per blank and system, paired significance tests, tables and plots.
+every metric of `training.eval.metrics` per blank and system, paired significance tests, tables and plots.
 
     python -m training.evaluate --data ../shared/data/pop909/dev --out eval/ [--model PATH]
 
@@ -30,8 +30,8 @@ from cmi_daemon.music import vocab
 from cmi_daemon.music.annotations import bar_lines_qn
 from cmi_daemon.music.regions import ilm_sequence, replace_notes_in_range
 from cmi_daemon.music.tokens import Note, Song, read_midi
-from training import metrics
-from training.baselines import BASELINES, Blank, InfillSystem, notes_in_range
+from training.eval import metrics
+from training.eval.baselines import BASELINES, Blank, InfillSystem, notes_in_range
 
 BLANK_WIDTHS_BARS = (2, 4)
 """Blank k of a song is BLANK_WIDTHS_BARS[k % 2] bars wide."""
@@ -58,7 +58,7 @@ def load_model_system(model_path: Path, name: str) -> InfillSystem:
     """Where a trained model (a bundle folder from `python -m export`) becomes an evaluated system;
     it has a `logprob_fn` (metrics.LogprobFn), so it gets the NLL columns."""
     from cmi_daemon.errors import CMIError
-    from training.model_system import evaluation_system
+    from training.eval.model_system import evaluation_system
 
     try:
         return evaluation_system(model_path, name)
@@ -458,7 +458,7 @@ def plot_piano_roll(roll: PianoRoll, path: Path) -> None:
 
 def git_commit() -> str:
     """HEAD of the repository, with `+dirty` when tracked files differ from it; `unknown` outside git."""
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,

@@ -18,7 +18,7 @@ from cmi_daemon.inference.sampling import MAX_SEED
 from cmi_daemon.music import vocab
 from cmi_daemon.music.regions import Region, ilm_parts, jepa_sequence
 from cmi_daemon.music.tokens import Note, Song
-from training.baselines import Blank
+from training.eval.baselines import Blank
 
 
 class ModelSystem:

@@ -1,6 +1,6 @@
 """Data augmentation: instrument roles and tempo when shards are prepared, key and loudness per example.
 
-At preparation (`training.prepare`), each training file is written as it is and as copies drawn by
+At preparation (`training.data.prepare`), each training file is written as it is and as copies drawn by
 `Augmentation.draw`: the tracks play other instrument bins by role (POP909's MELODY on a melodic
 bin, its BRIDGE and PIANO on accompaniment bins, the piano's lowest voice split off as a bass line
 on the bass bin; drums stay percussion), and for real-time tokens (8 ms steps) the tempo is

@@ -58,7 +58,7 @@ class Blank:
 
 
 class InfillSystem(Protocol):
-    """What the evaluation runs: baselines here, the model through `training.evaluate.load_model_system`."""
+    """What the evaluation runs: baselines here, the model through `training.eval.evaluate.load_model_system`."""
 
     name: str
 

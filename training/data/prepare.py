@@ -35,9 +35,9 @@ from cmi_daemon.files import write_bytes_atomic
 from cmi_daemon.music import vocab
 from cmi_daemon.music.timeunit import TimeUnit
 from cmi_daemon.music.tokens import read_midi, tokenize
-from training.augment import TEMPO_FACTORS, TRANSPOSE_SEMITONES, VELOCITY_BIN_SHIFTS, Augmentation, augment
-from training.recipes import DEV, RECIPES, TRAIN, Source, content_hash, folder, sources
-from training.sweep_infills import Failures
+from training.data.augment import TEMPO_FACTORS, TRANSPOSE_SEMITONES, VELOCITY_BIN_SHIFTS, Augmentation, augment
+from training.data.recipes import DEV, RECIPES, TRAIN, Source, content_hash, folder, sources
+from training.eval.sweep_infills import Failures
 
 TOKEN_DTYPE = np.uint16
 MIN_DOCUMENT_TOKENS = 16
@@ -189,7 +189,7 @@ def prepare(data_root: Path, out_dir: Path, found: list[Source], n_augmented: in
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[3] / "shared" / "data")
     parser.add_argument("--out", type=Path, default=Path("runs/shards"))
     parser.add_argument("--sources", default="pop909,groove", help="comma-separated: " + ", ".join(RECIPES)
                         + " (none: only --folder)")

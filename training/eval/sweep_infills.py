@@ -32,7 +32,7 @@ from cmi_daemon.inference.engine import Engine, InfillOptions
 from cmi_daemon.music.annotations import bar_lines_qn
 from cmi_daemon.music.regions import SongCutter
 from cmi_daemon.music.tokens import Song, read_midi
-from training.evaluate import check_infill, song_paths
+from training.eval.evaluate import check_infill, song_paths
 
 DEFAULT_WIDTHS_BARS = (1, 2, 4, 8)
 DEFAULT_SAMPLE_INFILLS = 40

@@ -29,7 +29,7 @@ from cmi_daemon.dil.learner import Learner
 from cmi_daemon.inference.engine import Engine, InfillOptions
 from cmi_daemon.music.annotations import bar_lines_qn
 from cmi_daemon.music.tokens import read_midi
-from training.evaluate import target_tracks
+from training.eval.evaluate import target_tracks
 
 PROFILE = "bench"
 

@@ -1,0 +1,1 @@
+"""Benchmarks of the tokenizer, training, the model, the daemon and DIL."""

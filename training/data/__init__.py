@@ -1,0 +1,1 @@
+"""Training data: the recipes, token shards, augmentation and batches."""

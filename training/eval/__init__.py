@@ -1,0 +1,1 @@
+"""Objective evaluation: blanks, metrics, baselines, musicality, simulated users, range sweeps."""
