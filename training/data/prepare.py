@@ -36,8 +36,8 @@ from cmi_daemon.music import vocab
 from cmi_daemon.music.timeunit import TimeUnit
 from cmi_daemon.music.tokens import read_midi, tokenize
 from training.data.augment import TEMPO_FACTORS, TRANSPOSE_SEMITONES, VELOCITY_BIN_SHIFTS, Augmentation, augment
+from training.data.failures import Failures
 from training.data.recipes import DEV, RECIPES, TRAIN, Source, content_hash, folder, sources
-from training.eval.sweep_infills import Failures
 
 TOKEN_DTYPE = np.uint16
 MIN_DOCUMENT_TOKENS = 16

@@ -16,10 +16,8 @@ on; the exit code is 1 when anything failed, 2 on bad arguments.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -32,11 +30,11 @@ from cmi_daemon.inference.engine import Engine, InfillOptions
 from cmi_daemon.music.annotations import bar_lines_qn
 from cmi_daemon.music.regions import SongCutter
 from cmi_daemon.music.tokens import Song, read_midi
+from training.data.failures import Failures
 from training.eval.evaluate import check_infill, song_paths
 
 DEFAULT_WIDTHS_BARS = (1, 2, 4, 8)
 DEFAULT_SAMPLE_INFILLS = 40
-_NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
 
 @dataclass(frozen=True)
@@ -54,35 +52,6 @@ class Case:
         last = self.first_bar + self.width_bars - 1
         return (f"{self.path} --bars {self.first_bar}-{last} (QN {self.start_qn:g}-{self.end_qn:g}) "
                 f"--tracks {','.join(str(t + 1) for t in self.targets)}")
-
-
-@dataclass
-class Failures:
-    """Exceptions by stage and cause, with a count and the first case of each."""
-    counts: Counter = field(default_factory=Counter)
-    examples: dict = field(default_factory=dict)
-
-    def add(self, stage: str, error: BaseException, where: str) -> None:
-        self.add_cause(stage, type(error).__name__, str(error), where)
-
-    def add_cause(self, stage: str, kind: str, message: str, where: str) -> None:
-        """Count one failure of exception type `kind` (its message's numbers read as N)."""
-        cause = (stage, kind, _NUMBER.sub("N", message.splitlines()[0] if message else ""))
-        self.counts[cause] += 1
-        self.examples.setdefault(cause, where)
-
-    def as_dict(self) -> list[dict]:
-        return [{"stage": stage, "error": kind, "cause": pattern, "count": count,
-                 "first": self.examples[(stage, kind, pattern)]}
-                for (stage, kind, pattern), count in self.counts.most_common()]
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def summary(self) -> list[str]:
-        return [f"{count:7d}  {stage}: {kind}: {pattern}\n         first: {self.examples[(stage, kind, pattern)]}"
-                for (stage, kind, pattern), count in self.counts.most_common()]
 
 
 def target_sets(song: Song) -> list[tuple[int, ...]]:
