@@ -1,6 +1,6 @@
 """Running the daemon as a user service: one per user (a PID lock), logging, signals, detaching, stopping.
 
-`cli.py` calls these for `cmi-daemon start|stop|status`.
+`cli/daemon_commands.py` calls these for `cmi-daemon start|stop|status`.
 """
 
 from __future__ import annotations
