@@ -150,7 +150,8 @@ class FakeReaper:
     def add_midi_item(self, track: FakeTrack, start_qn: float, end_qn: float, notes_qn=(),
                       ticks_per_qn: int = DEFAULT_TICKS_PER_QN, channel: int = 0,
                       program: Optional[int] = None, loop_source: int = 0) -> FakeTake:
-        """An item from start_qn to end_qn holding a take with notes given as (start_qn, duration_qn, pitch, velocity)."""
+        """An item from start_qn to end_qn holding a take with notes given as
+        (start_qn, duration_qn, pitch, velocity)."""
         position_s = self.qn_to_time(start_qn)
         item = FakeItem(track, position_s, self.qn_to_time(end_qn) - position_s, loop_source)
         take = FakeTake(item, self._new_guid(), ticks_per_qn, FakeSource(end_qn - start_qn))

@@ -95,7 +95,8 @@ def test_unknown_fields_are_ignored_with_a_warning():
     content["options"]["tempo"] = 3
     warnings: list[str] = []
     request = schema.parse_infill(content, Limits(), warnings)
-    assert sorted(warnings) == ["content.colour: unknown field, ignored", "content.options.tempo: unknown field, ignored"]
+    assert sorted(warnings) == ["content.colour: unknown field, ignored",
+                                "content.options.tempo: unknown field, ignored"]
     assert request.song.tracks[1].program == 33 and request.target_tracks == (0,)
     assert request.song.tempo_map.bpm == (120.0, 100.0)
 

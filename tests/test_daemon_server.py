@@ -248,7 +248,7 @@ def test_an_infill_read_after_shutdown_is_refused_not_taken():
 
 
 def test_a_duplicate_in_flight_id_gets_an_error_carrying_that_id():
-    with threaded_daemon(StandInBackend(delay_s=0.5)) as daemon, _client(daemon) as client:
+    with threaded_daemon(StandInBackend(delay_s=0.5)) as daemon, _client(daemon):
         socket = _raw_socket(daemon)
         frames = protocol.signed_frames(daemon.key, protocol.request_envelope("same", "infill", infill_request()))
         socket.send_multipart(frames)

@@ -18,8 +18,7 @@ from cmi_daemon.daemon.protocol import Limits, ProtocolError
 from cmi_daemon.inference import device
 from cmi_daemon.inference.sampling import SamplingOptions
 from conftest import POP909_FIXTURES
-from daemon_support import (REPO, client_for, daemon_environment, infill_request, start_daemon_process,
-                            threaded_daemon)
+from daemon_support import REPO, daemon_environment, infill_request, start_daemon_process, threaded_daemon
 from tiny_bundle import tiny_bundle_dir
 
 SONG = POP909_FIXTURES[0]
@@ -86,7 +85,8 @@ def test_help_gives_every_options_meaning_and_default():
     defaults = SamplingOptions()
     for name in infill_cli.OPTION_NAMES:
         assert "default" in helps[name], name
-    assert f"default {defaults.top_p:g}" in helps["top_p"] and f"default {defaults.temperature:g}" in helps["temperature"]
+    assert f"default {defaults.top_p:g}" in helps["top_p"]
+    assert f"default {defaults.temperature:g}" in helps["temperature"]
     assert "0..4294967295" in helps["seed"] and "0..100000" in helps["top_k"]
 
 

@@ -79,6 +79,7 @@ def test_default_source_is_the_clone_run_in(monkeypatch):
 def test_default_user_libraries(tmp_path, monkeypatch):
     monkeypatch.setenv("USERPROFILE", str(tmp_path / "me"))
     assert install_ableton.default_user_library("darwin", tmp_path) == tmp_path / "Music" / "Ableton" / "User Library"
-    assert install_ableton.default_user_library("win32", tmp_path) == tmp_path / "me" / "Documents" / "Ableton" / "User Library"
+    assert (install_ableton.default_user_library("win32", tmp_path)
+            == tmp_path / "me" / "Documents" / "Ableton" / "User Library")
     with pytest.raises(CMIError, match="pass --path"):
         install_ableton.default_user_library("linux", tmp_path)

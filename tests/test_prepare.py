@@ -47,7 +47,8 @@ def test_shards_record_their_time_unit_and_role_copies(qn_shards):
     first = read_midi([p for p in ALL_FIXTURES if p not in (POP909_FIXTURES[0], GROOVE_FIXTURES[0])][0])
     expected = tokenize(QUARTER_NOTE_24.token_song(first)).ids
     assert shard.tokens[shard.offsets[0]:shard.offsets[1]].tolist() == expected
-    copy_bins = {vocab.note_bin(int(t)) for t in shard.tokens[shard.offsets[1]:shard.offsets[2]] if vocab.is_note(int(t))}
+    copy_bins = {vocab.note_bin(int(t)) for t in shard.tokens[shard.offsets[1]:shard.offsets[2]]
+                 if vocab.is_note(int(t))}
     assert len(copy_bins) >= 2  # the copy's tracks play bins by role, not all piano
 
 

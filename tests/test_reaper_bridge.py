@@ -394,7 +394,8 @@ def test_the_request_follows_reapers_time_map(reaper, song_project, daemon_home)
     expected_start_qn = RANGE_START_QN - 2 * 3 - 6 * 4   # 2 bars of 3/4 and 6 of 4/4 before bar 15
     expected_end_qn = RANGE_END_QN + 3 * 3 + 5 * 4       # 3 bars of 3/4 and 5 of 4/4 after bar 17
     melody = next(t for t in song.tracks if t.name == "MELODY")
-    expected = [n for n in melody.notes if n.start_qn < expected_end_qn and n.start_qn + n.duration_qn > expected_start_qn]
+    expected = [n for n in melody.notes
+                if n.start_qn < expected_end_qn and n.start_qn + n.duration_qn > expected_start_qn]
     sent = content["tracks"][0]["notes"]
     assert len(sent) == len(expected)
     for (start_qn, duration_qn, pitch, velocity), note in zip(sent, expected):
@@ -539,10 +540,12 @@ def test_the_client_the_actions_import_needs_only_pyzmq_and_msgpack():
     """REAPER's Python may lack numpy, mido or ONNX Runtime: importing cmi_daemon.client, as the actions
     do, loads nothing but the standard library, pyzmq, msgpack and cmi_daemon's own light modules."""
     code = ("import json, sys; before = set(sys.modules); import cmi_daemon.client; "
-            "print(json.dumps(sorted({m.split('.')[0] for m in set(sys.modules) - before} - set(sys.stdlib_module_names))))")
+            "print(json.dumps(sorted({m.split('.')[0] for m in set(sys.modules) - before}"
+            " - set(sys.stdlib_module_names))))")
     loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
                             check=True)
-    outside = {name for name in json.loads(loaded.stdout) if not name.startswith("_cython") and name != "cython_runtime"}
+    outside = {name for name in json.loads(loaded.stdout)
+               if not name.startswith("_cython") and name != "cython_runtime"}
     assert outside == {"cmi_daemon", "zmq", "msgpack"}
 
 
@@ -602,5 +605,6 @@ def test_a_zero_length_note_is_sent_for_the_daemons_rule(reaper, song_project, d
     take = song_project["MELODY"]
     hit_ppq = (RANGE_START_QN - 2.0 - ITEM_START_QN) * take.ticks_per_qn
     take.notes.append([0, 0, hit_ppq, hit_ppq, 0, 100, 90])
-    content = cmi_reaper.infill_content(cmi_reaper.read_selection(), cmi_reaper.daemon_limits(daemon_hello(daemon_home)))
+    content = cmi_reaper.infill_content(cmi_reaper.read_selection(),
+                                        cmi_reaper.daemon_limits(daemon_hello(daemon_home)))
     assert [RANGE_START_QN - 2.0, 0.0, 100, 90] in content["tracks"][0]["notes"]

@@ -13,8 +13,8 @@ from cmi_daemon.errors import RegionError
 from cmi_daemon.inference.engine import blank_positions
 from cmi_daemon.music import vocab
 from cmi_daemon.music.annotations import bar_lines_qn
-from cmi_daemon.music.regions import (MAX_CONTEXT_GAP_STEPS, SongCutter, answer_notes, apply_answer, build_region, ilm_parts,
-                                 jepa_sequence, replace_notes_in_range)
+from cmi_daemon.music.regions import (MAX_CONTEXT_GAP_STEPS, SongCutter, answer_notes, apply_answer, build_region,
+                                      ilm_parts, jepa_sequence, replace_notes_in_range)
 from cmi_daemon.music.tempo import TempoMap
 from cmi_daemon.music.tokens import Note, Song, Track, ms_to_step, read_midi, tokenize
 from conftest import ALL_FIXTURES, POP909_FIXTURES, shared_data
@@ -51,7 +51,8 @@ def assert_blank_reproduced(song: Song, start_qn: float, end_qn: float, targets,
                 first = expected.setdefault(key, n)
                 expected[key] = first._replace(velocity=max(first.velocity, n.velocity))
         got += [(instrument_bin, n) for n in inside(after.notes)]
-    expected_notes = sorted(((b, n) for (b, _, _), n in expected.items()), key=lambda x: (x[1].start_qn, x[0], x[1].pitch))
+    expected_notes = sorted(((b, n) for (b, _, _), n in expected.items()),
+                            key=lambda x: (x[1].start_qn, x[0], x[1].pitch))
     got.sort(key=lambda x: (x[1].start_qn, x[0], x[1].pitch))
     assert len(got) == len(expected_notes)
     for (bin_before, original), (bin_after, new) in zip(expected_notes, got):
@@ -247,7 +248,8 @@ def test_random_songs_reproduce_with_original_blank(tracks, tempo_changes, start
 
 def test_an_onset_on_a_tempo_change_stays_within_half_a_wait_step():
     """A note at 42 QN, where 84.875 BPM slows to 40: its 8 ms step lies just before the change."""
-    song = Song([Track("t0", 0, False, [Note(42.0, 0.25, 30, 1)])], TempoMap.from_changes([(0.0, 84.875), (42.0, 40.0)]))
+    song = Song([Track("t0", 0, False, [Note(42.0, 0.25, 30, 1)])],
+                TempoMap.from_changes([(0.0, 84.875), (42.0, 40.0)]))
     assert_blank_reproduced(song, 129 / 4, 169 / 4, [0])
 
 

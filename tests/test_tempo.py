@@ -10,7 +10,8 @@ from cmi_daemon.errors import TimeMapError
 from cmi_daemon.music.tempo import Meter, TempoMap
 
 tempo_changes = st.lists(
-    st.tuples(st.floats(0, 2000, allow_nan=False, allow_subnormal=False), st.floats(20, 300, allow_nan=False, allow_subnormal=False)),
+    st.tuples(st.floats(0, 2000, allow_nan=False, allow_subnormal=False),
+              st.floats(20, 300, allow_nan=False, allow_subnormal=False)),
     min_size=0, max_size=12)
 meter_changes = st.lists(
     st.tuples(st.integers(0, 400).map(lambda n: n * 0.5), st.integers(1, 15), st.sampled_from([2, 4, 8, 16])),

@@ -209,8 +209,8 @@ def test_decoder_follows_the_reference_on_odd_streams():
 
 
 timed_note_lists = st.lists(
-    st.tuples(st.integers(0, 12), st.integers(0, 127), st.floats(16, 3000, allow_subnormal=False), st.floats(0, 2000, allow_subnormal=False),
-              st.integers(1, 127)),
+    st.tuples(st.integers(0, 12), st.integers(0, 127), st.floats(16, 3000, allow_subnormal=False),
+              st.floats(0, 2000, allow_subnormal=False), st.integers(1, 127)),
     min_size=0, max_size=60)
 
 

@@ -138,7 +138,8 @@ def run(model_dir, songs_dir: Optional[Path], repeats: int) -> None:
 
     prompt = real_ids[:PREFILL_TOKENS]
     prefill_s = fastest_s(lambda: engine.prefill(prompt, piano_rows, cond), repeats)
-    print(f"prefill ({len(prompt)} real tokens, chunks of {engine.chunk_tokens}): {len(prompt) / prefill_s:,.0f} tokens/s")
+    print(f"prefill ({len(prompt)} real tokens, chunks of {engine.chunk_tokens}): "
+          f"{len(prompt) / prefill_s:,.0f} tokens/s")
 
     decode_ids = real_ids[PREFILL_TOKENS:PREFILL_TOKENS + DECODE_STEPS]
     decode_tokens_per_s = {}
@@ -153,7 +154,8 @@ def run(model_dir, songs_dir: Optional[Path], repeats: int) -> None:
 
             tokens_per_s = batch_size * len(decode_ids) / fastest_s(decode, repeats)
             decode_tokens_per_s[head_name, batch_size] = tokens_per_s
-            print(f"decode step, {head_name} ({len(head_rows):,} rows), batch {batch_size}: {tokens_per_s:,.0f} tokens/s")
+            print(f"decode step, {head_name} ({len(head_rows):,} rows), batch {batch_size}: "
+                  f"{tokens_per_s:,.0f} tokens/s")
 
     bar_lines = [bar_lines_qn(song, path)[0] for song, path in zip(songs, paths)]
     for width in BLANK_WIDTHS_BARS:

@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  description=command_infill.__doc__)
     infill.add_argument("file", help="a .mid file")
     infill.add_argument("--bars", help="bars to infill, counted from 1: 9-12 or 9")
-    infill.add_argument("--tracks", help="tracks to infill, numbered from 1 as --list-tracks shows (default: all with notes)")
+    infill.add_argument("--tracks",
+                        help="tracks to infill, numbered from 1 as --list-tracks shows (default: all with notes)")
     infill.add_argument("-o", "--output", help="output .mid; candidate k > 1 goes to OUT-k.mid")
     infill.add_argument("--force", action="store_true",
                         help="overwrite output files that exist (the input file too); refused without it")
@@ -252,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "not with --daemon)")
     infill.add_argument("--device", choices=DEVICES,
                         help="where the model runs (default: the config file's, else auto: CUDA when usable, else "
-                             "the CPU); one that cannot be used falls back to the CPU with a warning; not with --daemon")
+                             "the CPU); one that cannot be used falls back to the CPU with a warning; "
+                             "not with --daemon")
     infill.add_argument("--json", action="store_true",
                         help="print the new notes as JSON on stdout (the summary goes to stderr)")
     infill.add_argument("--list-tracks", action="store_true", help="print the numbered tracks and exit")

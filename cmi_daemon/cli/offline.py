@@ -88,7 +88,8 @@ def read_input(path) -> tuple[mido.MidiFile, Song]:
 
 def candidate_paths(out_path: Path, n_candidates: int) -> list[Path]:
     """out.mid, out-2.mid, out-3.mid ..."""
-    return [out_path] + [out_path.with_name(f"{out_path.stem}-{k}{out_path.suffix}") for k in range(2, n_candidates + 1)]
+    return [out_path] + [out_path.with_name(f"{out_path.stem}-{k}{out_path.suffix}")
+                         for k in range(2, n_candidates + 1)]
 
 
 def output_paths(input_path, output, n_candidates: int, force: bool) -> list[Path]:

@@ -633,7 +633,8 @@ class Daemon:
         n_notes = (sum(len(track.notes) for track in request.song.tracks)
                    + sum(len(notes) for candidate in candidates for notes in candidate.values()))
         self._forget_session(request.session)
-        self.sessions[request.session] = Session(request, candidates, SESSION_FIXED_BYTES + n_notes * SESSION_NOTE_BYTES)
+        self.sessions[request.session] = Session(request, candidates,
+                                                 SESSION_FIXED_BYTES + n_notes * SESSION_NOTE_BYTES)
         self.session_bytes += self.sessions[request.session].size_bytes
         budget_bytes = self.settings.session_memory_mib * 1024 * 1024
         while len(self.sessions) > SESSION_MEMORY or (self.session_bytes > budget_bytes and len(self.sessions) > 1):

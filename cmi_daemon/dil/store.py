@@ -67,7 +67,8 @@ class ProfileStore:
         """Delete the temporary files of writes a kill cut short (call while no one writes); returns how many."""
         return remove_temporaries(self.root, f"*{PROFILE_SUFFIX}/{TEMPORARY_PATTERN}")
 
-    def save(self, profile: str, tensors: dict[str, torch.Tensor], steps: int, signals: int, settings_json: str) -> None:
+    def save(self, profile: str, tensors: dict[str, torch.Tensor], steps: int, signals: int,
+             settings_json: str) -> None:
         metadata = {"format": STATE_FORMAT, "base": self.base_id, "steps": str(steps), "signals": str(signals),
                     "settings": settings_json}
         write_private_atomic(self.folder(profile) / STATE_FILE, save(tensors, metadata=metadata))

@@ -6,8 +6,8 @@ answer as it grows and says what is allowed next:
 - waits never pass the blank's end, nor the next note of another track inside the range
   (`Region.fixed_notes`: those are forced in at their steps, with their note-offs);
 - a note-on only for a key that is silent, counting the target tracks' notes that start before
-  the range and sound into it (a new note would cut them short in a MIDI channel); a note-off only for a key the answer opened at an
-  earlier step (no zero-length notes);
+  the range and sound into it (a new note would cut them short in a MIDI channel); a note-off only
+  for a key the answer opened at an earlier step (no zero-length notes);
 - `<ans>` never sampled: when the clock reaches the blank's end, the open notes are closed
   and `<ans>` follows, all forced;
 - where the context is dense (the target bins play at least MIN_EXPECTED_NOTES notes per blank

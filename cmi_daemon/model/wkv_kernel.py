@@ -43,7 +43,8 @@ def compiler() -> Optional[str]:
 
 def compile_flags() -> list[str]:
     flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread"]
-    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    if (platform.machine().lower() in ("x86_64", "amd64")
+            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")):
         flags += ["-mavx2", "-mfma"]
     return flags
 
@@ -134,7 +135,8 @@ class WKV(torch.autograd.Function):
         y = torch.empty_like(k)
         batch, n_tokens, n_channels = k.shape
         function = library().cmi_wkv_forward_f32 if dtype == torch.float32 else library().cmi_wkv_forward_f64
-        function(batch, n_tokens, n_channels, *(t.data_ptr() for t in (w, u, k, v, y, *state_out)), torch.get_num_threads())
+        function(batch, n_tokens, n_channels, *(t.data_ptr() for t in (w, u, k, v, y, *state_out)),
+                 torch.get_num_threads())
         ctx.save_for_backward(w, u, k, v, y, *state_in)
         ctx.mark_non_differentiable(*state_out)
         return (y, *state_out)

@@ -44,8 +44,9 @@ def cut_notes(notes: Sequence[TimedNote], start_ms: float, end_ms: float) -> Cut
     """The prefix / blank / suffix cut of timed notes at [start_ms, end_ms), for training and serving.
 
     A note's side is where its onset lies; notes before the range end by its start, notes inside
-    it by its end; the prefix's and the suffix's silences are cut to MAX_CONTEXT_GAP_STEPS. Each side becomes events on its own (tokens.note_events), so the tokenizer's
-    merge of two notes of one key starting in one 8 ms step never joins notes of two sides (it
+    it by its end; the prefix's and the suffix's silences are cut to MAX_CONTEXT_GAP_STEPS. Each
+    side becomes events on its own (tokens.note_events), so the tokenizer's merge of two notes of
+    one key starting in one 8 ms step never joins notes of two sides (it
     would carry the later note's end across the boundary: a negative wait). The prefix ends with
     waits up to the range start, the blank spans exactly the range, the suffix starts at its end.
     """

@@ -110,7 +110,8 @@ def main(argv=None) -> None:
         "machine": f"{cpu_model()}, {os.cpu_count()} logical CPUs, load average "
                    f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}",
         "model": str(args.model), "infills": len(chosen),
-        "idle_median_ms": round(1000 * float(np.median(idle)), 1), "busy_median_ms": round(1000 * float(np.median(busy)), 1),
+        "idle_median_ms": round(1000 * float(np.median(idle)), 1),
+        "busy_median_ms": round(1000 * float(np.median(busy)), 1),
         "idle_p95_ms": round(1000 * float(np.percentile(idle, 95)), 1),
         "busy_p95_ms": round(1000 * float(np.percentile(busy, 95)), 1),
         "median_ratio": round(float(np.median(busy) / np.median(idle)), 3),

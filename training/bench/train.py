@@ -153,7 +153,8 @@ def main(argv=None) -> None:
               f"({torch.get_num_threads()} threads), python {platform.python_version()}, device {device}, "
               f"load average {os.getloadavg()[0]:.1f}")
         size = (f"generator {fast.model.config.n_layer} x {fast.model.config.n_embd}" if args.stage == "generator"
-                else f"encoder {fast.model.context_encoder.config.n_layer} x {fast.model.context_encoder.config.n_embd}")
+                else f"encoder {fast.model.context_encoder.config.n_layer} x "
+                     f"{fast.model.context_encoder.config.n_embd}")
         n_params = sum(p.numel() for p in train.trained_parameters(fast.model)) / 1e6
         print(f"stage {args.stage}, preset {args.config} ({size}, {n_params:.2f}M trained parameters): "
               f"batch {config.batch_size} x "
@@ -170,7 +171,8 @@ def main(argv=None) -> None:
             print(summary(path))
         if reference is not None:
             ratios = [f / r for f, r in zip(fast.tokens_per_s(), reference.tokens_per_s())]
-            print(f"ratio trainer / reference: {statistics.median(fast.tokens_per_s()) / statistics.median(reference.tokens_per_s()):.2f} "
+            ratio = statistics.median(fast.tokens_per_s()) / statistics.median(reference.tokens_per_s())
+            print(f"ratio trainer / reference: {ratio:.2f} "
                   f"(per step pair: median {statistics.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f})")
 
 

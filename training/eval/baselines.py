@@ -32,7 +32,8 @@ class Blank:
     def __post_init__(self):
         if len(self.bar_lines_qn) != 2 * self.context_bars + self.width_bars + 1:
             raise ValueError(f"a blank of {self.width_bars} bars with {self.context_bars} bars of context each side "
-                             f"needs {2 * self.context_bars + self.width_bars + 1} bar lines, not {len(self.bar_lines_qn)}")
+                             f"needs {2 * self.context_bars + self.width_bars + 1} bar lines, "
+                             f"not {len(self.bar_lines_qn)}")
         if self.width_bars > self.context_bars:
             raise ValueError(f"a blank of {self.width_bars} bars is wider than its {self.context_bars} bars of context")
 

@@ -149,7 +149,8 @@ def check_infill(system_name: str, infill: dict[int, list[Note]], start_qn: floa
     """Refuse an answer with notes outside [start_qn, end_qn) or on tracks that are not targets."""
     for track_index, notes in infill.items():
         if track_index not in targets:
-            raise ValueError(f"{system_name} wrote notes on track {track_index}, which is not a target {tuple(targets)}")
+            raise ValueError(f"{system_name} wrote notes on track {track_index}, "
+                             f"which is not a target {tuple(targets)}")
         for note in notes:
             if not (start_qn <= note.start_qn < end_qn and note.start_qn + note.duration_qn <= end_qn + 1e-9):
                 raise ValueError(f"{system_name} put a note outside [{start_qn}, {end_qn}): {note}")
@@ -167,7 +168,8 @@ def infill_metrics(song: Song, blank: Blank, targets: Sequence[int], infill: dic
                                     metrics.onset_grids(future.notes, future.bar_lines_qn)])
     values["GC"] = metrics.groove_consistency(metrics.onset_grids(mine.notes, mine.bar_lines_qn), context_grids)
     values["onset_F1"] = metrics.onset_f1(mine.notes, reference.notes)
-    values["chroma_cos"] = metrics.chroma_cosine(mine.pitched_notes, reference.pitched_notes, blank.start_qn, blank.end_qn)
+    values["chroma_cos"] = metrics.chroma_cosine(mine.pitched_notes, reference.pitched_notes,
+                                                 blank.start_qn, blank.end_qn)
     values["PCE_diff"] = abs(metrics.pitch_class_entropy_bits(mine.pitched_notes)
                              - metrics.pitch_class_entropy_bits(reference.pitched_notes))
     return values
@@ -273,7 +275,8 @@ def paired_test(distance_a: Sequence[float], distance_b: Sequence[float], rng: n
     keep = ~(np.isnan(a) | np.isnan(b))
     difference = a[keep] - b[keep]
     if len(difference) == 0:
-        return {"n": 0, "wilcoxon_p": float("nan"), "mean_difference": float("nan"), "bootstrap_ci95": [float("nan")] * 2}
+        return {"n": 0, "wilcoxon_p": float("nan"), "mean_difference": float("nan"),
+                "bootstrap_ci95": [float("nan")] * 2}
     if np.all(difference == 0):
         p_value = 1.0
     else:
@@ -460,7 +463,8 @@ def git_commit() -> str:
     """HEAD of the repository, with `+dirty` when tracked files differ from it; `unknown` outside git."""
     repo = Path(__file__).resolve().parents[2]
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                              check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -483,7 +487,8 @@ def run(data_dir: Path, out_dir: Path, systems: Sequence[InfillSystem], baseline
     skipped = {}
     for path in tqdm(paths, desc="songs", unit="song", disable=not progress):
         try:
-            song_results, song_rolls = evaluate_song(path, systems, blanks_per_song, seed, PIANO_ROLL_BLANKS - len(rolls))
+            song_results, song_rolls = evaluate_song(path, systems, blanks_per_song, seed,
+                                                     PIANO_ROLL_BLANKS - len(rolls))
         except MidiFileError as error:
             skipped[str(path)] = str(error)
             continue

@@ -268,7 +268,8 @@ def run(data_dir: Path, model_dir: Optional[Path], first_bar: int, last_bar: int
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.musicality", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, required=True, help="folder of songs (pop909 layout NNN/NNN.mid, or any *.mid)")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="folder of songs (pop909 layout NNN/NNN.mid, or any *.mid)")
     parser.add_argument("--model", type=Path, help="model bundle folder (default: the shipped model)")
     parser.add_argument("--bars", default="17-20", help="bars to infill, counted from 1 (default: 17-20)")
     parser.add_argument("--seed", type=int, default=1, help="infill seed (default: 1)")

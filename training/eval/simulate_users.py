@@ -103,8 +103,8 @@ def load_cases(data_dir: Path, test: int, n_pieces: int, seed: int) -> list[Case
         if not blanks:
             continue
         blank = blanks[0]
-        cases.append(Case(path.parent.name or path.stem, window_song(song, blank.bar_lines_qn[0], blank.bar_lines_qn[-1]),
-                          blank, targets))
+        cases.append(Case(path.parent.name or path.stem,
+                          window_song(song, blank.bar_lines_qn[0], blank.bar_lines_qn[-1]), blank, targets))
         if len(cases) == n_pieces:
             break
     return cases
@@ -384,7 +384,8 @@ def results_markdown(summary: dict, protocol: dict) -> str:
     if grounded:
         lines += ["", "## Grounded user (wants a lower register)", "",
                   "| | DIL off | DIL both |", "|---|---|---|",
-                  f"| mean rounds to satisfaction (censored at rounds + 1) | {np.mean(grounded['rounds_off_per_test']):.2f} | "
+                  "| mean rounds to satisfaction (censored at rounds + 1) | "
+                  f"{np.mean(grounded['rounds_off_per_test']):.2f} | "
                   f"{np.mean(grounded['rounds_dil_per_test']):.2f} |",
                   f"| pieces satisfied | {grounded['satisfied_off']} / {grounded['pieces']} | "
                   f"{grounded['satisfied_dil']} / {grounded['pieces']} |",
@@ -394,7 +395,8 @@ def results_markdown(summary: dict, protocol: dict) -> str:
         lines += ["", "## User with random rejections (no consistent taste)", "",
                   "Context fit: mean of the PD/DD/CD overlaps with past and future (higher fits better).", "",
                   "| | DIL off | DIL both |", "|---|---|---|",
-                  f"| mean context fit | {np.mean(noisy['fit_off_per_test']):.4f} | {np.mean(noisy['fit_dil_per_test']):.4f} |",
+                  f"| mean context fit | {np.mean(noisy['fit_off_per_test']):.4f} | "
+                  f"{np.mean(noisy['fit_dil_per_test']):.4f} |",
                   f"| worst per-test difference (DIL - off) | | {noisy['worst_difference']:+.4f} |",
                   f"| p (context fit, over pieces) | | {p_text(noisy['p_pieces'])} |"]
     return "\n".join(lines) + "\n"
