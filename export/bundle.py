@@ -20,9 +20,10 @@ from typing import Optional
 import torch
 
 from cmi_daemon.music import vocab
-from cmi_daemon.inference.bundle import (BUNDLE_FORMAT, CONTEXT_ENCODER_GRAPH, GENERATOR_WEIGHTS, JEPA_WEIGHTS,
-                               MANIFEST_NAME, PREDICTOR_GRAPH, PREFILL_CHUNK_TOKENS, PREFILL_GRAPH, STEP_GRAPH,
-                               WEIGHTS_DTYPE, bundle_files, sha256_of)
+from cmi_daemon.inference.bundle import (BUNDLE_FORMAT, CONTEXT_ENCODER_GRAPH, GENERATOR_WEIGHTS,
+                                         GRAPH_WEIGHTS_FIELD, JEPA_WEIGHTS, MANIFEST_NAME, PREDICTOR_GRAPH,
+                                         PREFILL_CHUNK_TOKENS, PREFILL_GRAPH, STEP_GRAPH, WEIGHTS_DTYPE,
+                                         bundle_files, sha256_of)
 from cmi_daemon.model.config import ModelConfig
 from cmi_daemon.model.jepa import JEPA
 from cmi_daemon.model.rwkv import RWKVGenerator
@@ -32,13 +33,13 @@ from export.weights import STORAGE_DTYPE, link_graph_to_weights, save_weights
 from training.data.batches import ilm_window_tokens
 
 
-GRAPH_WEIGHT_LINKS = {
-    PREFILL_GRAPH: (GENERATOR_WEIGHTS, "generator.", ""),
-    STEP_GRAPH: (GENERATOR_WEIGHTS, "generator.", ""),
-    CONTEXT_ENCODER_GRAPH: (JEPA_WEIGHTS, "", "context_encoder."),
-    PREDICTOR_GRAPH: (JEPA_WEIGHTS, "predictor.", "predictor."),
+GRAPH_WEIGHT_FILES = {
+    PREFILL_GRAPH: GENERATOR_WEIGHTS,
+    STEP_GRAPH: GENERATOR_WEIGHTS,
+    CONTEXT_ENCODER_GRAPH: JEPA_WEIGHTS,
+    PREDICTOR_GRAPH: JEPA_WEIGHTS,
 }
-"""Graph -> (safetensors file holding its weights, weight name prefix in the graph, in the file)."""
+"""Graph -> the safetensors file holding its weights."""
 
 
 def default_context_tokens(model_config: ModelConfig) -> int:
@@ -76,16 +77,13 @@ def write_bundle(checkpoint: Checkpoint, out_dir, context_tokens: Optional[int] 
     staging.mkdir(parents=True)
     generator, jepa = build_models(checkpoint)
     save_weights(generator.state_dict(), staging / GENERATOR_WEIGHTS)
-    export_generator_graphs(generator, staging / PREFILL_GRAPH, staging / STEP_GRAPH)
+    held = export_generator_graphs(generator, staging / PREFILL_GRAPH, staging / STEP_GRAPH)
     if jepa is not None:
         save_weights(jepa.state_dict(), staging / JEPA_WEIGHTS)
-        export_jepa_graphs(jepa.context_encoder, jepa.predictor, staging / CONTEXT_ENCODER_GRAPH,
-                           staging / PREDICTOR_GRAPH)
+        held.update(export_jepa_graphs(jepa, staging / CONTEXT_ENCODER_GRAPH, staging / PREDICTOR_GRAPH))
     conditioned = checkpoint.model_config.generator.conditioned
-    for graph in bundle_files(conditioned):
-        if graph in GRAPH_WEIGHT_LINKS:
-            weights, graph_prefix, weights_prefix = GRAPH_WEIGHT_LINKS[graph]
-            link_graph_to_weights(staging / graph, staging / weights, graph_prefix, weights_prefix)
+    graph_weights = {graph: link_graph_to_weights(staging / graph, staging / GRAPH_WEIGHT_FILES[graph], held[graph])
+                     for graph in bundle_files(conditioned) if graph in GRAPH_WEIGHT_FILES}
     training = dict(checkpoint.training)
     trained_tokenizer = training.get("tokenizer") or (data_summary or {}).get("tokenizer") or {}
     if data_summary:
@@ -104,6 +102,7 @@ def write_bundle(checkpoint: Checkpoint, out_dir, context_tokens: Optional[int] 
                       "role_bins": bool(trained_tokenizer.get("role_bins", False)),
                       "steps_per_qn": trained_tokenizer.get("steps_per_qn")},
         "training": training or None,
+        GRAPH_WEIGHTS_FIELD: graph_weights,
         "files": {name: sha256_of(staging / name) for name in bundle_files(conditioned)},
     }
     (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -14,7 +14,8 @@ Graph inputs and outputs (B is dynamic everywhere; N, Nc, Nt are dynamic token c
 - generator_step: token_ids (B,) int64, state, head_rows, [cond] -> logits (B, R), new_state
 
 The graphs are traced without constant folding, so every weight stays an initializer named
-after its parameter (export.weights then points it into the safetensors files) and nothing
+after its parameter; initializer_weights records which state-dict keys each one holds (from the
+traced module's own tensors), export.weights then points it into the safetensors files, and nothing
 derived from a weight (a transpose, -exp(time_decay)) is baked into a graph; ONNX Runtime
 folds those at session creation. The encoder's and predictor's sinusoidal position tables are
 computed in the graph too (Range, Mul, Sin, Cos), instead of being stored as a constant of
@@ -38,18 +39,13 @@ import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
 from cmi_daemon.inference.bundle import PREFILL_CHUNK_TOKENS
-from cmi_daemon.model.jepa import ContextEncoder, Predictor, SelfAttention, conditioning_vector, sinusoid_table
-from cmi_daemon.model.rwkv import WKV_CHUNK_LEN, RWKVGenerator
+from cmi_daemon.model.jepa import JEPA, Predictor, SelfAttention, conditioning_vector, sinusoid_table
+from cmi_daemon.model.rwkv import RWKVGenerator
 
 ONNX_OPSET = 17
 ONNX_IR_VERSION = 8
 """Of the position-table graph run at export (onnx's default IR version is newer than ONNX Runtime reads)."""
 POSITION_TABLE_TOLERANCE = 1e-6
-
-
-def generator_hidden(generator: RWKVGenerator, token_ids, state, cond):
-    """(ln_out output, new state) for token_ids (B,) or (B, T): the generator without its head."""
-    return generator.hidden(token_ids, state, cond, WKV_CHUNK_LEN)
 
 
 class StepGraph(nn.Module):
@@ -58,7 +54,7 @@ class StepGraph(nn.Module):
         self.generator = generator
 
     def forward(self, token_ids, state, head_rows, cond=None):
-        hidden, new_state = generator_hidden(self.generator, token_ids, state, cond)
+        hidden, new_state = self.generator.hidden(token_ids, state, cond)
         return hidden @ head_rows.T, new_state
 
 
@@ -68,7 +64,7 @@ class PrefillGraph(nn.Module):
         self.generator = generator
 
     def forward(self, token_ids, state, head_rows, cond=None):
-        hidden, new_state = generator_hidden(self.generator, token_ids, state, cond)
+        hidden, new_state = self.generator.hidden(token_ids, state, cond)
         return hidden[:, -1] @ head_rows.T, new_state
 
 
@@ -174,7 +170,32 @@ def compute_position_tables(path: Path, max_len: int, width: int) -> None:
     onnx.save(model, str(path))
 
 
-def export_generator_graphs(generator: RWKVGenerator, prefill_path: Path, step_path: Path) -> None:
+def initializer_weights(graph_path: Path, traced: nn.Module, owner: nn.Module) -> dict[str, list[str]]:
+    """Initializer name -> the owner's state-dict keys of the weights it holds, in the graph just traced
+    from `traced` (a module whose tensors are owner's, e.g. its submodule or a wrapper of it).
+
+    torch.onnx names a weight's initializer after the traced module's state-dict entry, so each is
+    found by the tensor itself. In eval mode the exporter also merges weights of equal value into the
+    first one's initializer (fresh LayerNorms, all ones), which then holds several keys; a traced
+    weight that is neither in the graph nor equal to one that is was not used. Initializers that are
+    no traced weight (constants) are not listed."""
+    owner_keys = {id(tensor): key for key, tensor in owner.state_dict(keep_vars=True).items()}
+    traced_state = traced.state_dict(keep_vars=True)
+    names = [initializer.name for initializer in onnx.load(str(graph_path)).graph.initializer]
+    held = {name: [owner_keys[id(traced_state[name])]] for name in names if name in traced_state}
+    for name, tensor in traced_state.items():
+        if name in held:
+            continue
+        for kept, keys in held.items():
+            if traced_state[kept].shape == tensor.shape and torch.equal(traced_state[kept], tensor):
+                keys.append(owner_keys[id(tensor)])
+                break
+    return held
+
+
+def export_generator_graphs(generator: RWKVGenerator, prefill_path: Path, step_path: Path
+                            ) -> dict[str, dict[str, list[str]]]:
+    """Trace the step and prefill graphs; returns graph file name -> initializer_weights (generator keys)."""
     config = generator.config
     state = generator.empty_state(2)
     cond = (torch.zeros(2, config.cond_in_dim),) if config.conditioned else ()
@@ -185,15 +206,21 @@ def export_generator_graphs(generator: RWKVGenerator, prefill_path: Path, step_p
     if config.conditioned:
         axes["cond"] = {0: "batch"}
     names = ("token_ids", "state", "head_rows", *cond_names)
+    step, prefill = StepGraph(generator), PrefillGraph(generator)
     with torch.no_grad():
-        _export(StepGraph(generator), (torch.tensor([5, 300]), state, head_rows, *cond), step_path,
+        _export(step, (torch.tensor([5, 300]), state, head_rows, *cond), step_path,
                 names, ("logits", "new_state"), axes)
         prompt = torch.full((2, PREFILL_CHUNK_TOKENS), 300, dtype=torch.int64)
-        _export(PrefillGraph(generator), (prompt, state, head_rows, *cond), prefill_path,
+        _export(prefill, (prompt, state, head_rows, *cond), prefill_path,
                 names, ("logits", "new_state"), axes)
+    return {step_path.name: initializer_weights(step_path, step, generator),
+            prefill_path.name: initializer_weights(prefill_path, prefill, generator)}
 
 
-def export_jepa_graphs(encoder: ContextEncoder, predictor: Predictor, encoder_path: Path, predictor_path: Path) -> None:
+def export_jepa_graphs(jepa: JEPA, encoder_path: Path, predictor_path: Path) -> dict[str, dict[str, list[str]]]:
+    """Trace the JEPA's context encoder and predictor graphs; returns graph file name ->
+    initializer_weights (JEPA keys)."""
+    encoder, predictor = jepa.context_encoder, PredictorGraph(jepa.predictor)
     n_context, n_target, width = 7, 3, encoder.config.n_embd
     positions = torch.arange(n_context)[None]
     valid = torch.ones(1, n_context, dtype=torch.bool)
@@ -207,10 +234,12 @@ def export_jepa_graphs(encoder: ContextEncoder, predictor: Predictor, encoder_pa
         target_valid = torch.ones(1, n_target, dtype=torch.bool)
         context_axes = {0: "batch", 1: "n_context"}
         target_axes = {0: "batch", 1: "n_target"}
-        _export(PredictorGraph(predictor), (torch.zeros(1, n_context, width), positions, valid, target_positions,
-                                            target_valid), predictor_path,
+        _export(predictor, (torch.zeros(1, n_context, width), positions, valid, target_positions,
+                            target_valid), predictor_path,
                 ("context_repr", "context_positions", "context_valid", "target_positions", "target_valid"),
                 ("cond",),
                 {"context_repr": context_axes, "context_positions": context_axes, "context_valid": context_axes,
                  "target_positions": target_axes, "target_valid": target_axes, "cond": {0: "batch"}})
-        compute_position_tables(predictor_path, *predictor.pos_table.shape)
+        compute_position_tables(predictor_path, *jepa.predictor.pos_table.shape)
+    return {encoder_path.name: initializer_weights(encoder_path, encoder, jepa),
+            predictor_path.name: initializer_weights(predictor_path, predictor, jepa)}

@@ -19,6 +19,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 import onnx
 import torch
@@ -77,29 +78,37 @@ def _external_initializer(name: str, stored: StoredTensor, location: str) -> Ten
     return tensor
 
 
-def link_graph_to_weights(graph_path: Path, weights_path: Path, graph_prefix: str, weights_prefix: str) -> None:
+def link_graph_to_weights(graph_path: Path, weights_path: Path, held: dict[str, list[str]]
+                          ) -> dict[str, Union[str, list[str], None]]:
     """Replace every float initializer of the graph by fp16 external data + Cast to float32.
 
-    The initializer `graph_prefix + rest` reads the tensor `weights_prefix + rest` of weights_path,
-    which must sit in the same folder; one with no such tensor is a WeightLinkError (the graph
-    would carry a weight of its own). The graph file is rewritten in place."""
+    held is export.graphs.initializer_weights of the graph: the initializer `name` reads the tensor
+    held[name][0] of weights_path, which must sit in the same folder; a float initializer with no
+    such tensor is a WeightLinkError (the graph would carry a weight of its own). The graph file is
+    rewritten in place. Returns the manifest's map of the linked graph (inference.bundle
+    GRAPH_WEIGHTS_FIELD): initializer name -> the key it holds, the list of keys when it holds
+    several, None when it holds none."""
     model = onnx.load(str(graph_path))
     stored = stored_tensors(weights_path)
     kept, linked, casts = [], [], []
+    weight_map: dict[str, Union[str, list[str], None]] = {}
     for initializer in model.graph.initializer:
         name = initializer.name
         if initializer.data_type != TensorProto.FLOAT:
             kept.append(initializer)
+            weight_map[name] = None
             continue
-        weight_name = weights_prefix + name[len(graph_prefix):] if name.startswith(graph_prefix) else name
-        tensor = stored.get(weight_name)
+        keys = held.get(name, [])
+        tensor = stored.get(keys[0]) if keys else None
         if tensor is None or tuple(initializer.dims) != tensor.shape or tensor.dtype not in SAFETENSORS_ONNX_TYPES:
-            found = "absent" if tensor is None else f"{tensor.dtype} {tensor.shape}"
+            found = "holds no traced weight" if not keys else f"{keys[0]} " + (
+                "absent" if tensor is None else f"{tensor.dtype} {tensor.shape}")
             raise WeightLinkError(f"{graph_path.name}: initializer {name} {tuple(initializer.dims)} has no stored "
-                                  f"tensor in {weights_path.name} ({weight_name} {found})")
+                                  f"tensor in {weights_path.name} ({found})")
         linked.append(_external_initializer(name + FP16_INITIALIZER_SUFFIX, tensor, weights_path.name))
         casts.append(helper.make_node("Cast", [name + FP16_INITIALIZER_SUFFIX], [name], to=TensorProto.FLOAT,
                                       name=f"cast_{name}"))
+        weight_map[name + FP16_INITIALIZER_SUFFIX] = keys[0] if len(keys) == 1 else list(keys)
     nodes = casts + list(model.graph.node)
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept + linked)
@@ -107,3 +116,4 @@ def link_graph_to_weights(graph_path: Path, weights_path: Path, graph_prefix: st
     model.graph.node.extend(nodes)
     graph_path.write_bytes(model.SerializeToString())
     onnx.checker.check_model(str(graph_path))
+    return weight_map

@@ -4,6 +4,7 @@ reset), and profiles surviving kill -9 during saves."""
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import os
@@ -16,18 +17,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cmi_daemon.cli.offline import default_model_dir
 from cmi_daemon.client import DaemonClient
 from cmi_daemon.daemon import schema
 from cmi_daemon.daemon.engine_backend import EngineBackend
 from cmi_daemon.daemon.protocol import Limits
 from cmi_daemon.dil import losses
+from cmi_daemon.dil.adapter import TRAINED_MODULES, graph_weights
 from cmi_daemon.dil.examples import piece
-from cmi_daemon.dil.learner import Learner
+from cmi_daemon.dil.learner import Learner, trainable_keys
 from cmi_daemon.dil.settings import DILSettings
 from cmi_daemon.dil.store import STATE_FILE, ProfileStore
+from cmi_daemon.inference.bundle import load_torch_jepa
 from cmi_daemon.inference.engine import PROFILE_SESSIONS_IN_MEMORY, Engine
+from cmi_daemon.music import vocab
+from cmi_daemon.music.tokens import read_midi
+from conftest import POP909_FIXTURES
 from daemon_support import REPO, infill_request, process_rss_bytes, threaded_daemon
-from tiny_bundle import tiny_bundle_dir
+from tiny_bundle import randomized, tiny_bundle_dir
 
 
 ALWAYS_STEP = DILSettings(margin=2.0)
@@ -135,6 +142,33 @@ def test_engine_keeps_a_bounded_number_of_profiles_and_reads_the_others_back(tin
         np.testing.assert_array_equal(engine.conditioning(region, 12, profile), first_pass[profile])
     assert len(engine._profile_sessions) == PROFILE_SESSIONS_IN_MEMORY
     learner.close()
+
+
+def test_the_default_models_graphs_take_every_weight_dil_trains_as_torch_computes_it():
+    """The shipped bundle's recorded graph weights name every encoder and predictor parameter, and a
+    profile's weights installed through them condition exactly as the torch JEPA with those weights."""
+    engine = Engine(default_model_dir(), intra_op_threads=1)
+    initializers = engine.jepa_initializers()
+    base = load_torch_jepa(engine.bundle)
+    trained = {key for key, _ in base.named_parameters() if key.startswith(TRAINED_MODULES)}
+    assert trainable_keys(base, initializers) == trained
+    adapted = randomized(copy.deepcopy(base), seed=3, scale=0.02)
+    with torch.no_grad():
+        for parameter in adapted.parameters():  # as the graphs store them
+            parameter.copy_(parameter.half().float())
+    engine.install_profile_weights("alice", graph_weights(adapted.state_dict(), initializers))
+    song = read_midi(POP909_FIXTURES[0])
+    region = engine.region(song, *song.meter.bar_range_qn(9, 12), [0, 1])
+    n_blank = region.expected_answer_tokens()
+    token_ids = torch.tensor([region.prefix_ids + [vocab.PAD_ID] * n_blank + region.suffix_ids])
+    blank = torch.zeros_like(token_ids, dtype=torch.bool)
+    blank[0, len(region.prefix_ids):len(region.prefix_ids) + n_blank] = True
+    with torch.no_grad():
+        expected = adapted.conditioning(token_ids, ~blank, blank).numpy()
+        base_vector = base.conditioning(token_ids, ~blank, blank).numpy()
+    served = engine.conditioning(region, n_blank, "alice")
+    assert np.abs(served - base_vector).max() > 1e-2, "the adapted weights change the vector"
+    assert np.abs(served - expected).max() <= 1e-5
 
 
 # ----- a live daemon -----

@@ -17,8 +17,11 @@ from onnx import TensorProto, numpy_helper
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cmi_daemon.inference.bundle import (BUNDLE_FORMAT, GENERATOR_WEIGHTS, JEPA_WEIGHTS, MANIFEST_NAME, PREDICTOR_GRAPH,
-                               STEP_GRAPH, BundleError, load_bundle, load_torch_models, sha256_of)
+from cmi_daemon.dil.adapter import TRAINED_MODULES
+from cmi_daemon.dil.learner import trainable_keys
+from cmi_daemon.inference.bundle import (BUNDLE_FORMAT, CONTEXT_ENCODER_GRAPH, GENERATOR_WEIGHTS, GRAPH_WEIGHTS_FIELD,
+                                         JEPA_WEIGHTS, MANIFEST_NAME, PREDICTOR_GRAPH, STEP_GRAPH, BundleError,
+                                         load_bundle, load_torch_models, sha256_of)
 from cmi_daemon.cli.offline import default_model_dir
 from cmi_daemon.inference.engine import Engine, blank_positions
 from cmi_daemon.model.config import preset
@@ -28,8 +31,9 @@ from cmi_daemon.music.tokens import read_midi
 from conftest import POP909_FIXTURES
 from daemon_support import process_rss_bytes
 from export.__main__ import main as export_main
-from export.bundle import GRAPH_WEIGHT_LINKS
-from export.weights import FP16_INITIALIZER_SUFFIX
+from export.bundle import GRAPH_WEIGHT_FILES
+from export.graphs import export_jepa_graphs
+from export.weights import link_graph_to_weights, save_weights
 from tiny_bundle import randomized, tiny_bundle_dir
 
 TOLERANCE = 1e-4
@@ -71,7 +75,7 @@ def test_weights_are_stored_once_as_fp16_and_the_graphs_read_them(engine):
     for weights_name in (GENERATOR_WEIGHTS, JEPA_WEIGHTS):
         with safe_open(str(folder / weights_name), framework="numpy") as weights:
             assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"F16"}
-    for graph_name, (weights_name, _, _) in GRAPH_WEIGHT_LINKS.items():
+    for graph_name, weights_name in GRAPH_WEIGHT_FILES.items():
         graph = onnx.load(str(folder / graph_name), load_external_data=False).graph
         external = [tensor for tensor in graph.initializer if tensor.data_location == TensorProto.EXTERNAL]
         assert external and all(tensor.data_type == TensorProto.FLOAT16 for tensor in external)
@@ -87,13 +91,30 @@ def test_weights_are_stored_once_as_fp16_and_the_graphs_read_them(engine):
 
 def test_the_graphs_external_data_is_the_stored_tensor(engine):
     folder = engine.bundle.path
-    for graph_name, (weights_name, graph_prefix, weights_prefix) in GRAPH_WEIGHT_LINKS.items():
+    for graph_name, weights_name in GRAPH_WEIGHT_FILES.items():
         graph = onnx.load(str(folder / graph_name)).graph
+        keys = engine.bundle.manifest[GRAPH_WEIGHTS_FIELD][graph_name]
+        assert sorted(keys) == sorted(tensor.name for tensor in graph.initializer)
         with safe_open(str(folder / weights_name), framework="numpy") as weights:
             for tensor in graph.initializer:
                 if tensor.data_type == TensorProto.FLOAT16:
-                    name = weights_prefix + tensor.name.removesuffix(FP16_INITIALIZER_SUFFIX)[len(graph_prefix):]
-                    assert np.array_equal(numpy_helper.to_array(tensor), weights.get_tensor(name))
+                    assert np.array_equal(numpy_helper.to_array(tensor), weights.get_tensor(keys[tensor.name]))
+
+
+def test_weights_merged_into_one_initializer_are_recorded_with_every_key_and_stay_frozen(tmp_path):
+    jepa = JEPA(preset("tiny").encoder, preset("tiny").predictor).eval()  # fresh: equal LayerNorms
+    held = export_jepa_graphs(jepa, tmp_path / CONTEXT_ENCODER_GRAPH, tmp_path / PREDICTOR_GRAPH)
+    save_weights(jepa.state_dict(), tmp_path / JEPA_WEIGHTS)
+    recorded = {graph: link_graph_to_weights(tmp_path / graph, tmp_path / JEPA_WEIGHTS, held[graph]) for graph in held}
+    state = jepa.state_dict()
+    keys = [key for names in recorded.values() for value in names.values() if value is not None
+            for key in ([value] if isinstance(value, str) else value)]
+    assert sorted(keys) == sorted(key for key, _ in jepa.named_parameters() if key.startswith(TRAINED_MODULES))
+    merged = [value for names in recorded.values() for value in names.values() if isinstance(value, list)]
+    assert merged and all(torch.equal(state[key], state[value[0]]) for value in merged for key in value)
+    own = {graph: {name: key for name, key in names.items() if isinstance(key, str)}
+           for graph, names in recorded.items()}
+    assert trainable_keys(jepa, own) == set(keys) - {key for value in merged for key in value}
 
 
 def test_torch_models_load_the_fp16_weights_as_fp32(engine):
@@ -248,6 +269,22 @@ def test_an_older_or_unknown_format_version_is_refused(bundle_copy, version):
     with pytest.raises(BundleError, match=f"{MANIFEST_NAME} has format version '{version}', this cmi-daemon reads "
                                           f"'{BUNDLE_FORMAT}' \\(export the model again"):
         load_bundle(bundle_copy)
+
+
+def test_a_bundle_exported_before_the_graph_weights_were_recorded_is_refused(bundle_copy, tmp_path_factory):
+    manifest_path = bundle_copy / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    del manifest[GRAPH_WEIGHTS_FIELD]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=f"{MANIFEST_NAME} gives no {GRAPH_WEIGHTS_FIELD} for context_encoder.onnx "
+                                          ".*export the model again"):
+        Engine(bundle_copy)
+    unconditioned = tmp_path_factory.mktemp("unconditioned") / "bundle"
+    shutil.copytree(tiny_bundle_dir(tmp_path_factory, conditioned=False), unconditioned)
+    manifest = json.loads((unconditioned / MANIFEST_NAME).read_text())
+    del manifest[GRAPH_WEIGHTS_FIELD]
+    (unconditioned / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert not load_bundle(unconditioned).conditioned, "a generator alone replaces no weights: no map needed"
 
 
 def test_another_weights_dtype_is_refused(bundle_copy):

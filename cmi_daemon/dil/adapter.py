@@ -20,29 +20,21 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
+from ..inference.bundle import WEIGHTS_DTYPE
 from ..model.jepa import JEPA
 from ..music.regions import JEPASequence
 from .losses import iteration_loss, sample_loss
 from .settings import DILSettings
 
 TRAINED_MODULES = ("context_encoder.", "predictor.")
-GRAPH_MODULE_PREFIX = {"context_encoder.onnx": "context_encoder.", "predictor.onnx": "predictor."}
-"""ONNX graph file -> the JEPA state-dict prefix of its weights."""
 
 
-def graph_weight_key(graph: str, initializer: str) -> str:
-    """The JEPA state-dict key an ONNX initializer holds (a storage suffix such as `::fp16` dropped)."""
-    name = initializer.split("::")[0]
-    prefix = GRAPH_MODULE_PREFIX[graph]
-    return name if name.startswith(prefix) else prefix + name
-
-
-def graph_weights(state: dict[str, torch.Tensor], initializers: dict[str, dict[str, np.dtype]]
+def graph_weights(state: dict[str, torch.Tensor], initializers: dict[str, dict[str, str]]
                   ) -> dict[str, dict[str, np.ndarray]]:
-    """Graph file -> initializer name -> the JEPA weight it holds (from state, a JEPA state dict) in
-    the initializer's dtype; initializers holding no JEPA weight (constants) stay the graph's own."""
-    return {graph: {name: state[graph_weight_key(graph, name)].detach().cpu().numpy().astype(dtype)
-                    for name, dtype in names.items() if graph_weight_key(graph, name) in state}
+    """Graph file -> initializer name -> the JEPA weight it holds (from state, a JEPA state dict), in
+    the bundle's storage dtype; initializers is Engine.jepa_initializers (name -> state-dict key)."""
+    dtype = np.dtype(WEIGHTS_DTYPE)
+    return {graph: {name: state[key].detach().cpu().numpy().astype(dtype) for name, key in names.items()}
             for graph, names in initializers.items()}
 
 
@@ -106,8 +98,8 @@ class ProfileModel:
 
     # ----- state -----
 
-    def graph_weights(self, initializers: dict[str, dict[str, np.dtype]]) -> dict[str, dict[str, np.ndarray]]:
-        """Graph file -> initializer name -> the adapted weight in the initializer's dtype."""
+    def graph_weights(self, initializers: dict[str, dict[str, str]]) -> dict[str, dict[str, np.ndarray]]:
+        """Graph file -> initializer name -> the adapted weight in the bundle's storage dtype."""
         return graph_weights(self.jepa.state_dict(), initializers)
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -30,11 +30,11 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..inference.bundle import JEPA_WEIGHTS, load_torch_jepa
+from ..inference.bundle import JEPA_WEIGHTS, BundleError, load_torch_jepa
 from ..inference.device import choose_device, flush_denormals_in_this_thread
 from ..model.jepa import JEPA
 from ..music.regions import JEPASequence, replace_notes_in_range
-from .adapter import TRAINED_MODULES, ProfileModel, graph_weight_key, graph_weights
+from .adapter import ProfileModel, graph_weights
 from .examples import neutral_span, piece
 from .settings import DILSettings
 from .store import ProfileStore
@@ -51,23 +51,23 @@ PROFILES_IN_MEMORY = 4
 (each is saved after every signal, so dropping one loses nothing)."""
 
 
-def trainable_keys(base: JEPA, initializers: dict[str, dict]) -> set[str]:
-    """Weights with an initializer of their own in the graphs. The exporter merges weights of equal
-    value into one initializer (fresh LayerNorms); those stay frozen, so torch and ONNX agree.
-    Initializers that hold no JEPA weight (constants) are not weights to learn."""
-    state = base.state_dict()
-    own = {graph_weight_key(graph, name) for graph, names in initializers.items() for name in names} & set(state)
-    merged = [key for key in state if key.startswith(TRAINED_MODULES) and key not in own]
-    shared = {key for key in own for other in merged
-              if state[key].shape == state[other].shape and torch.equal(state[key], state[other])}
-    return own - shared
+def trainable_keys(base: JEPA, initializers: dict[str, dict[str, str]]) -> set[str]:
+    """The base JEPA's parameters with an initializer of their own in the graphs (initializers:
+    Engine.jepa_initializers). A weight the exporter merged with others of equal value into one
+    initializer (fresh LayerNorms) has none and stays frozen, so torch and ONNX agree."""
+    own = {key for names in initializers.values() for key in names.values()}
+    return own & {key for key, _ in base.named_parameters()}
 
 
-def served_initializers(base: JEPA, initializers: dict[str, dict]) -> dict[str, dict]:
-    """The initializers that hold a JEPA weight (those a profile replaces)."""
+def served_initializers(base: JEPA, initializers: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """initializers, checked against the base JEPA: every key they name must be one of its weights."""
     state = base.state_dict()
-    return {graph: {name: dtype for name, dtype in names.items() if graph_weight_key(graph, name) in state}
-            for graph, names in initializers.items()}
+    for graph, names in initializers.items():
+        for name, key in names.items():
+            if key not in state:
+                raise BundleError(f"{graph}: initializer {name} holds {key}, which {JEPA_WEIGHTS} does not have "
+                                  "(export the model again)")
+    return initializers
 
 
 def saved_graph_weights(store: ProfileStore, profile: str, initializers: dict[str, dict]) -> Optional[dict]:

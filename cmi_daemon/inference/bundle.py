@@ -12,6 +12,8 @@ A bundle holds everything inference and DIL need and nothing of training:
   bytes), each read through a Cast to float32, so a session must be created from the graph's
   path inside the bundle folder. The generator graphs take the head rows to compute as an
   input: the engine passes only the rows it may sample, read from the generator's safetensors.
+  The manifest's `graph_weights` gives, per graph, the state-dict key each initializer holds
+  (recorded at export from the traced weights), which is how a DIL profile's weights replace them.
 An unconditioned generator (the "w/o JEP-AGA" ablation) has no JEPA files.
 
 Loading checks the format version, the vocabulary and every file's hash before anything is
@@ -43,6 +45,12 @@ PREFILL_GRAPH = "generator_prefill.onnx"
 STEP_GRAPH = "generator_step.onnx"
 GENERATOR_WEIGHTS = "generator.safetensors"
 JEPA_WEIGHTS = "jepa.safetensors"
+GRAPH_WEIGHTS_FIELD = "graph_weights"
+"""Manifest field: graph file -> initializer name -> the key, in the state dict of the safetensors file
+the graph reads, of the weight the initializer holds; a list of keys when the exporter merged weights
+of equal value into one initializer, null for an initializer that holds no weight (a constant)."""
+PROFILE_GRAPHS = (CONTEXT_ENCODER_GRAPH, PREDICTOR_GRAPH)
+"""The graphs whose weights a DIL profile replaces."""
 PREFILL_CHUNK_TOKENS = 32
 """Tokens the prefill graph reads per call (the chunked WKV is unrolled for a fixed length)."""
 _HASH_BLOCK_BYTES = 1 << 20
@@ -97,6 +105,11 @@ class Bundle:
     def training(self) -> Optional[dict]:
         return self.manifest.get("training")
 
+    def own_weight_initializers(self, graph: str) -> dict[str, str]:
+        """The graph's initializers that hold one weight each -> its state-dict key (those merged from
+        several weights and the constants left out)."""
+        return {name: key for name, key in self.manifest[GRAPH_WEIGHTS_FIELD][graph].items() if isinstance(key, str)}
+
 
 def bundle_files(conditioned: bool) -> tuple[str, ...]:
     """Every file a bundle must hold besides the manifest."""
@@ -110,6 +123,13 @@ def sha256_of(path: Path) -> str:
         while block := file.read(_HASH_BLOCK_BYTES):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _is_weight_map(value) -> bool:
+    """A GRAPH_WEIGHTS_FIELD entry of one graph: initializer name -> key, list of keys or None."""
+    return isinstance(value, dict) and all(
+        isinstance(key, str) or key is None or (isinstance(key, list) and all(isinstance(k, str) for k in key))
+        for key in value.values())
 
 
 def load_bundle(path, verify_hashes: bool = True) -> Bundle:
@@ -141,6 +161,11 @@ def load_bundle(path, verify_hashes: bool = True) -> Bundle:
     if tokenizer.wait_step_ms != vocab.WAIT_STEP_MS:
         raise BundleError(f"model bundle {path}: wait step {tokenizer.wait_step_ms} ms, this tokenizer uses "
                           f"{vocab.WAIT_STEP_MS} ms")
+    weight_maps = manifest.get(GRAPH_WEIGHTS_FIELD)
+    for graph in PROFILE_GRAPHS if model_config.generator.conditioned else ():
+        if not (isinstance(weight_maps, dict) and _is_weight_map(weight_maps.get(graph))):
+            raise BundleError(f"model bundle {path}: {MANIFEST_NAME} gives no {GRAPH_WEIGHTS_FIELD} for {graph} "
+                              "(exported before the graphs' weight names were recorded: export the model again)")
     for name in bundle_files(model_config.generator.conditioned):
         if name not in hashes:
             raise BundleError(f"model bundle {path}: {MANIFEST_NAME} lists no hash for {name}")

@@ -26,13 +26,12 @@ import psutil
 from safetensors import safe_open
 
 from ..music import vocab
-from .bundle import (CONTEXT_ENCODER_GRAPH, GENERATOR_WEIGHTS, PREDICTOR_GRAPH, PREFILL_GRAPH, STEP_GRAPH, Bundle,
-                     load_bundle)
+from .bundle import (CONTEXT_ENCODER_GRAPH, GENERATOR_WEIGHTS, PREDICTOR_GRAPH, PREFILL_GRAPH, PROFILE_GRAPHS,
+                     STEP_GRAPH, Bundle, load_bundle)
 from ..errors import CMIError, InfillCancelled
 from ..music.regions import Region, answer_notes, jepa_sequence, region_in_window
 from .controls import ControlRequest, TrackControls, resolve_controls, snap_to_grid
 from .device import onnx_providers, quiet_onnx_runtime
-from .graph_weights import float_initializers
 from .sampling import (MAX_SEED, AnswerRows, AnswerState, SamplingOptions, TrackConstraints, fixed_events,
                        held_keys, pitch_owners, requires_note, sample_row)
 from ..music.tokens import Note, Song
@@ -199,11 +198,12 @@ class Engine:
     # -----------------------------------------------------------------------------------------
     # DIL profiles: the same graphs with some initializers replaced
 
-    def jepa_initializers(self) -> dict[str, dict[str, np.dtype]]:
-        """Graph file -> overridable initializer name -> its numpy dtype, for the encoder and predictor."""
+    def jepa_initializers(self) -> dict[str, dict[str, str]]:
+        """Graph file -> initializer name -> the JEPA state-dict key of the one weight it holds, for the
+        encoder and predictor (the bundle manifest's graph_weights): the initializers a profile replaces."""
         if not self.bundle.conditioned:
             return {}
-        return {graph: float_initializers(self.bundle.file(graph)) for graph in (CONTEXT_ENCODER_GRAPH, PREDICTOR_GRAPH)}
+        return {graph: self.bundle.own_weight_initializers(graph) for graph in PROFILE_GRAPHS}
 
     def install_profile_weights(self, profile: str, weights: Optional[dict[str, dict[str, np.ndarray]]]) -> None:
         """Serve the profile's next infills with these initializer values (graph file -> name -> array),
@@ -219,7 +219,7 @@ class Engine:
     def _build_profile_sessions(self, weights: dict[str, dict[str, np.ndarray]]) -> tuple:
         built = []
         values = []
-        for graph in (CONTEXT_ENCODER_GRAPH, PREDICTOR_GRAPH):
+        for graph in PROFILE_GRAPHS:
             options = jepa_session_options(self.intra_op_threads)
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             for name, array in weights.get(graph, {}).items():
