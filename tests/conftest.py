@@ -26,17 +26,19 @@ def shared_data(relative: str) -> Path:
 
 
 def pytest_addoption(parser):
-    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (minutes each)")
+    parser.addoption("--run-load", action="store_true", help="also run the tests marked load (minutes each)")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a long load test, run with --run-slow")
+    config.addinivalue_line("markers", "load: a long load test, skipped unless --run-load")
+    config.addinivalue_line("markers", "slow: starts processes (daemons, the CLI, pip, torchrun) or takes many "
+                                       "seconds; runs by default, -m 'not slow' leaves it out")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-slow"):
+    if config.getoption("--run-load"):
         return
-    skip = pytest.mark.skip(reason="a long load test: run with --run-slow")
+    skip = pytest.mark.skip(reason="a long load test: run with --run-load")
     for item in items:
-        if "slow" in item.keywords:
+        if item.get_closest_marker("load") is not None:
             item.add_marker(skip)

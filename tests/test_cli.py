@@ -8,6 +8,8 @@ import pytest
 from cmi_daemon.music import vocab
 from conftest import POP909_FIXTURES, REPO
 
+pytestmark = pytest.mark.slow
+
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", "cmi_daemon.cli.main", *map(str, args)],

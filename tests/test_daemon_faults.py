@@ -21,6 +21,8 @@ from daemon_support import (REPO, check_infill_reply, client_for, connection_pat
                             infill_request, start_daemon_process)
 from tiny_bundle import tiny_bundle_dir
 
+pytestmark = pytest.mark.slow
+
 
 def _cli(home, *args, timeout_s=120):
     return subprocess.run([sys.executable, "-m", "cmi_daemon.cli.main", *args], env=daemon_environment(home),

@@ -18,6 +18,8 @@ from cmi_daemon.client import load_connection
 from daemon_support import check_infill_reply, client_for, connection_path, infill_request, start_daemon_process
 from tiny_bundle import tiny_bundle_dir
 
+pytestmark = pytest.mark.slow
+
 REPLY_TIMEOUT_MS = 30_000
 
 

@@ -20,7 +20,8 @@ from tiny_bundle import tiny_bundle_dir
 
 FORGED_CLIENT = "\n2026-01-01 00:00:00,000 ERROR cmi.forged: injected"
 
-pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX permissions and umask")
+pytestmark = [pytest.mark.skipif(os.name == "nt", reason="POSIX permissions and umask"),
+              pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,15 @@ every one answered correctly (busy replies retried), resident memory flat afterw
 
 from __future__ import annotations
 
+import pytest
+
 from cmi_daemon.client import load_connection
 from daemon_support import (check_infill_reply, client_for, connection_path, process_rss_bytes,
                             start_daemon_process)
 from tiny_bundle import tiny_bundle_dir
 from training.bench.daemon import run_load, sample_request
+
+pytestmark = pytest.mark.slow
 
 N_CLIENTS = 8
 N_INFILLS = 20

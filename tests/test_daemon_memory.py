@@ -1,5 +1,5 @@
 """Memory bounded in bytes: what a remembered session keeps of a request is what DIL's piece of it can
-see (the same piece, on real songs), within a byte budget; and a load test (`--run-slow`): a daemon
+see (the same piece, on real songs), within a byte budget; and a load test (`--run-load`): a daemon
 with the default model, an infill of a real song with a full window of context, a long fuzz run and
 the session memory filled with the largest requests, its resident memory under the documented budget."""
 
@@ -114,6 +114,7 @@ def _largest_request(index: int) -> dict:
     return request
 
 
+@pytest.mark.load
 @pytest.mark.slow
 def test_default_model_daemon_stays_under_its_memory_budget(tmp_path):
     """Serving only: no session is infilled twice, so the DIL learner never starts torch's training

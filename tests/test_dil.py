@@ -119,6 +119,7 @@ def test_engine_serves_a_profile_weights_and_forgets_them(tiny_bundle, tmp_path)
     learner.close()
 
 
+@pytest.mark.slow
 def test_engine_keeps_a_bounded_number_of_profiles_and_reads_the_others_back(tiny_bundle, tmp_path):
     engine = Engine(tiny_bundle, intra_op_threads=1)
     request = _request()
@@ -217,6 +218,7 @@ def test_daemon_learns_from_repeat_and_accept_keeps_it_across_restart_and_resets
         assert not ProfileStore(dil_dir, "").folder("alice").exists()
 
 
+@pytest.mark.slow
 def test_learning_from_many_signals_does_not_grow_memory(tiny_bundle, tmp_path):
     """After the first signals (torch's autograd and the profile's sessions, a one-time cost), each
     further signal replaces the profile's sessions: memory stays flat, not one copy per signal."""
@@ -263,6 +265,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_a_profile_killed_during_saves_always_loads(tmp_path):
     rng = np.random.default_rng(0)
     store = ProfileStore(tmp_path, "base")
@@ -306,6 +309,7 @@ def test_profiles_command_resets_on_disk_when_no_daemon_runs(tmp_path, monkeypat
     assert cli.main(["profiles", "--reset", "carol"]) == 2
 
 
+@pytest.mark.slow
 def test_latency_benchmark_runs_and_reports_its_figures(tiny_bundle, tmp_path):
     """`python -m training.bench_dil` end to end on the fixture songs (its figures are measured
     by hand on a quiet machine; here only that it runs and reports them)."""

@@ -126,6 +126,7 @@ def check_answer(song, start_qn, end_qn, targets, candidate, controls):
         assert any(candidate.notes.values()), "an empty answer in a dense context"
 
 
+@pytest.mark.slow
 def test_two_hundred_seeded_infills_obey_every_constraint(engine):
     rng = np.random.default_rng(0)
     pool = songs()
@@ -196,6 +197,7 @@ def test_greedy_decoding_needs_no_seed(engine, song):
 
 @pytest.mark.skipif(shutil.which("lscpu") is None or not hasattr(os, "sched_setaffinity"),
                     reason="needs lscpu and CPU affinity (Linux) for an independent count")
+@pytest.mark.slow
 def test_physical_cores_are_the_machines_within_the_processs_affinity():
     """lscpu's distinct (core, socket) pairs, at most the CPUs this process may use; pinned to one CPU,
     one core (so the engine runs one intra-op thread)."""

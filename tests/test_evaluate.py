@@ -159,6 +159,7 @@ def test_main_refuses_a_folder_that_holds_no_model(tmp_path):
         evaluate.main(["--data", str(data), "--model", str(tmp_path / "model"), "--out", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_end_to_end_with_a_tiny_model_and_its_ablation(tmp_path, tmp_path_factory):
     data = POP909_FIXTURES[0].parent.parent
     model, ablation = tiny_bundle_dir(tmp_path_factory), tiny_bundle_dir(tmp_path_factory, conditioned=False)
@@ -196,6 +197,7 @@ def test_end_to_end_with_a_tiny_model_and_its_ablation(tmp_path, tmp_path_factor
     assert all(name in table for name in models + evaluate.NLL_METRICS)
 
 
+@pytest.mark.slow
 def test_pop909_dev_repeat_beats_random_on_pitch_overlap_with_the_past(tmp_path):
     data = shared_data("pop909/dev")
     report = evaluate.run(data, tmp_path, list(BASELINES), [b.name for b in BASELINES],

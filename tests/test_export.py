@@ -125,6 +125,7 @@ def test_torch_models_load_the_fp16_weights_as_fp32(engine):
     assert torch.equal(emb, emb.half().float())
 
 
+@pytest.mark.slow
 def test_step_graph_agrees_with_torch_on_real_tokens(engine, region):
     generator, _ = load_torch_models(engine.bundle)
     prompt = region.ilm_ids()[:48]
@@ -193,6 +194,7 @@ def test_encoder_and_predictor_graphs_agree_with_torch(engine, region):
     assert max(jepa_graph_errors(engine, region)) <= JEPA_TOLERANCE
 
 
+@pytest.mark.slow
 def test_the_default_models_jepa_graphs_agree_with_torch_at_full_windows():
     engine = Engine(default_model_dir())
     for region in full_window_regions(engine):
@@ -210,6 +212,7 @@ def conditioning_rise_mib() -> float:
     return (process_rss_bytes(os.getpid()) - before) / 2 ** 20
 
 
+@pytest.mark.slow
 def test_conditioning_at_full_windows_costs_little_memory():
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         rise_mib = pool.apply(conditioning_rise_mib)
@@ -296,6 +299,7 @@ def test_another_weights_dtype_is_refused(bundle_copy):
         load_bundle(bundle_copy)
 
 
+@pytest.mark.slow
 def test_training_checkpoints_export_with_their_jepa_and_data_summary(tmp_path, capsys):
     config = preset("tiny")
     jepa = randomized(JEPA(config.encoder, config.predictor), 3)

@@ -157,6 +157,7 @@ def test_a_folder_without_write_permission_is_refused(tmp_path, capsys):
     _refused(capsys, ["--model", str(tmp_path / "none"), "-o", str(folder / "out.mid")], "no permission")
 
 
+@pytest.mark.slow
 def test_the_daemon_path_writes_the_same_way(model, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out.mid"
     out.write_bytes(b"mine")

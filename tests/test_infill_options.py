@@ -128,6 +128,7 @@ def client_for_daemon(daemon):
     return DaemonClient(connection=daemon.connection_info(), timeout_ms=60_000)
 
 
+@pytest.mark.slow
 def test_daemon_infill_takes_the_same_flags_and_json_and_gives_the_offline_notes(model, tmp_path):
     home = tmp_path / "daemon-home"
     process = start_daemon_process(home, model)

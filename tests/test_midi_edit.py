@@ -66,6 +66,7 @@ def test_only_the_notes_in_the_range_change(path):
             assert midi.tracks[track.midi_track].name == track.name
 
 
+@pytest.mark.slow
 def test_pop909_songs_keep_their_pedal_key_signatures_and_tempo_track():
     songs = shared_data("pop909/train")
     paths = sorted(songs.glob("*/*.mid"))[:24] + sorted(songs.glob("*/versions/*.mid"))[:8]

@@ -50,6 +50,7 @@ def recurrent_logits(model, token_ids, state=None, cond=None):
 
 @pytest.mark.parametrize("use_kernel", [True, False])
 @pytest.mark.parametrize("n_tokens", [1, 17, 512])
+@pytest.mark.slow
 def test_parallel_matches_recurrent(n_tokens, use_kernel):
     model = randomize_(RWKVGenerator(tiny_config(conditioned=False))).eval().use_wkv_kernel(use_kernel)
     token_ids = torch.randint(0, VOCAB_SIZE, (3, n_tokens), generator=torch.Generator().manual_seed(n_tokens))
@@ -61,6 +62,7 @@ def test_parallel_matches_recurrent(n_tokens, use_kernel):
     assert torch.allclose(parallel_state, recurrent_state, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_chunk_length_does_not_change_the_result():
     model = randomize_(RWKVGenerator(tiny_config(conditioned=False))).eval().use_wkv_kernel(False)
     token_ids = torch.randint(0, VOCAB_SIZE, (2, 45))
@@ -71,6 +73,7 @@ def test_chunk_length_does_not_change_the_result():
             assert (logits - reference).abs().max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_parallel_continues_from_a_state():
     model = randomize_(RWKVGenerator(tiny_config(conditioned=True)), seed=1).eval()
     token_ids = torch.randint(0, VOCAB_SIZE, (3, 90))
@@ -85,6 +88,7 @@ def test_parallel_continues_from_a_state():
     assert torch.allclose(rest_state, whole_state, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_stays_finite_and_close():
     model = randomize_(RWKVGenerator(tiny_config(conditioned=False)))
     token_ids = torch.randint(0, VOCAB_SIZE, (2, 70))
@@ -98,6 +102,7 @@ def test_bf16_autocast_stays_finite_and_close():
     assert (logits.float() - reference).abs().max() <= 0.05 * reference.abs().max()
 
 
+@pytest.mark.slow
 def test_zero_init_fusion_gives_unconditioned_logits_and_learns():
     conditioned = randomize_(RWKVGenerator(tiny_config(conditioned=True)), seed=2)
     conditioned.reset_fusion()
@@ -124,6 +129,7 @@ def test_zero_init_fusion_gives_unconditioned_logits_and_learns():
     assert conditioned.cond_fuse.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_conditioning_is_standardized_with_the_training_vectors():
     model = randomize_(RWKVGenerator(tiny_config(conditioned=True)), seed=3)
     width = model.config.cond_in_dim
@@ -187,6 +193,7 @@ def real_or_synthetic_tokens(n_tokens: int) -> list[int]:
     return torch.where(torch.arange(n_tokens) % 3 == 2, waits, notes).tolist()
 
 
+@pytest.mark.slow
 def test_matches_the_rwkv_package(tmp_path: Path, monkeypatch):
     """A random checkpoint in BlinkDL's format through our loader and through rwkv.model.RWKV.
 
@@ -251,6 +258,7 @@ class _Step(torch.nn.Module):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.slow
 def test_step_exports_to_onnx_and_agrees(tmp_path: Path):
     ort = pytest.importorskip("onnxruntime")
     model = randomize_(RWKVGenerator(tiny_config(conditioned=True)), seed=4).eval()
@@ -273,6 +281,7 @@ def test_step_exports_to_onnx_and_agrees(tmp_path: Path):
     assert abs(onnx_state - torch_state.numpy()).max() <= 1e-3
 
 
+@pytest.mark.slow
 def test_parallel_gradients_match_recurrent_gradients():
     """The chunked WKV (with its detached scales) differentiates like the plain recurrence."""
     model = randomize_(RWKVGenerator(tiny_config(conditioned=True)), seed=5).use_wkv_kernel(False)

@@ -16,6 +16,8 @@ import pytest
 from cmi_daemon.cli import bench, install_ableton, install_reaper
 from tiny_bundle import tiny_bundle_dir
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "node_modules", "runs",
                                      "__pycache__", ".pytest_cache", ".hypothesis")

@@ -144,6 +144,7 @@ def daemon_profile(daemon_home) -> dict:
     return next((p for p in profiles if p["name"] == "default"), {"repeated": 0, "accepted": 0})
 
 
+@pytest.mark.slow
 def test_infill_replaces_only_the_range_in_one_undo_block(reaper, song_project, daemon_home, monkeypatch,
                                                           socket_calls):
     monkeypatch.setenv("CMI_HOME", str(daemon_home))
@@ -181,6 +182,7 @@ def test_infill_replaces_only_the_range_in_one_undo_block(reaper, song_project, 
     assert receives and all(flags & zmq.NOBLOCK for flags in receives), "a defer tick waited on the socket"
 
 
+@pytest.mark.slow
 def test_repeat_is_the_same_session_and_accept_sends_feedback(reaper, song_project, daemon_home, monkeypatch):
     monkeypatch.setenv("CMI_HOME", str(daemon_home))
     repeated_before = daemon_profile(daemon_home)["repeated"]
@@ -241,6 +243,7 @@ def test_the_fake_answers_as_reapers_python_wrapper(reaper, song_project):
     assert api.RPR_GetMediaItemTakeInfo_Value(handle, "D_PLAYRATE") == 0.0
 
 
+@pytest.mark.slow
 def test_a_take_edited_in_flight_is_left_alone(reaper, song_project, daemon_home, monkeypatch):
     monkeypatch.setenv("CMI_HOME", str(daemon_home))
     reaper.run_script(INFILL_SCRIPT)
@@ -252,6 +255,7 @@ def test_a_take_edited_in_flight_is_left_alone(reaper, song_project, daemon_home
     assert_refused_for_melody(reaper, song_project, edited, "edited")
 
 
+@pytest.mark.slow
 def test_a_take_deleted_in_flight_is_noticed_and_nothing_is_written(reaper, song_project, daemon_home,
                                                                     monkeypatch):
     monkeypatch.setenv("CMI_HOME", str(daemon_home))
@@ -267,6 +271,7 @@ def test_a_take_deleted_in_flight_is_noticed_and_nothing_is_written(reaper, song
 
 @pytest.mark.parametrize("case", ["not UTF-8 throughout", "not UTF-8 throughout, edited",
                                   "not UTF-8 once edited"])
+@pytest.mark.slow
 def test_a_midi_hash_reapers_python_cannot_decode(reaper, song_project, daemon_home, monkeypatch, case):
     """The melody take's hash fails the wrapper's UTF-8 decode: its notes tell whether it changed, and
     a hash that decoded at the request and does not at the reply is a changed one."""
@@ -375,6 +380,7 @@ def daemon_hello(daemon_home) -> dict:
         return client.hello()
 
 
+@pytest.mark.slow
 def test_the_request_follows_reapers_time_map(reaper, song_project, daemon_home):
     """Tempo and meter come from the markers in project QN, context is hello's 8 bars each side, notes in
     project QN."""
@@ -402,6 +408,7 @@ def test_the_request_follows_reapers_time_map(reaper, song_project, daemon_home)
         assert abs(start_qn - note.start_qn) < 1e-3 and pitch == note.pitch and velocity == note.velocity
 
 
+@pytest.mark.slow
 def test_the_request_keeps_within_the_limits_hello_reports(reaper, song_project, daemon_home):
     """Context bars, name and session lengths and the note budget are the hello reply's; a daemon that
     reports too few limits is named."""
@@ -499,6 +506,7 @@ def test_installer_refuses_while_reaper_runs_and_without_a_resource_folder(tmp_p
 
 
 @pytest.mark.skipif(shutil.which("sleep") is None, reason="needs a `sleep` program to run under REAPER's name")
+@pytest.mark.slow
 def test_a_process_named_reaper_is_seen_running_until_it_ends(tmp_path):
     executable = tmp_path / ("reaper.exe" if os.name == "nt" else "reaper")
     shutil.copy(shutil.which("sleep"), executable)
@@ -524,6 +532,7 @@ def test_ini_edits_keep_every_other_byte():
     assert install_reaper.ini_value(text, "other", "reascript") == "5"
 
 
+@pytest.mark.slow
 def test_a_daemon_error_reply_is_shown_with_its_code(reaper, song_project, daemon_home, monkeypatch):
     monkeypatch.setenv("CMI_HOME", str(daemon_home))
     reaper.markers[0].bpm = 2000.0
@@ -536,6 +545,7 @@ def test_a_daemon_error_reply_is_shown_with_its_code(reaper, song_project, daemo
     assert_nothing_changed(reaper, song_project, before)
 
 
+@pytest.mark.slow
 def test_the_client_the_actions_import_needs_only_pyzmq_and_msgpack():
     """REAPER's Python may lack numpy, mido or ONNX Runtime: importing cmi_daemon.client, as the actions
     do, loads nothing but the standard library, pyzmq, msgpack and cmi_daemon's own light modules."""
@@ -558,6 +568,7 @@ def test_the_pip_command_names_the_interpreter_reaper_loaded(reaper, monkeypatch
     assert cmi_reaper.reaper_python_path() == str(Path(sys.base_prefix) / "bin" / f"python{version}")
 
 
+@pytest.mark.slow
 def test_infill_settings_are_kept_with_the_project_and_shape_the_infill(reaper, song_project, daemon_home,
                                                                        monkeypatch):
     """The settings dialog shows what the project holds, keeps what the musician types (empty fields
@@ -596,6 +607,7 @@ def test_a_setting_it_cannot_read_is_refused_and_nothing_is_kept(reaper):
     assert "Notes per quarter note: 'lots' is not a value it takes" in reaper.message_boxes[0][0]
 
 
+@pytest.mark.slow
 def test_a_zero_length_note_is_sent_for_the_daemons_rule(reaper, song_project, daemon_home):
     """A drum hit written as note-on and note-off at one tick is sent as it is (duration 0), as the
     Live device does: the daemon's degenerate-note rule keeps it (docs/protocol.md)."""

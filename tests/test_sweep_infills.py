@@ -49,6 +49,7 @@ def test_bad_arguments_exit_with_code_2(arguments, capsys):
     assert arguments[0] in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_first_pop909_train_songs_build_every_range():
     """A few songs only (train/008 among them, whose bar 24 raised), so that it stays quick."""
     data = shared_data("pop909/train")

@@ -62,6 +62,7 @@ def test_fixture_round_trip(path):
     assert set(encoding.drops) <= {"doubled (same bin, pitch and onset step)"}
 
 
+@pytest.mark.slow
 def test_pop909_dev_round_trip_every_file():
     files = sorted(shared_data("pop909/dev").glob("*/*.mid"))
     assert len(files) == 91

@@ -276,6 +276,7 @@ def test_bf16_autocast_gradients_of_the_jepa_point_the_same_way(shards):
 # --- the loop --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process_with_twice_the_batch(shards, jepa_dir, tmp_path):
     common = ["--stage", "generator", "--shards", shards, "--jepa", jepa_dir, *SMOKE, "--max-steps", "1"]
     single, double = tmp_path / "single", tmp_path / "ddp"
@@ -328,6 +329,7 @@ def test_a_generator_trains_against_a_bundles_jepa_and_exports_with_it(shards, t
         assert torch.equal(exported[name], shipped[name]), name
 
 
+@pytest.mark.slow
 def test_resume_after_kill_continues_the_same_run(shards, tmp_path):
     """All runs in subprocesses of one thread count, so their float reductions are the same."""
     n_steps = 10
