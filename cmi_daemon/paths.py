@@ -25,6 +25,14 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "default"
 """The model bundle shipped inside the package: what the daemon and `cmi-daemon infill` load without --model."""
 
 
+def default_model_dir() -> Path:
+    """The bundle shipped inside the package; a clear error while none is installed."""
+    if not (DEFAULT_MODEL_DIR / "manifest.json").is_file():
+        raise CMIError(f"no default model is installed ({DEFAULT_MODEL_DIR} holds no bundle): pass --model DIR, "
+                       "a bundle folder made with `python -m export CHECKPOINT --out DIR`")
+    return DEFAULT_MODEL_DIR
+
+
 def _home() -> Optional[Path]:
     home = os.environ.get(HOME_ENV)
     return Path(home) if home else None

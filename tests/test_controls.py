@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from cmi_daemon.cli.offline import default_model_dir
 from cmi_daemon.errors import CMIError
 from cmi_daemon.inference.controls import ControlRequest, detect_grid, parse_grid, resolve_controls
 from cmi_daemon.inference.engine import Engine, InfillOptions
 from cmi_daemon.music.tokens import Note, read_midi
+from cmi_daemon.paths import default_model_dir
 from conftest import GROOVE_FIXTURES, POP909_FIXTURES
 from training.eval import musicality
 
@@ -203,7 +203,7 @@ def test_the_daemon_reads_controls_into_the_engines_options():
 def test_density_follows_the_bars_being_rewritten_when_they_hold_notes(song):
     """Rewriting bars that hold notes keeps their pace; empty bars take the context's."""
     from training.eval.baselines import Blank
-    from training.eval.evaluate import masked_song
+    from training.eval.blanks import masked_song
 
     start_qn, end_qn = song.meter.bar_range_qn(*BARS)
     in_range = [n for n in song.tracks[0].notes if start_qn <= n.start_qn < end_qn]

@@ -17,7 +17,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cmi_daemon.cli.offline import default_model_dir
 from cmi_daemon.client import DaemonClient
 from cmi_daemon.daemon import schema
 from cmi_daemon.daemon.engine_backend import EngineBackend
@@ -32,6 +31,7 @@ from cmi_daemon.inference.bundle import load_torch_jepa
 from cmi_daemon.inference.engine import PROFILE_SESSIONS_IN_MEMORY, Engine
 from cmi_daemon.music import vocab
 from cmi_daemon.music.tokens import read_midi
+from cmi_daemon.paths import default_model_dir
 from conftest import POP909_FIXTURES
 from daemon_support import REPO, infill_request, process_rss_bytes, threaded_daemon
 from tiny_bundle import randomized, tiny_bundle_dir

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from cmi_daemon.inference.controls import CONTEXT_BARS
 from cmi_daemon.music import vocab
 from cmi_daemon.music.annotations import BEAT_FILE_NAME, bar_lines_qn
 from cmi_daemon.music.regions import build_region
@@ -15,14 +16,16 @@ from cmi_daemon.music.tokens import read_midi
 from conftest import GROOVE_FIXTURES, POP909_FIXTURES, shared_data
 from tiny_bundle import tiny_bundle_dir
 from training.eval import evaluate
+from training.eval.blanks import (AVERAGE_CONDITIONING_NLL, BLANK_WIDTHS_BARS, GROUND_TRUTH, METRICS, NLL_METRICS,
+                                  blank_nll_bits, check_infill, choose_blanks, masked_song, target_tracks)
 from training.eval.baselines import BASELINES, RandomNotes, RepeatPreviousBars
 
 
 def all_blanks(path, n_blanks=12, seed=3):
     song = read_midi(path)
     lines, _ = bar_lines_qn(song, path)
-    targets = evaluate.target_tracks(song)
-    blanks = evaluate.choose_blanks(song, path.stem, lines, targets, n_blanks, np.random.default_rng(seed))
+    targets = target_tracks(song)
+    blanks = choose_blanks(song, path.stem, lines, targets, n_blanks, np.random.default_rng(seed))
     return song, targets, blanks
 
 
@@ -33,8 +36,8 @@ def test_blanks_sit_on_bar_lines_with_context_and_do_not_overlap(path):
     assert source == BEAT_FILE_NAME and targets == (0, 1, 2)
     assert len(blanks) >= 6
     for blank in blanks:
-        assert blank.width_bars in evaluate.BLANK_WIDTHS_BARS
-        assert len(blank.bar_lines_qn) == 2 * evaluate.CONTEXT_BARS + blank.width_bars + 1
+        assert blank.width_bars in BLANK_WIDTHS_BARS
+        assert len(blank.bar_lines_qn) == 2 * CONTEXT_BARS + blank.width_bars + 1
         assert set(blank.bar_lines_qn) <= set(lines)
         assert blank.beat_qn == 1.0
     for earlier, later in zip(blanks, blanks[1:]):
@@ -47,7 +50,7 @@ def test_bars_come_from_the_meter_without_a_beat_file():
     lines, source = bar_lines_qn(song, path)
     assert source == "meter" and lines[-1] >= song.end_qn
     assert np.allclose(np.diff(lines), 3.0)
-    assert evaluate.target_tracks(song) == tuple(range(len(song.tracks)))
+    assert target_tracks(song) == tuple(range(len(song.tracks)))
 
 
 @pytest.mark.parametrize("path", POP909_FIXTURES, ids=lambda p: p.parent.name)
@@ -55,9 +58,9 @@ def test_bars_come_from_the_meter_without_a_beat_file():
 def test_baselines_stay_inside_the_range_and_are_deterministic(path, system):
     song, targets, blanks = all_blanks(path)
     for index, blank in enumerate(blanks):
-        hidden = evaluate.masked_song(song, blank, targets)
+        hidden = masked_song(song, blank, targets)
         infill = system.infill(hidden, blank, targets, np.random.default_rng(index))
-        evaluate.check_infill(system.name, infill, blank.start_qn, blank.end_qn, targets)
+        check_infill(system.name, infill, blank.start_qn, blank.end_qn, targets)
         assert set(infill) == set(targets)
         assert any(infill.values())
         for notes in infill.values():
@@ -69,7 +72,7 @@ def test_baselines_stay_inside_the_range_and_are_deterministic(path, system):
 def test_repeat_baseline_copies_the_bars_before_and_random_follows_the_context_density():
     song, targets, blanks = all_blanks(POP909_FIXTURES[0])
     blank = blanks[0]
-    hidden = evaluate.masked_song(song, blank, targets)
+    hidden = masked_song(song, blank, targets)
     repeated = RepeatPreviousBars().infill(hidden, blank, targets, np.random.default_rng(0))
     source_start = blank.bar_lines_qn[blank.context_bars - blank.width_bars]
     shift = blank.start_qn - source_start
@@ -92,7 +95,7 @@ def test_repeat_baseline_copies_the_bars_before_and_random_follows_the_context_d
 def test_systems_never_see_the_ground_truth():
     song, targets, blanks = all_blanks(POP909_FIXTURES[1])
     for blank in blanks:
-        hidden = evaluate.masked_song(song, blank, targets)
+        hidden = masked_song(song, blank, targets)
         assert not any(blank.start_qn <= n.start_qn < blank.end_qn for t in targets for n in hidden.tracks[t].notes)
 
 
@@ -101,9 +104,9 @@ def test_check_infill_refuses_notes_outside_the_range():
     blank = blanks[0]
     note = song.tracks[0].notes[0]._replace(start_qn=blank.end_qn - 0.5, duration_qn=1.0)
     with pytest.raises(ValueError, match="outside"):
-        evaluate.check_infill("test", {0: [note]}, blank.start_qn, blank.end_qn, targets)
+        check_infill("test", {0: [note]}, blank.start_qn, blank.end_qn, targets)
     with pytest.raises(ValueError, match="not a target"):
-        evaluate.check_infill("test", {7: []}, blank.start_qn, blank.end_qn, targets)
+        check_infill("test", {7: []}, blank.start_qn, blank.end_qn, targets)
 
 
 def test_ground_truth_nll_under_a_uniform_model():
@@ -117,7 +120,7 @@ def test_ground_truth_nll_under_a_uniform_model():
         def logprob_fn(self, ids, start):
             return [-math.log(vocab.VOCAB_SIZE)] * (len(ids) - start)
 
-    bits = evaluate.blank_nll_bits(UniformModel(), song, blanks[0], targets)
+    bits = blank_nll_bits(UniformModel(), song, blanks[0], targets)
     assert bits["bits_per_token"] == pytest.approx(math.log2(20099))
     assert bits["bits_per_note"] > 2 * math.log2(20099)
 
@@ -130,17 +133,17 @@ def test_end_to_end_on_the_fixture_songs(tmp_path):
     assert saved["protocol"]["seed"] == 5 and saved["protocol"]["n_songs"] == 2
     assert saved["protocol"]["n_blanks"] == 6 == len(saved["blanks"])
     assert saved["protocol"]["git_commit"]
-    systems = [evaluate.GROUND_TRUTH] + [b.name for b in BASELINES]
+    systems = [GROUND_TRUTH] + [b.name for b in BASELINES]
     for blank in saved["blanks"]:
         for system in systems:
-            assert set(blank["values"][system]) == set(evaluate.METRICS)
+            assert set(blank["values"][system]) == set(METRICS)
             assert all(math.isfinite(v) for v in blank["values"][system].values())
-    truth = saved["aggregates"][evaluate.GROUND_TRUTH]
+    truth = saved["aggregates"][GROUND_TRUTH]
     assert truth["onset_F1"]["mean"] == 1.0 and truth["PCE_diff"]["mean"] == 0.0
     assert {(t["system"], t["baseline"]) for t in saved["tests"]} == {
         ("random notes", "repeat previous bars"), ("repeat previous bars", "random notes")}
     table = (tmp_path / "results.md").read_text()
-    for name in systems + list(evaluate.METRICS):
+    for name in systems + list(METRICS):
         assert name in table
     images = sorted(tmp_path.glob("*.png"))
     assert (tmp_path / "metrics.png") in images and len(images) == 1 + evaluate.PIANO_ROLL_BLANKS
@@ -170,16 +173,16 @@ def test_end_to_end_with_a_tiny_model_and_its_ablation(tmp_path, tmp_path_factor
     for blank in saved["blanks"]:
         for system in models:
             values = blank["values"][system]
-            conditioning = {evaluate.AVERAGE_CONDITIONING_NLL} if system == "cmi" else set()
-            assert set(values) == set(evaluate.METRICS) | set(evaluate.NLL_METRICS) | conditioning
+            conditioning = {AVERAGE_CONDITIONING_NLL} if system == "cmi" else set()
+            assert set(values) == set(METRICS) | set(NLL_METRICS) | conditioning
             assert all(math.isfinite(v) for v in values.values())
             # a random model spreads its probability: near log2(20099) bits per token, far from 0
             assert 5.0 < values["bits_per_token"] < 20.0
     assert {t["system"] for t in saved["tests"]} >= set(models)
     # The model is tested against its ablation on every metric's distance and on the NLL itself.
     against_ablation = {t["metric"]: t for t in saved["tests"] if (t["system"], t["baseline"]) == models}
-    assert set(against_ablation) == set(evaluate.METRICS) | set(evaluate.NLL_METRICS)
-    for metric in evaluate.NLL_METRICS:
+    assert set(against_ablation) == set(METRICS) | set(NLL_METRICS)
+    for metric in NLL_METRICS:
         differences = [b["values"]["cmi"][metric] - b["values"]["cmi w/o JEP-AGA"][metric] for b in saved["blanks"]]
         test = against_ablation[metric]
         assert test["n"] == len(differences)
@@ -187,14 +190,14 @@ def test_end_to_end_with_a_tiny_model_and_its_ablation(tmp_path, tmp_path_factor
         assert test["bootstrap_ci95"][0] <= test["mean_difference"] <= test["bootstrap_ci95"][1]
     # How much the model reads its conditioning: its own NLL against the average blank's conditioning.
     [use] = [t for t in saved["tests"] if t["baseline"] == "cmi, average conditioning"]
-    gaps = [b["values"]["cmi"]["bits_per_token"] - b["values"]["cmi"][evaluate.AVERAGE_CONDITIONING_NLL]
+    gaps = [b["values"]["cmi"]["bits_per_token"] - b["values"]["cmi"][AVERAGE_CONDITIONING_NLL]
             for b in saved["blanks"]]
     assert use["n"] == len(gaps) and use["mean_difference"] == pytest.approx(float(np.mean(gaps)))
     assert any(gap != 0 for gap in gaps), "the tiny model's random fusion reads the conditioning"
-    assert not any(t["metric"] in evaluate.NLL_METRICS for t in saved["tests"] if t["baseline"] == "random notes"), \
+    assert not any(t["metric"] in NLL_METRICS for t in saved["tests"] if t["baseline"] == "random notes"), \
         "baselines without a model have no NLL to compare"
     table = (tmp_path / "results.md").read_text()
-    assert all(name in table for name in models + evaluate.NLL_METRICS)
+    assert all(name in table for name in models + NLL_METRICS)
 
 
 @pytest.mark.slow

@@ -22,12 +22,12 @@ from cmi_daemon.dil.learner import trainable_keys
 from cmi_daemon.inference.bundle import (BUNDLE_FORMAT, CONTEXT_ENCODER_GRAPH, GENERATOR_WEIGHTS, GRAPH_WEIGHTS_FIELD,
                                          JEPA_WEIGHTS, MANIFEST_NAME, PREDICTOR_GRAPH, STEP_GRAPH, BundleError,
                                          load_bundle, load_torch_models, sha256_of)
-from cmi_daemon.cli.offline import default_model_dir
 from cmi_daemon.inference.engine import Engine, blank_positions
 from cmi_daemon.model.config import preset
 from cmi_daemon.model.jepa import JEPA
 from cmi_daemon.model.rwkv import RWKVGenerator
 from cmi_daemon.music.tokens import read_midi
+from cmi_daemon.paths import default_model_dir
 from conftest import POP909_FIXTURES
 from daemon_support import process_rss_bytes
 from export.__main__ import main as export_main

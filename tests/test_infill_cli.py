@@ -10,6 +10,7 @@ import signal
 import mido
 import pytest
 
+from cmi_daemon import paths
 from cmi_daemon.cli import offline
 from cmi_daemon.cli.main import main
 from cmi_daemon.music.tokens import read_midi
@@ -88,7 +89,7 @@ def test_a_bad_model_folder_exits_2(tmp_path, capsys):
 
 
 def test_without_a_default_model_the_error_says_to_pass_model(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(offline, "DEFAULT_MODEL_DIR", tmp_path / "none")
+    monkeypatch.setattr(paths, "DEFAULT_MODEL_DIR", tmp_path / "none")
     assert main(["infill", str(SONG), "--bars", "9", "-o", str(tmp_path / "o.mid")]) == 2
     assert "pass --model DIR" in capsys.readouterr().err
 

@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 
-from cmi_daemon.cli.offline import default_model_dir
 from cmi_daemon.inference.bundle import load_bundle, load_torch_jepa
 from cmi_daemon.inference.device import choose_device
 from cmi_daemon.model.config import ModelConfig, preset
 from cmi_daemon.model.jepa import JEPA, SelfAttention, conditioning_vector, ema_momentum, gather_positions
 from cmi_daemon.music.tokens import read_midi, tokenize
 from cmi_daemon.music.vocab import FIRST_NOTE_ID, PAD_ID, PUBLIC_VOCAB_SIZE
+from cmi_daemon.paths import default_model_dir
 from conftest import POP909_FIXTURES
 from export.graphs import heads_one_at_a_time
 

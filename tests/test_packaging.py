@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cmi_daemon.cli import bench, install_ableton, install_reaper
+from cmi_daemon.cli import install_ableton, install_reaper
+from cmi_daemon.inference import measure
 from tiny_bundle import tiny_bundle_dir
 
 pytestmark = pytest.mark.slow
@@ -79,13 +80,13 @@ def test_the_wheel_installs_the_reaper_actions_and_the_live_device(installed, tm
 
 
 def test_the_wheel_benchmarks_the_songs_it_ships(installed, tmp_path, tmp_path_factory):
-    found = subprocess.run([sys.executable, "-c", "from cmi_daemon.cli import bench; "
-                            "print('\\n'.join(str(p) for p in bench.song_files(bench.BENCH_SONGS_DIR)))"],
+    found = subprocess.run([sys.executable, "-c", "from cmi_daemon.inference import measure; "
+                            "print('\\n'.join(str(p) for p in measure.song_files(measure.BENCH_SONGS_DIR)))"],
                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(installed)}, capture_output=True,
                            text=True, timeout=120)
     assert found.returncode == 0, found.stderr
     songs = [Path(line) for line in found.stdout.split()]
-    assert [path.name for path in songs] == [path.name for path in bench.song_files(bench.BENCH_SONGS_DIR)]
+    assert [path.name for path in songs] == [path.name for path in measure.song_files(measure.BENCH_SONGS_DIR)]
     assert songs and all(path.is_relative_to(installed) for path in songs), "the songs come from the wheel"
     assert all((path.parent / "beat_midi.txt").is_file() for path in songs)
     assert {"LICENSE", "README.md"} <= {path.name for path in songs[0].parent.parent.iterdir()}

@@ -18,10 +18,10 @@ import zmq
 
 from cmi_daemon import paths
 from cmi_daemon.cli import main as cli, install_reaper
-from cmi_daemon.cli.offline import default_model_dir
 from cmi_daemon.daemon import protocol
 from cmi_daemon.errors import CMIError
 from cmi_daemon.music.tokens import read_midi
+from cmi_daemon.paths import default_model_dir
 
 from conftest import FIXTURES
 from daemon_support import REPO, StandInBackend, client_for, start_daemon_process, threaded_daemon

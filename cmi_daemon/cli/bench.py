@@ -15,78 +15,23 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import onnxruntime as ort
-import psutil
 
 from ..errors import CMIError
 from ..inference.controls import CONTEXT_BARS
 from ..inference.engine import Engine, InfillOptions
+from ..inference.measure import BENCH_SONGS_DIR, cpu_model, fastest_s, latency_requests, peak_rss_mb, song_files
 from ..inference.sampling import AnswerRows
 from ..music.annotations import bar_lines_qn
-from ..music.tokens import Note, Song, read_midi, tokenize
+from ..music.tokens import read_midi, tokenize
 
-BENCH_SONGS_DIR = Path(__file__).resolve().parents[1] / "data" / "bench_songs"
-"""Two POP909 songs with their beat files, shipped in the package (licence and credit in its README.md)."""
 BLANK_WIDTHS_BARS = (2, 4)
-BLANKS_PER_SONG = 6
 PREFILL_TOKENS = 1024
 DECODE_STEPS = 64
 LATENCY_SEED = 1
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def fastest_s(function: Callable[[], object], repeats: int) -> float:
-    """Fastest seconds per call over `repeats` calls after one warm-up call."""
-    function()
-    fastest = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        fastest = min(fastest, time.perf_counter() - started)
-    return fastest
-
-
-def peak_rss_mb() -> float:
-    """Resident-memory high-water mark of this process: ru_maxrss (KB on Linux, bytes on macOS), or
-    psutil's peak working set on Windows, which has no `resource` module."""
-    try:
-        import resource
-    except ImportError:
-        return psutil.Process().memory_info().peak_wset / (1024 * 1024)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
-def window_song(song: Song, start_qn: float, end_qn: float) -> Song:
-    """The song cut to notes starting in [start_qn, end_qn), each ending by end_qn."""
-    tracks = [track.__class__(track.name, track.program, track.is_drum,
-                              [Note(n.start_qn, min(n.duration_qn, end_qn - n.start_qn), n.pitch, n.velocity)
-                               for n in track.notes if start_qn <= n.start_qn < end_qn], track.channel)
-              for track in song.tracks]
-    return song.__class__(tracks, song.tempo_map, song.meter, song.ticks_per_qn)
-
-
-def latency_requests(song: Song, bar_lines: list[float], width_bars: int) -> list[tuple[Song, float, float]]:
-    """(song cut to 8 bars around the blank, start_qn, end_qn) at blanks spread over the song."""
-    first_bars = list(range(CONTEXT_BARS, len(bar_lines) - width_bars - CONTEXT_BARS, width_bars + CONTEXT_BARS))
-    requests = []
-    for bar in first_bars[:BLANKS_PER_SONG]:
-        window_start, start_qn = bar_lines[bar - CONTEXT_BARS], bar_lines[bar]
-        end_qn, window_end = bar_lines[bar + width_bars], bar_lines[bar + width_bars + CONTEXT_BARS]
-        requests.append((window_song(song, window_start, window_end), start_qn, end_qn))
-    return requests
 
 
 def rwkv_package_decode(engine: Engine, token_ids: list[int], repeats: int) -> Optional[tuple[str, float]]:
@@ -107,10 +52,6 @@ def rwkv_package_decode(engine: Engine, token_ids: list[int], repeats: int) -> O
             _, state = model.forward([token_id], state)
 
     return version("rwkv"), len(token_ids) / fastest_s(decode, repeats)
-
-
-def song_files(folder: Path) -> list[Path]:
-    return sorted(folder.rglob("*.mid"))
 
 
 def run(model_dir, songs_dir: Optional[Path], repeats: int) -> None:

@@ -88,7 +88,7 @@ def command_infill(args) -> int:
     from ..daemon.engine_backend import engine_options, load_engine
     from ..daemon.settings import load_settings
     from ..inference.device import onnx_device
-    from ..paths import config_file, data_dir
+    from ..paths import config_file, data_dir, default_model_dir
     from . import offline
 
     midi, song = offline.read_input(args.file)
@@ -104,7 +104,7 @@ def command_infill(args) -> int:
     settings = load_settings(config_file(), {"device": args.device})
     options = infill_cli.checked_options(args, settings.limits, targets)
     paths = offline.output_paths(args.file, args.output, options.candidates, args.force)
-    engine = load_engine(args.model or offline.default_model_dir(), settings.device, warn=_warn)
+    engine = load_engine(args.model or default_model_dir(), settings.device, warn=_warn)
     if settings.dil.enabled and engine.bundle.conditioned and (data_dir() / "dil").is_dir():
         from ..dil.learner import serve_saved_profiles
         serve_saved_profiles(engine, data_dir() / "dil")
@@ -124,9 +124,10 @@ def _warn(message: str) -> None:
 
 def command_bench(args) -> int:
     """Speed and memory of the model on this machine: prefill, decode, infill latency, vs the rwkv package."""
-    from . import bench, offline
+    from ..paths import default_model_dir
+    from . import bench
 
-    bench.run(args.model or offline.default_model_dir(), args.songs, args.repeats)
+    bench.run(args.model or default_model_dir(), args.songs, args.repeats)
     return 0
 
 

@@ -21,17 +21,8 @@ from ..errors import CMIError
 from ..files import write_bytes_atomic
 from ..music import midi_edit
 from ..music.tokens import Note, Song, open_midi, read_midi
-from ..paths import DEFAULT_MODEL_DIR
 
 _BARS = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*$")
-
-
-def default_model_dir() -> Path:
-    """The bundle shipped inside the package; a clear error while none is installed."""
-    if not (DEFAULT_MODEL_DIR / "manifest.json").is_file():
-        raise CMIError(f"no default model is installed ({DEFAULT_MODEL_DIR} holds no bundle): pass --model DIR, "
-                       "a bundle folder made with `python -m export CHECKPOINT --out DIR`")
-    return DEFAULT_MODEL_DIR
 
 
 def parse_bars(text: str, song: Song) -> tuple[int, int, float, float]:

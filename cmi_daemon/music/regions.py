@@ -352,6 +352,15 @@ def replace_notes_in_range(song: Song, start_qn: float, end_qn: float,
     return replace(song, tracks=tracks)
 
 
+def window_song(song: Song, start_qn: float, end_qn: float) -> Song:
+    """The song cut to notes starting in [start_qn, end_qn), each ending by end_qn."""
+    tracks = [track.__class__(track.name, track.program, track.is_drum,
+                              [Note(n.start_qn, min(n.duration_qn, end_qn - n.start_qn), n.pitch, n.velocity)
+                               for n in track.notes if start_qn <= n.start_qn < end_qn], track.channel)
+              for track in song.tracks]
+    return song.__class__(tracks, song.tempo_map, song.meter, song.ticks_per_qn)
+
+
 def apply_answer(song: Song, region: Region, answer_ids: Sequence[int]) -> Song:
     """The song with the target tracks' notes starting inside the range replaced by the answer's."""
     return replace_notes_in_range(song, region.start_qn, region.end_qn, answer_notes(song, region, answer_ids))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from cmi_daemon.cli.bench import cpu_model
+from cmi_daemon.inference.measure import cpu_model
 from cmi_daemon.client import DaemonClient, DaemonError, load_connection
 
 BUSY_RETRY_PAUSE_S = 0.02

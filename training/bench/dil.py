@@ -2,7 +2,7 @@
 
     python -m training.bench_dil --model BUNDLE [--songs DIR] [--infills 12]
 
-Infills of 2-bar blanks with 8 bars of context (cmi_daemon.cli.bench.latency_requests) alternate
+Infills of 2-bar blanks with 8 bars of context (cmi_daemon.inference.measure.latency_requests) alternate
 between an idle learner and a learner kept busy by a stream of repeat signals (each: two AdamW
 steps, a save, new ONNX sessions for the profile), same request and seed in both conditions, so
 load from other processes hits both alike. Prints the machine line, the median and p95
@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cmi_daemon.cli.bench import BENCH_SONGS_DIR, cpu_model, latency_requests, song_files
+from cmi_daemon.inference.measure import BENCH_SONGS_DIR, cpu_model, latency_requests, song_files
 from cmi_daemon.daemon.schema import InfillRequest, InfillRequestOptions
 from cmi_daemon.daemon.server import InteractionSignal
 from cmi_daemon.dil.learner import Learner
 from cmi_daemon.inference.engine import Engine, InfillOptions
 from cmi_daemon.music.annotations import bar_lines_qn
 from cmi_daemon.music.tokens import read_midi
-from training.eval.evaluate import target_tracks
+from training.eval.blanks import target_tracks
 
 PROFILE = "bench"
 

@@ -17,7 +17,7 @@ import sys
 import torch
 from torch.nn import functional as F
 
-from cmi_daemon.cli.bench import cpu_model, fastest_s
+from cmi_daemon.inference.measure import cpu_model, fastest_s
 from cmi_daemon.inference.device import choose_device, flush_denormals_in_this_thread
 from cmi_daemon.model.config import preset
 from cmi_daemon.model.rwkv import RWKVGenerator, rwkv_package_model

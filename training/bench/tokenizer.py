@@ -15,7 +15,7 @@ from pathlib import Path
 
 import mido
 
-from cmi_daemon.cli.bench import cpu_model, fastest_s
+from cmi_daemon.inference.measure import cpu_model, fastest_s
 from cmi_daemon.music.tokens import decode_ids, read_midi, tokenize
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "pop909" / "dev"

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from cmi_daemon.cli.bench import cpu_model
+from cmi_daemon.inference.measure import cpu_model
 from cmi_daemon.inference.device import choose_device, flush_denormals_in_this_thread
 from cmi_daemon.model import wkv_kernel
 from cmi_daemon.model.config import preset

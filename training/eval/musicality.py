@@ -41,7 +41,7 @@ from cmi_daemon.files import write_bytes_atomic
 from cmi_daemon.inference.controls import CONTEXT_BARS
 from cmi_daemon.music.tokens import Note, Song, read_midi
 from training.eval.baselines import Blank, RepeatPreviousBars, context_notes
-from training.eval.evaluate import ground_truth_infill, masked_song
+from training.eval.blanks import ground_truth_infill, masked_song
 
 GRIDS_QN = (1.0, 0.5, 1 / 3, 0.25, 1 / 6, 0.125)
 """Quarter, 8th, 8th triplet, 16th, 16th triplet, 32nd: candidate grids, coarsest first."""
@@ -226,7 +226,7 @@ def table_markdown(summaries: dict[str, dict[str, dict]]) -> str:
 
 def run(data_dir: Path, model_dir: Optional[Path], first_bar: int, last_bar: int, seed: int,
         n_songs: Optional[int], masked: bool = False) -> dict:
-    from cmi_daemon.cli.offline import default_model_dir
+    from cmi_daemon.paths import default_model_dir
     from cmi_daemon.inference.engine import Engine, InfillOptions
 
     engine = Engine(model_dir or default_model_dir())

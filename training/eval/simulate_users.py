@@ -5,7 +5,7 @@ taste no model component defines.
         [--tests 20 --pieces 5 --rounds 10] [--first-test 0] [--users paper,grounded,random] [--loss cosine]
 
 One test is one user over `pieces` pieces (a song cut to 8 bars, a 2-bar blank, 8 bars, chosen
-as training.eval.evaluate chooses blanks) and up to `rounds` infills per piece; the profile learns
+as training.eval.blanks chooses them) and up to `rounds` infills per piece; the profile learns
 across the pieces of a test and starts from the base model at each test. Every system sees the
 same pieces and the same sampling seed per (test, piece, round); systems: `off` (DIL off, the
 baseline), `iteration`, `sample`, `both` (which steps the learner takes).
@@ -45,7 +45,6 @@ import numpy as np
 import torch
 from scipy import stats
 
-from cmi_daemon.cli.bench import window_song
 from cmi_daemon.dil.adapter import ProfileModel
 from cmi_daemon.dil.examples import neutral_span, piece
 from cmi_daemon.dil.learner import served_initializers, trainable_keys
@@ -55,12 +54,12 @@ from cmi_daemon.files import write_bytes_atomic
 from cmi_daemon.inference.bundle import load_torch_jepa
 from cmi_daemon.inference.engine import Engine, InfillOptions
 from cmi_daemon.music.annotations import bar_lines_qn
-from cmi_daemon.music.regions import JEPASequence, replace_notes_in_range
+from cmi_daemon.music.regions import JEPASequence, replace_notes_in_range, window_song
 from cmi_daemon.music.tokens import Song, read_midi
 from training.eval import metrics
 from training.eval.baselines import Blank
-from training.eval.evaluate import (choose_blanks, ground_truth_infill, infill_metrics, song_paths,
-                               target_tracks)
+from training.eval.blanks import (choose_blanks, ground_truth_infill, infill_metrics, song_paths,
+                                  target_tracks)
 
 GAMMA = 0.10
 STRATEGIES = ("off", "iteration", "sample", "both")

@@ -25,13 +25,13 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from cmi_daemon.cli.offline import default_model_dir
 from cmi_daemon.inference.engine import Engine, InfillOptions
 from cmi_daemon.music.annotations import bar_lines_qn
 from cmi_daemon.music.regions import SongCutter
 from cmi_daemon.music.tokens import Song, read_midi
+from cmi_daemon.paths import default_model_dir
 from training.data.failures import Failures
-from training.eval.evaluate import check_infill, song_paths
+from training.eval.blanks import check_infill, song_paths
 
 DEFAULT_WIDTHS_BARS = (1, 2, 4, 8)
 DEFAULT_SAMPLE_INFILLS = 40
