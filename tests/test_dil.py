@@ -292,7 +292,8 @@ def test_a_state_of_another_model_is_refused_once_until_it_changes(tmp_path, cap
     with caplog.at_level("WARNING", logger="cmi_daemon.dil"):
         assert store.load("alice") is None and store.load("alice") is None
     assert [r.getMessage() for r in caplog.records].count(
-        f"profile alice: {store.folder('alice') / STATE_FILE} was adapted from another model; using the base model") == 1
+        f"profile alice: {store.folder('alice') / STATE_FILE} was adapted from another model; "
+        "using the base model") == 1
     store.save("alice", tensors, steps=4, signals=3, settings_json="{}")
     assert store.load("alice").steps == 4, "a new save of this model's state is read"
 

@@ -312,7 +312,8 @@ def test_training_checkpoints_export_with_their_jepa_and_data_summary(tmp_path, 
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "manifest.json").write_text(json.dumps({"vocab_id": "x", "sources": [{"name": "pop909"}], "seed": 1}))
-    assert export_main([str(tmp_path / "generator.pt"), "--out", str(tmp_path / "bundle"), "--shards", str(shards)]) == 0
+    arguments = [str(tmp_path / "generator.pt"), "--out", str(tmp_path / "bundle"), "--shards", str(shards)]
+    assert export_main(arguments) == 0
     training = load_bundle(tmp_path / "bundle").training
     assert training["step"] == 20 and training["jepa"]["step"] == 10
     assert training["data"]["sources"] == [{"name": "pop909"}]

@@ -77,7 +77,8 @@ class ProfileModel:
         token_ids = self._tensor(rejected.token_ids)
         unsatisfied = self._tensor(rejected.blank)
         neutral_mask = self._tensor(rejected.span(*neutral))
-        predicted, positions, _ = self.jepa.predict(token_ids, ~(unsatisfied | neutral_mask), unsatisfied | neutral_mask)
+        spans = unsatisfied | neutral_mask
+        predicted, positions, _ = self.jepa.predict(token_ids, ~spans, spans)
         targets = self.jepa.target_representations(token_ids)[0, positions[0]]
         loss, terms = iteration_loss(predicted[0], targets, unsatisfied[0, positions[0]], neutral_mask[0, positions[0]],
                                      self.settings.loss, self.settings.margin)
@@ -92,7 +93,8 @@ class ProfileModel:
         accepted_targets = self.jepa.target_representations(token_ids)[0, blank[0]]
         first_ids = self._tensor(first.token_ids)
         first_targets = self.jepa.target_representations(first_ids)[0, self._tensor(first.blank)[0]]
-        loss, terms = sample_loss(predicted[0], accepted_targets, first_targets, self.settings.loss, self.settings.margin)
+        loss, terms = sample_loss(predicted[0], accepted_targets, first_targets,
+                                  self.settings.loss, self.settings.margin)
         terms["stepped"] = self._apply(loss)
         return terms
 

@@ -2,7 +2,8 @@
 
 A bundle holds everything inference and DIL need and nothing of training:
 - `manifest.json`: format version, vocabulary id, the weights' storage dtype, model configs,
-  tokenizer settings (context window, time unit, role bins), the training-data summary, and the sha256 of every other file;
+  tokenizer settings (context window, time unit, role bins), the training-data summary, and the
+  sha256 of every other file;
 - weights, stored once as fp16: `generator.safetensors` (RWKVGenerator state dict) and
   `jepa.safetensors` (JEPA state dict: context_encoder.*, predictor.*, target_encoder.*);
   torch loaders upcast them to fp32;
@@ -148,7 +149,8 @@ def load_bundle(path, verify_hashes: bool = True) -> Bundle:
         raise BundleError(f"model bundle {path}: {MANIFEST_NAME} has format version {manifest.get('format')!r}, "
                           f"this cmi-daemon reads {BUNDLE_FORMAT!r} (export the model again, or update cmi-daemon)")
     if manifest.get("weights_dtype") != WEIGHTS_DTYPE:
-        raise BundleError(f"model bundle {path}: {MANIFEST_NAME} gives weights dtype {manifest.get('weights_dtype')!r}, "
+        dtype = manifest.get("weights_dtype")
+        raise BundleError(f"model bundle {path}: {MANIFEST_NAME} gives weights dtype {dtype!r}, "
                           f"expected {WEIGHTS_DTYPE!r}")
     if manifest.get("vocab_id") != vocab.VOCAB_ID:
         raise BundleError(f"model bundle {path}: vocabulary {manifest.get('vocab_id')!r} is not {vocab.VOCAB_ID!r}")
