@@ -64,6 +64,8 @@ NOTE_TOKENS_PER_BIN = vocab.N_PITCHES * vocab.N_VELOCITY_BINS
 ANS_ROW = 0
 FIRST_WAIT_ROW = 1
 FIRST_NOTE_ROW = FIRST_WAIT_ROW + vocab.MAX_WAIT_STEPS_PER_TOKEN
+WAIT_LENGTHS_STEPS = np.arange(1, vocab.MAX_WAIT_STEPS_PER_TOKEN + 1)
+"""The steps each wait row moves the clock by, in row order."""
 
 
 @dataclass(frozen=True)
@@ -386,8 +388,7 @@ class AnswerState:
                 if self.need_note and self.n_notes == 0:  # the note an empty answer needs is not held back
                     push = max(push, 0.0)
                 bias += push * self.track_rows[track]
-        wait_lengths = np.arange(1, vocab.MAX_WAIT_STEPS_PER_TOKEN + 1)
-        overshoot = np.zeros(len(wait_lengths))
+        overshoot = np.zeros(len(WAIT_LENGTHS_STEPS))
         for key, open_step in self.open_keys.items():
             constraint = self.constraints.get(self._owner(key))
             if constraint is not None and constraint.note_length_steps is not None:
@@ -395,8 +396,8 @@ class AnswerState:
                 bias[self.rows.key_rows(*key)] += np.clip(
                     LENGTH_GAIN * np.log((age + 0.5) / constraint.note_length_steps), -MAX_LENGTH_BIAS, MAX_LENGTH_BIAS)
                 overshoot = np.maximum(overshoot, np.clip(LENGTH_GAIN * np.log(
-                    (age + wait_lengths - 0.5) / constraint.note_length_steps), 0.0, MAX_LENGTH_BIAS))
-        bias[FIRST_WAIT_ROW:FIRST_WAIT_ROW + len(wait_lengths)] -= overshoot
+                    (age + WAIT_LENGTHS_STEPS - 0.5) / constraint.note_length_steps), 0.0, MAX_LENGTH_BIAS))
+        bias[FIRST_WAIT_ROW:FIRST_WAIT_ROW + len(WAIT_LENGTHS_STEPS)] -= overshoot
         return bias
 
     def sampled_row_token(self, row: int) -> int:
