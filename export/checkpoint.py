@@ -18,22 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-from cmi_daemon.inference.bundle import JEPA_WEIGHTS, MANIFEST_NAME, BundleError, fp32_weights, load_bundle
 from cmi_daemon.model.config import ModelConfig
-from training.checkpoints import CHECKPOINT_FORMAT
+from training.checkpoints import (CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, read_jepa,
+                                  training_summary)
 
 SIMPLE_KEYS = ("model_config", "generator", "encoder", "target_encoder", "predictor")
-TRAINING_SUMMARY_KEYS = ("stage", "step", "examples_seen", "elapsed_s", "best_dev", "train_config", "tokenizer")
-"""`tokenizer`: how the training shards were tokenized (training.data.batches.shard_tokenizer)."""
 SHARD_SUMMARY_KEYS = ("vocab_id", "tokenizer", "time_unit", "data_root", "git_commit", "seed",
                       "augmented_copies_per_train_file", "augmentation_choices", "left_out_files",
                       "sources", "splits")
-
-
-class CheckpointError(Exception):
-    """A checkpoint cannot be exported; the message says which file and why."""
 
 
 @dataclass
@@ -45,22 +37,9 @@ class Checkpoint:
     training: dict
 
 
-def _load(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as error:
-        raise CheckpointError(f"{path}: no such checkpoint") from error
-    except Exception as error:  # torch reports unpicklable or corrupt files with many types
-        raise CheckpointError(f"{path}: not a weights-only torch checkpoint ({error})") from error
-
-
-def _summary(checkpoint: dict) -> dict:
-    return {key: checkpoint[key] for key in TRAINING_SUMMARY_KEYS if key in checkpoint}
-
-
 def read_checkpoint(path, jepa_path=None) -> Checkpoint:
     path = Path(path)
-    checkpoint = _load(path)
+    checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(checkpoint).__name__}")
     if checkpoint.get("format") == CHECKPOINT_FORMAT:
@@ -86,7 +65,7 @@ def _read_train_checkpoint(path: Path, checkpoint: dict, jepa_path) -> Checkpoin
         raise CheckpointError(f"{path} is a stage-1 ({checkpoint['stage']}) checkpoint: export the stage-2 "
                               "generator checkpoint, with --jepa pointing at this one")
     model_config = ModelConfig.from_dict(checkpoint["model_config"])
-    training = _summary(checkpoint)
+    training = training_summary(checkpoint)
     jepa = None
     if model_config.generator.conditioned:
         if jepa_path is None:
@@ -95,30 +74,6 @@ def _read_train_checkpoint(path: Path, checkpoint: dict, jepa_path) -> Checkpoin
                 raise CheckpointError(f"{path}: conditioned generator without a JEPA; pass --jepa JEPA_CHECKPOINT")
         jepa, _, training["jepa"] = read_jepa(jepa_path)
     return Checkpoint(model_config, checkpoint["model"], jepa, training)
-
-
-def read_jepa(location) -> tuple[dict, ModelConfig, dict]:
-    """(JEPA state dict in fp32, the model config it was built with, training summary) from a
-    stage-1 output folder (its best.pt), a stage-1 checkpoint file or a model bundle folder."""
-    location = Path(location)
-    if (location / MANIFEST_NAME).is_file():
-        try:
-            bundle = load_bundle(location)
-        except BundleError as error:
-            raise CheckpointError(str(error)) from error
-        if not bundle.conditioned:
-            raise CheckpointError(f"{location}: an unconditioned bundle has no JEPA")
-        return fp32_weights(bundle, JEPA_WEIGHTS), bundle.model_config, {
-            "bundle": str(location), **(bundle.training or {}).get("jepa", {}),
-            "tokenizer": {"steps_per_qn": bundle.tokenizer.steps_per_qn, "role_bins": bundle.tokenizer.role_bins}}
-    path = location / "best.pt" if location.is_dir() else location
-    if location.is_dir() and not path.exists():
-        raise CheckpointError(f"{location}: no best.pt and no {MANIFEST_NAME}: neither a stage-1 output folder "
-                              "nor a model bundle (run stage 1 first: --stage jepa --out DIR)")
-    checkpoint = _load(path)
-    if not isinstance(checkpoint, dict) or checkpoint.get("stage") != "jepa":
-        raise CheckpointError(f"{path}: not a stage-1 (jepa) checkpoint")
-    return checkpoint["model"], ModelConfig.from_dict(checkpoint["model_config"]), _summary(checkpoint)
 
 
 def shard_summary(shard_dir) -> dict:

@@ -59,3 +59,43 @@ def test_paired_p_is_one_for_identical_figures_and_ignores_missing_ones():
     assert simulate_users.paired_p([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == 1.0
     assert simulate_users.paired_p([float("nan")], [1.0]) is None
     assert simulate_users.paired_p([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [2.0, 3.0, 4.0, 5.0, 6.0, 7.5]) < 0.05
+
+
+@pytest.mark.parametrize("strategy, expected", [
+    ("both", ["iteration", "sample"]),
+    ("iteration", ["iteration", "none (sample-wise steps are off)"]),
+    ("sample", ["none (iteration-wise steps are off)", "sample"]),
+])
+def test_the_users_verdicts_reach_the_daemons_learner_as_signals(strategy, expected, tmp_path_factory):
+    """A reject then an accept of other notes in one piece: the learner's own policy picks the steps,
+    and an ablation turns one kind off without forgetting the session's first version."""
+    from cmi_daemon.inference.engine import Engine
+
+    data = POP909_FIXTURES[0].parent.parent
+    engine = Engine(tiny_bundle_dir(tmp_path_factory))
+    case = simulate_users.load_cases(data, test=0, n_pieces=1, seed=0)[0]
+    system = simulate_users.SimulatedSystem(engine, strategy, simulate_users.DILSettings(lr=1e-3))
+    system.reset(seed=0)
+    try:
+        first, second = (system.infill(case, seed) for seed in (1, 2))
+        assert first != second
+        system.reject(case, "piece", first)
+        system.accept(case, "piece", second)
+        log = system.learner.store.read_log(simulate_users.PROFILE)
+        assert [entry["strategy"] for entry in log] == expected
+        assert [entry["signal"] for entry in log] == ["reject", "accept"]
+        # Each step taken is one loss term; a step off computes none.
+        assert [len(entry["losses"]) for entry in log] == [
+            system.settings.steps_per_signal if kind in ("iteration", "sample") else 0 for kind in expected]
+    finally:
+        system.close()
+    assert system.learner is None
+
+
+def test_the_baseline_has_no_learner(tmp_path_factory):
+    from cmi_daemon.inference.engine import Engine
+
+    system = simulate_users.SimulatedSystem(Engine(tiny_bundle_dir(tmp_path_factory)), "off",
+                                            simulate_users.DILSettings())
+    system.reset(seed=0)
+    assert system.learner is None

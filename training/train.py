@@ -42,8 +42,7 @@ from cmi_daemon.model.jepa import JEPA, ema_momentum
 from cmi_daemon.model.rwkv import RWKVGenerator, load_blinkdl_checkpoint
 from cmi_daemon.music.timeunit import TimeUnit
 from cmi_daemon.music.vocab import PAD_ID
-from export.checkpoint import read_jepa
-from training.checkpoints import CHECKPOINT_FORMAT
+from training.checkpoints import CHECKPOINT_FORMAT, read_jepa
 from training.data.batches import BlankConfig, ExampleStream, TokenShard, micro_batch_indices
 from training.losses import head_cross_entropy
 
@@ -125,7 +124,7 @@ def lr_at(step: int, horizon_steps: int, config: TrainConfig) -> float:
 
 def jepa_from_checkpoint(jepa_dir: str) -> tuple[JEPA, ModelConfig]:
     """The frozen stage-1 JEPA (eval mode, no gradients) and the model config it was built with,
-    from a stage-1 output folder or a model bundle (export.checkpoint.read_jepa)."""
+    from a stage-1 output folder or a model bundle (training.checkpoints.read_jepa)."""
     state, model_config, _ = read_jepa(jepa_dir)
     jepa = JEPA(model_config.encoder, model_config.predictor)
     jepa.load_state_dict(state)

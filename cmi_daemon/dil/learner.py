@@ -46,6 +46,8 @@ QUEUE_SIZE = 64
 SESSION_MEMORY = 256
 """Sessions whose first version the learner remembers, for a later accept."""
 LOWEST_NICE = 19
+STEP_KINDS = ("iteration", "sample")
+"""The learner's two kinds of step (eq. 2 and eq. 3); the daemon takes both."""
 PROFILES_IN_MEMORY = 4
 """Profiles whose torch model and optimizer stay loaded; others are read back from disk when needed
 (each is saved after every signal, so dropping one loses nothing)."""
@@ -106,9 +108,15 @@ class Learner:
     """SignalSink of the daemon: queues signals, learns from them on its thread, serves the engine."""
 
     def __init__(self, engine, root: Path, settings: DILSettings = DILSettings(),
-                 device: Optional[torch.device] = None, seed: Optional[int] = None):
+                 device: Optional[torch.device] = None, seed: Optional[int] = None,
+                 step_kinds: tuple[str, ...] = STEP_KINDS):
+        """step_kinds: which of STEP_KINDS it takes (the simulated users' ablations take one); a
+        signal whose step is not taken is still remembered (first versions, rejected content)."""
+        if not set(step_kinds) <= set(STEP_KINDS):
+            raise ValueError(f"step kinds {step_kinds}: choose from {STEP_KINDS}")
         self.engine = engine
         self.settings = settings
+        self.step_kinds = tuple(step_kinds)
         self.device = device
         self.store = ProfileStore(root, engine.bundle.manifest["files"][JEPA_WEIGHTS])
         self.window_tokens = engine.bundle.tokenizer.context_tokens
@@ -243,6 +251,8 @@ class Learner:
         span = neutral_span(rejected, self.rng)
         if span is None or rejected.blank_end == rejected.blank_start:
             return "none (no context or empty range)", []
+        if "iteration" not in self.step_kinds:
+            return "none (iteration-wise steps are off)", []
         return "iteration", self._steps(lambda: model.iteration_step(rejected, span))
 
     def _sample_steps(self, signal, content: dict, model: ProfileModel) -> tuple[str, list[dict]]:
@@ -251,6 +261,8 @@ class Learner:
         self.last_rejected.pop(signal.session, None)
         if first is None or first == content:
             return "none (the first version was accepted)", []
+        if "sample" not in self.step_kinds:
+            return "none (sample-wise steps are off)", []
         accepted = self._piece(signal.request, content)
         first_piece = self._piece(signal.request, first)
         return "sample", self._steps(lambda: model.sample_step(accepted, first_piece))

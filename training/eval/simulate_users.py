@@ -8,19 +8,24 @@ One test is one user over `pieces` pieces (a song cut to 8 bars, a 2-bar blank, 
 as training.eval.blanks chooses them) and up to `rounds` infills per piece; the profile learns
 across the pieces of a test and starts from the base model at each test. Every system sees the
 same pieces and the same sampling seed per (test, piece, round); systems: `off` (DIL off, the
-baseline), `iteration`, `sample`, `both` (which steps the learner takes).
+baseline), `iteration`, `sample`, `both` (which steps the learner takes). The verdicts reach the
+daemon's own learner (dil.learner.Learner) as `reject` and `accept` signals, one session per
+piece, so its policy decides the steps: a reject makes iteration-wise steps with a neutral span
+the learner draws; an accept makes sample-wise steps against the session's first version (none
+when the first version is accepted), after which the session starts over.
 
 - paper: the unsatisfied part is the blank; the satisfied (neutral) part a fixed random stretch
   of the same token length in the context before it. f = span means of the base model's target
   encoder (frozen: the measuring stick does not move with the learner). Round 0 is the original
   content; SS_i = (D_0 - D_i) / max(D_0, D_i) with D = |f_neu - f_dis|_2. Every round is played;
-  a round with SS_i >= gamma is accepted (sample-wise step, negative: the piece's first infill),
-  others rejected (iteration-wise step whose neutral span is the user's satisfied part).
+  a round with SS_i >= gamma is accepted, others rejected. (The paper's iteration-wise step takes
+  the satisfied part as its neutral span; the daemon's protocol cannot carry it, so here, as in
+  use, the learner draws the span.)
   IC = first round with SS_i >= gamma (rounds + 1 when none). Per test: IUS = (SS_dil - SS_off)
   / |SS_off| over the mean SS of all rounds, RIC = (IC_dil - IC_off) / IC_off over mean IC.
 - grounded: wants a lower register: satisfied when the infill's mean pitch is at least
-  `--register-drop` semitones below the original content's; rejects until then (random
-  neutral span, as the daemon draws it), accepts and moves on. Reports rounds to satisfaction.
+  `--register-drop` semitones below the original content's; rejects until then, accepts and
+  moves on. Reports rounds to satisfaction.
 - random: no consistent taste: accepts a round with probability 0.3, at random. Reports the
   infills' context fit (mean of PD/DD/CD overlaps with past and future, training.eval.metrics) with
   and without DIL, to see whether learning from noise makes infills worse.
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -45,9 +51,10 @@ import numpy as np
 import torch
 from scipy import stats
 
-from cmi_daemon.dil.adapter import ProfileModel
-from cmi_daemon.dil.examples import neutral_span, piece
-from cmi_daemon.dil.learner import served_initializers, trainable_keys
+from cmi_daemon.daemon.schema import InfillRequest, InfillRequestOptions
+from cmi_daemon.daemon.server import InteractionSignal
+from cmi_daemon.dil.examples import piece
+from cmi_daemon.dil.learner import STEP_KINDS, Learner
 from cmi_daemon.dil.settings import DILSettings
 from cmi_daemon.errors import CMIError
 from cmi_daemon.files import write_bytes_atomic
@@ -66,6 +73,7 @@ STRATEGIES = ("off", "iteration", "sample", "both")
 USER_STRATEGIES = {"paper": STRATEGIES, "grounded": ("off", "both"), "random": ("off", "both")}
 RANDOM_ACCEPT_PROBABILITY = 0.3
 PROFILE = "simulated"
+LEARNER_TIMEOUT_S = 600.0
 PAPER_TABLE6 = {"Iteration-wise": ("+6.5%", "-24.6%", "+13.2%", "-20.9%"),
                 "Sample-wise": ("+12.2%", "-34.0%", "+11.7%", "-35.8%"),
                 "Both": ("+20.1%", "-43.7%", "+18.5%", "-44.1%")}
@@ -128,36 +136,54 @@ def satisfaction(d0: float, di: float) -> float:
 
 
 class SimulatedSystem:
-    """The engine plus, unless strategy is `off`, a profile that learns with the given steps."""
+    """The engine plus, unless strategy is `off`, the daemon's own learner (dil.learner.Learner, its
+    profile store in a temporary folder) taking the strategy's steps: the user's verdicts reach it
+    as the daemon's `reject` and `accept` signals, one session per piece, so the signal-to-step
+    policy measured is the one that ships."""
 
-    def __init__(self, engine: Engine, base, strategy: str, settings: DILSettings):
-        self.engine, self.base, self.strategy, self.settings = engine, base, strategy, settings
-        self.initializers = served_initializers(base, engine.jepa_initializers())
-        self.trainable = trainable_keys(base, self.initializers)
-        self.model: Optional[ProfileModel] = None
-        self.reset()
+    def __init__(self, engine: Engine, strategy: str, settings: DILSettings):
+        self.engine, self.strategy, self.settings = engine, strategy, settings
+        self.learner: Optional[Learner] = None
+        self._store_dir: Optional[tempfile.TemporaryDirectory] = None
 
-    def reset(self) -> None:
+    def reset(self, seed: int) -> None:
+        """A fresh profile (the base model) and a learner whose random draws come from seed."""
+        self.close()
+        if self.strategy == "off":
+            return
+        self._store_dir = tempfile.TemporaryDirectory(prefix="cmi-simulated-users-")
+        step_kinds = STEP_KINDS if self.strategy == "both" else (self.strategy,)
+        self.learner = Learner(self.engine, Path(self._store_dir.name), self.settings, torch.device("cpu"),
+                               seed=seed, step_kinds=step_kinds)
+
+    def close(self) -> None:
         self.engine.install_profile_weights(PROFILE, None)
-        self.model = None if self.strategy == "off" else ProfileModel(self.base, self.settings, torch.device("cpu"),
-                                                                      self.trainable)
+        if self.learner is not None:
+            self.learner.close()
+            self.learner = None
+        if self._store_dir is not None:
+            self._store_dir.cleanup()
+            self._store_dir = None
 
     def infill(self, case: Case, seed: int) -> dict:
         result = self.engine.infill(case.song, case.blank.start_qn, case.blank.end_qn, case.targets,
                                     InfillOptions(seed=seed), profile=PROFILE)
         return result.candidates[0].notes
 
-    def _steps(self, step) -> None:
-        if any(step()["stepped"] for _ in range(self.settings.steps_per_signal)):
-            self.engine.install_profile_weights(PROFILE, self.model.graph_weights(self.initializers))
+    def reject(self, case: Case, session: str, content: dict) -> None:
+        self._signal("reject", case, session, content)
 
-    def reject(self, rejected: JEPASequence, neutral: Optional[tuple[int, int]]) -> None:
-        if self.strategy in ("iteration", "both") and neutral is not None:
-            self._steps(lambda: self.model.iteration_step(rejected, neutral))
+    def accept(self, case: Case, session: str, content: dict) -> None:
+        self._signal("accept", case, session, content)
 
-    def accept(self, accepted: JEPASequence, first: JEPASequence) -> None:
-        if self.strategy in ("sample", "both") and accepted.token_ids != first.token_ids:
-            self._steps(lambda: self.model.sample_step(accepted, first))
+    def _signal(self, kind: str, case: Case, session: str, content: dict) -> None:
+        if self.learner is None:
+            return
+        request = InfillRequest(session, case.song, case.blank.start_qn, case.blank.end_qn, case.targets,
+                                InfillRequestOptions(profile=PROFILE))
+        self.learner.on_signal(InteractionSignal(kind, PROFILE, session, request, content, time.time()))
+        if not self.learner.wait_idle(LEARNER_TIMEOUT_S):
+            raise RuntimeError(f"the learner did not finish a {kind} signal in {LEARNER_TIMEOUT_S} s")
 
 
 def case_piece(case: Case, content: dict, window: int) -> JEPASequence:
@@ -190,24 +216,22 @@ def neutral_blank_distance(evaluator: Evaluator, piece_: JEPASequence, back: tup
 
 def paper_test(system: SimulatedSystem, evaluator: Evaluator, cases: Sequence[Case], test: int, rounds: int,
                window: int, seed: int) -> dict:
-    system.reset()
+    system.reset(seed_of(seed, test, "paper"))
     pieces = []
     for index, case in enumerate(cases):
+        session = f"test-{test}-piece-{index}"
         original = case_piece(case, ground_truth_infill(case.song, case.blank, case.targets), window)
         back = satisfied_span(original, np.random.default_rng([seed, test, index, 1]), window)
         d0 = neutral_blank_distance(evaluator, original, back)
-        first = None
         scores = []
         for round_ in range(1, rounds + 1):
             content = system.infill(case, seed_of(seed, test, index, round_))
-            current = case_piece(case, content, window)
-            first = first or current
-            di = neutral_blank_distance(evaluator, current, back)
+            di = neutral_blank_distance(evaluator, case_piece(case, content, window), back)
             scores.append(satisfaction(d0, di))
             if scores[-1] >= GAMMA:
-                system.accept(current, first)
+                system.accept(case, session, content)
             else:
-                system.reject(current, span_before_blank(current, back))
+                system.reject(case, session, content)
         reached = [i + 1 for i, s in enumerate(scores) if s >= GAMMA]
         pieces.append({"song": case.song_id, "ss": scores, "ic": reached[0] if reached else rounds + 1,
                        "satisfied": bool(reached)})
@@ -220,28 +244,25 @@ def mean_pitch(content: dict) -> Optional[float]:
     return float(np.mean(pitches)) if pitches else None
 
 
-def grounded_test(system: SimulatedSystem, cases: Sequence[Case], test: int, rounds: int, window: int, seed: int,
+def grounded_test(system: SimulatedSystem, cases: Sequence[Case], test: int, rounds: int, seed: int,
                   register_drop: float) -> dict:
-    system.reset()
-    rng = np.random.default_rng([seed, test, 2])
+    system.reset(seed_of(seed, test, "grounded"))
     pieces = []
     for index, case in enumerate(cases):
+        session = f"test-{test}-piece-{index}"
         original = mean_pitch(ground_truth_infill(case.song, case.blank, case.targets)) or 60.0
         goal = original - register_drop
-        first = None
         pitches = []
         satisfied_at = rounds + 1
         for round_ in range(1, rounds + 1):
             content = system.infill(case, seed_of(seed, test, index, round_))
-            current = case_piece(case, content, window)
-            first = first or current
             pitch = mean_pitch(content)
             pitches.append(pitch)
             if pitch is not None and pitch <= goal:
-                system.accept(current, first)
+                system.accept(case, session, content)
                 satisfied_at = round_
                 break
-            system.reject(current, neutral_span(current, rng))
+            system.reject(case, session, content)
         pieces.append({"song": case.song_id, "goal_pitch": goal, "mean_pitches": pitches, "rounds": satisfied_at,
                        "satisfied": satisfied_at <= rounds})
     return {"pieces": pieces, "mean_rounds": float(np.mean([p["rounds"] for p in pieces]))}
@@ -254,23 +275,20 @@ def context_fit(case: Case, content: dict) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
-def random_test(system: SimulatedSystem, cases: Sequence[Case], test: int, rounds: int, window: int,
-                seed: int) -> dict:
-    system.reset()
+def random_test(system: SimulatedSystem, cases: Sequence[Case], test: int, rounds: int, seed: int) -> dict:
+    system.reset(seed_of(seed, test, "random"))
     rng = np.random.default_rng([seed, test, 3])
     pieces = []
     for index, case in enumerate(cases):
-        first = None
+        session = f"test-{test}-piece-{index}"
         fits = []
         for round_ in range(1, rounds + 1):
             content = system.infill(case, seed_of(seed, test, index, round_))
-            current = case_piece(case, content, window)
-            first = first or current
             fits.append(context_fit(case, content))
             if rng.random() < RANDOM_ACCEPT_PROBABILITY:
-                system.accept(current, first)
+                system.accept(case, session, content)
                 break
-            system.reject(current, neutral_span(current, rng))
+            system.reject(case, session, content)
         pieces.append({"song": case.song_id, "context_fit": fits})
     return {"pieces": pieces, "mean_context_fit": float(np.nanmean([f for p in pieces for f in p["context_fit"]]))}
 
@@ -468,7 +486,7 @@ def main(argv=None) -> None:
     users = [u for u in args.users.split(",") if u]
     chosen = {"off", *(x for x in args.strategies.split(",") if x)}
     runs: dict = {}
-    systems = {strategy: SimulatedSystem(engine, base, strategy, settings) for strategy in STRATEGIES
+    systems = {strategy: SimulatedSystem(engine, strategy, settings) for strategy in STRATEGIES
                if strategy in chosen}
     for test in range(args.first_test, args.tests):
         cases = load_cases(args.data, test, args.pieces, args.seed)
@@ -483,9 +501,10 @@ def main(argv=None) -> None:
                     if user == "paper":
                         result = paper_test(system, evaluator, cases, test, args.rounds, window, args.seed)
                     elif user == "grounded":
-                        result = grounded_test(system, cases, test, args.rounds, window, args.seed, args.register_drop)
+                        result = grounded_test(system, cases, test, args.rounds, args.seed, args.register_drop)
                     else:
-                        result = random_test(system, cases, test, args.rounds, window, args.seed)
+                        result = random_test(system, cases, test, args.rounds, args.seed)
+                    system.close()
                     write_bytes_atomic(path, json.dumps(result).encode())
                 runs.setdefault(user, {}).setdefault(strategy, {})[test] = result
                 print(f"test {test} {user}/{strategy}: " + ", ".join(
