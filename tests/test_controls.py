@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 
 from cmi_daemon.errors import CMIError
-from cmi_daemon.inference.controls import ControlRequest, detect_grid, parse_grid, resolve_controls
+from cmi_daemon.inference.controls import (ControlRequest, bar_position_qn, detect_grid, length_pattern, parse_grid,
+                                           resolve_controls)
 from cmi_daemon.inference.engine import Engine, InfillOptions
-from cmi_daemon.music.tokens import Note, read_midi
+from cmi_daemon.music.tempo import Meter, TimeSignature
+from cmi_daemon.music.tokens import Note, Song, read_midi
 from cmi_daemon.paths import default_model_dir
 from conftest import GROOVE_FIXTURES, POP909_FIXTURES
-from training.eval import musicality
+from training.eval import metrics, musicality
 
 BARS = (17, 20)
 SEEDS = (1, 2, 3)
@@ -122,6 +124,39 @@ def test_notes_are_as_long_as_the_tracks_context_by_default(engine, song, track)
                if start_qn - 32 <= n.start_qn < end_qn + 32 and not start_qn <= n.start_qn < end_qn]
     new = [n.duration_qn for notes in infills(engine, song, track) for n in notes]
     assert new and 0.75 <= np.median(new) / np.median(context) <= 1.33
+
+
+@pytest.mark.parametrize("track", [0, 2], ids=["melody", "piano"])
+def test_notes_keep_the_lengths_their_bar_positions_have_in_the_context(engine, song, track):
+    """Long and short notes stay long and short: the durations' spread matches the context's better
+    than when every note aims at one length (the context's median), and a note may end between
+    grid lines (detached) while its onset stays on one."""
+    start_qn, end_qn = song.meter.bar_range_qn(*BARS)
+    context = [n for n in song.tracks[track].notes
+               if start_qn - 32 <= n.start_qn < end_qn + 32 and not start_qn <= n.start_qn < end_qn]
+    one_length = ControlRequest(note_length_qn=float(np.median([n.duration_qn for n in context])))
+
+    def overlaps(request):
+        return [metrics.overlap(metrics.duration_histogram(notes), metrics.duration_histogram(context))
+                for notes in infills(engine, song, track, request)]
+
+    assert np.mean(overlaps(None)) > np.mean(overlaps(one_length)) + 0.05
+    grid = musicality.context_grid(context_onsets(song, track))
+    new = [n for notes in infills(engine, song, track) for n in notes]
+    ends = np.array([n.start_qn + n.duration_qn for n in new if n.start_qn + n.duration_qn < end_qn])
+    assert musicality.on_grid(np.array([n.start_qn for n in new]), grid).all()
+    assert not musicality.on_grid(ends, grid).all()
+
+
+def test_a_bar_position_counts_from_the_bar_line_across_meter_changes():
+    meter = Meter((TimeSignature(0.0, 3, 4), TimeSignature(6.0, 4, 4)))
+    song = Song([], meter=meter)
+    assert np.allclose(bar_position_qn(song, [0.0, 2.5, 3.0, 5.75, 6.0, 9.5, 10.0]),
+                       [0.0, 2.5, 0.0, 2.75, 0.0, 3.5, 0.0])
+    notes = [Note(qn, length, 60, 90) for qn, length in
+             [(0.0, 2.0), (3.0, 2.5), (6.0, 3.0), (10.0, 3.0), (1.0, 0.5), (4.0, 0.5), (7.0, 0.25), (2.0, 1.0)]]
+    # Downbeats held long, second beats short; the one note on a third beat has no length of its own.
+    assert length_pattern(song, notes) == ((0.0, 2.75), (1.0, 0.5))
 
 
 def test_defaults_come_from_the_tracks_context(song):

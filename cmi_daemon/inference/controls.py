@@ -5,8 +5,9 @@ note length, velocity range and the rhythmic grid; whatever they leave unset (No
 "auto") is what the track does in its context: CONTEXT_BARS bars each side of the range (the
 density: in the range itself, when the bars being rewritten hold notes of the track). The
 sampler (`sampling.TrackConstraints`) enforces the hard limits (polyphony, pitch and velocity
-range, onsets and note ends on the grid) while it samples and steers density and note length
-with logit biases.
+range, onsets on the grid) while it samples and steers density and note length with logit
+biases; a note's length aims at what the track's notes at its position in the bar last in the
+context (the track's length pattern), so a rhythm's long and short notes stay long and short.
 
 The grid of a track is the coarsest of GRID_STEPS_QN, at the phase of the context's onsets,
 that holds at least QUANTIZED_SHARE of them to within GRID_TOLERANCE of a step; a track played
@@ -41,6 +42,11 @@ MIN_GRID_ONSETS = 8
 MAX_POLYPHONY = 64
 MAX_DENSITY_PER_QN = 64.0
 MAX_NOTE_LENGTH_QN = 64.0
+LENGTH_POSITION_TOLERANCE_QN = 1 / 24
+"""Onsets this near one another's bar position share a length in the track's length pattern."""
+MIN_NOTES_PER_LENGTH_POSITION = 3
+"""Context notes a bar position needs for its own length (fewer: a phrase's last note, say, and
+notes there aim at the track's median length)."""
 MIN_PITCH_SPAN = 12
 """The pitch range of a context with fewer than MIN_GRID_ONSETS notes is widened to this many
 semitones around its middle: a few notes are weak evidence of where a part may go."""
@@ -151,6 +157,23 @@ class TrackControls:
     note_length_qn: Optional[float]
     velocity_range: Optional[tuple[int, int]]
     grid: Optional[Grid]
+    length_pattern: tuple[tuple[float, float], ...] = ()
+    """(position in the bar in QN, median length in QN) of the context's notes at each bar position
+    (`length_pattern`): a new note aims at the length its position has there, else at
+    note_length_qn (`lengths_at_qn`). Empty when the musician set the note length."""
+
+    def lengths_at_qn(self, song: Song, onsets_qn: np.ndarray) -> Optional[np.ndarray]:
+        """The lengths in QN notes of this track starting at onsets_qn aim at; None without a length."""
+        if self.note_length_qn is None:
+            return None
+        lengths_qn = np.full(len(onsets_qn), self.note_length_qn)
+        if self.length_pattern:
+            positions, pattern_lengths = np.array(self.length_pattern).T
+            position = bar_position_qn(song, onsets_qn)
+            nearest = np.abs(position[:, None] - positions[None, :]).argmin(axis=1)
+            found = np.abs(positions[nearest] - position) <= LENGTH_POSITION_TOLERANCE_QN
+            lengths_qn[found] = pattern_lengths[nearest[found]]
+        return lengths_qn
 
     def describe(self) -> str:
         parts = []
@@ -161,7 +184,7 @@ class TrackControls:
         if self.pitch_range is not None:
             parts.append(f"pitch {self.pitch_range[0]}-{self.pitch_range[1]}")
         if self.note_length_qn is not None:
-            parts.append(f"length {self.note_length_qn:.2f} QN")
+            parts.append(f"length {self.note_length_qn:.2f} QN" + (" (by bar position)" if self.length_pattern else ""))
         if self.velocity_range is not None:
             parts.append(f"velocity {self.velocity_range[0]}-{self.velocity_range[1]}")
         parts.append(f"grid {self.grid.name() if self.grid else 'off'}")
@@ -180,6 +203,32 @@ def context_notes(song: Song, track_indices: Sequence[int], start_qn: float,
     song_end_qn = max(end_qn, song.end_qn)
     span_qn = (start_qn - context_start_qn) + max(0.0, min(context_end_qn, song_end_qn) - end_qn)
     return notes, span_qn
+
+
+def bar_position_qn(song: Song, qn):
+    """QN from the start of the bar holding each qn (a bar starts at its signature's start and
+    every bar length after it)."""
+    qn = np.asarray(qn, dtype=np.float64)
+    signatures = song.meter.signatures
+    index = np.clip(np.searchsorted([sig.start_qn for sig in signatures], qn, side="right") - 1, 0, None)
+    start_qn = np.array([sig.start_qn for sig in signatures])[index]
+    bar_qn = np.array([sig.bar_length_qn for sig in signatures])[index]
+    offset = qn - start_qn
+    return offset - np.floor(offset / bar_qn + 1e-9) * bar_qn
+
+
+def length_pattern(song: Song, notes: Sequence[Note]) -> tuple[tuple[float, float], ...]:
+    """(bar position in QN, median length in QN) of the notes starting at each bar position (to
+    LENGTH_POSITION_TOLERANCE_QN) where MIN_NOTES_PER_LENGTH_POSITION notes or more start, in
+    position order: a track's rhythm holds its notes' lengths by where they fall in the bar (a
+    bass's downbeat held for two beats, its off-beats short)."""
+    by_position: dict[float, list[float]] = {}
+    positions = bar_position_qn(song, [n.start_qn for n in notes]) if notes else []
+    for note, position in zip(notes, positions):
+        snapped = round(float(position) / LENGTH_POSITION_TOLERANCE_QN) * LENGTH_POSITION_TOLERANCE_QN
+        by_position.setdefault(snapped, []).append(note.duration_qn)
+    return tuple((position, float(np.median(lengths))) for position, lengths in sorted(by_position.items())
+                 if len(lengths) >= MIN_NOTES_PER_LENGTH_POSITION)
 
 
 def widened(low: int, high: int) -> tuple[int, int]:
@@ -215,11 +264,16 @@ def resolve_controls(song: Song, track_index: int, start_qn: float, end_qn: floa
                                             if len(notes) >= MIN_GRID_ONSETS else widened(min(pitches), max(pitches))),
         note_length_qn=request.note_length_qn or (float(np.median([n.duration_qn for n in notes])) if notes else None),
         velocity_range=request.velocity_range or ((min(velocities), max(velocities)) if notes else None),
-        grid=grid)
+        grid=grid,
+        length_pattern=() if request.note_length_qn else length_pattern(song, notes))
 
 
 SNAP_SHARE = 1 / 4
-"""A note edge within this fraction of a grid step of a line is put exactly on it."""
+"""An onset within this fraction of a grid step of a line is put exactly on it."""
+END_SNAP_SHARE = 1 / 16
+"""A note end within this fraction of a grid step of a line is put exactly on it: only the rounding
+of the sampler's steps, since notes may end between the lines (a detached note ends before the
+next onset)."""
 
 
 def snap_to_grid(notes_by_track: dict[int, list[Note]], controls: dict[int, TrackControls], start_qn: float,
@@ -239,7 +293,8 @@ def snap_to_grid(notes_by_track: dict[int, list[Note]], controls: dict[int, Trac
         snapped = []
         for note in notes:
             end = note.start_qn + note.duration_qn
-            on, off = _snap(note.start_qn, grid, start_qn, end_qn), _snap(end, grid, start_qn, end_qn)
+            on = _snap(note.start_qn, grid, start_qn, end_qn, SNAP_SHARE)
+            off = _snap(end, grid, start_qn, end_qn, END_SNAP_SHARE)
             if off <= on:  # a note shorter than the snap: its onset goes on the line, its end stays
                 off = end
             snapped.append(note._replace(start_qn=on, duration_qn=off - on) if off > on else note)
@@ -247,9 +302,9 @@ def snap_to_grid(notes_by_track: dict[int, list[Note]], controls: dict[int, Trac
     return result
 
 
-def _snap(qn: float, grid: Grid, start_qn: float, end_qn: float) -> float:
-    """The nearest of the grid lines and the range's edges, if it is near enough."""
+def _snap(qn: float, grid: Grid, start_qn: float, end_qn: float, share: float) -> float:
+    """The nearest of the grid lines and the range's edges, if within share of a grid step."""
     line = grid.phase_qn + round((qn - grid.phase_qn) / grid.step_qn) * grid.step_qn
     nearest = min((line, start_qn, end_qn) if start_qn <= line <= end_qn else (start_qn, end_qn),
                   key=lambda edge: abs(edge - qn))
-    return float(nearest) if abs(nearest - qn) <= SNAP_SHARE * grid.step_qn else qn
+    return float(nearest) if abs(nearest - qn) <= share * grid.step_qn else qn

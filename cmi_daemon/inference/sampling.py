@@ -18,10 +18,12 @@ answer as it grows and says what is allowed next:
 - per target track, its controls (`controls.TrackControls`, as `TrackConstraints`), over the
   pitches it owns in its bin (`pitch_owners`: tracks of one bin share it by pitch range and
   register): note-ons only inside its pitch and velocity range and while fewer of its notes than
-  its polyphony sound; on its grid, its note-ons and note-offs only on the lines, and waits only to
-  a line of some track (the model's timing renormalised over the allowed steps, not snapped
-  afterwards); a logit bias on its note-ons pulls its note count toward its density, one on each
-  open note's note-off pulls its length toward its note length, and one on each wait that would
+  its polyphony sound; on its grid, its note-ons only on the lines, and waits only to a line of
+  some track while no answer note sounds (the model's timing renormalised over the allowed steps,
+  not snapped afterwards; a note may end between the lines, as a detached note does); a logit
+  bias on its note-ons pulls its note count toward its density, one on each open note's
+  note-off pulls its length toward the length its onset's bar position has in the track's
+  context (`TrackControls.lengths_at_qn`), and one on each wait that would
   carry an open note past its note length holds the clock back (a tempo-relative wait can span
   bars in one token, and a note-off is only ever drawn between tokens).
 """
@@ -121,7 +123,8 @@ class TrackConstraints:
     """Sorted steps (relative to the range start) of the grid's lines inside the range, or None."""
     expected_notes: Optional[float] = None
     """Notes the density asks for over the whole range."""
-    note_length_steps: Optional[float] = None
+    note_length_steps: Optional[np.ndarray] = None
+    """(n_steps + 1,) the length in steps a note opened at each step aims at, or None."""
 
     @classmethod
     def from_controls(cls, controls: TrackControls, song: Song, region: Region) -> "TrackConstraints":
@@ -132,9 +135,10 @@ class TrackConstraints:
             steps = ms_to_step(tempo_map.ms_at(lines_qn)).astype(np.int64) - region.start_step
             grid_steps = np.unique(steps[(steps >= 0) & (steps <= region.n_steps)])
         if controls.note_length_qn is not None:
-            start_ms = float(tempo_map.ms_at(region.start_qn))
-            end_ms = float(tempo_map.ms_at(region.start_qn + controls.note_length_qn))
-            length_steps = max(1.0, (end_ms - start_ms) / vocab.WAIT_STEP_MS)
+            onsets_ms = (region.start_step + np.arange(region.n_steps + 1)) * vocab.WAIT_STEP_MS
+            onsets_qn = tempo_map.qn_at(onsets_ms)
+            lengths_qn = controls.lengths_at_qn(song, onsets_qn)
+            length_steps = np.maximum(1.0, (tempo_map.ms_at(onsets_qn + lengths_qn) - onsets_ms) / vocab.WAIT_STEP_MS)
         velocities = controls.velocity_range
         return cls(
             pitch_range=controls.pitch_range,
@@ -302,12 +306,27 @@ class AnswerState:
             return np.zeros(0, dtype=np.int64)
         if self.landing_steps is None:
             return np.arange(1, max_wait + 1)
-        ahead = self.landing_steps[(self.landing_steps > self.clock) & (self.landing_steps <= self.clock + max_wait)]
+        landing = np.union1d(self.landing_steps, self._aimed_ends())
+        ahead = landing[(landing > self.clock) & (landing <= self.clock + max_wait)]
         if limit - self.clock <= max_wait:
             ahead = np.append(ahead, limit)
         elif not len(ahead):
             ahead = np.array([self.clock + max_wait])
         return np.unique(ahead - self.clock)
+
+    def _aimed_ends(self) -> np.ndarray:
+        """Steps where the open answer notes reach the lengths they aim at: the clock may stop there
+        between grid lines, to end a note (a detached note ends before the next line)."""
+        ends = [open_step + round(length) for key, open_step in self.open_keys.items()
+                if (length := self._aimed_length_steps(key, open_step)) is not None]
+        return np.array(ends, dtype=np.int64)
+
+    def _aimed_length_steps(self, key: tuple[int, int], open_step: int) -> Optional[float]:
+        """The length in steps the key's note opened at open_step aims at; None without a length control."""
+        constraint = self.constraints.get(self._owner(key))
+        if constraint is None or constraint.note_length_steps is None:
+            return None
+        return float(constraint.note_length_steps[min(max(open_step, 0), self.n_steps)])
 
     def _last_onset_step(self) -> int:
         """The last step before the end where a note may start."""
@@ -354,7 +373,7 @@ class AnswerState:
             if full or not self._on_grid(track):
                 allowed &= ~self.track_rows[track]
         for key, open_step in self.open_keys.items():
-            if open_step < self.clock and self._on_grid(self._owner(key)):
+            if open_step < self.clock:
                 allowed[self.rows.key_rows(*key)] = True
         limit = self._wait_limit_step()
         if self.need_note and self.n_notes == 0:
@@ -390,13 +409,13 @@ class AnswerState:
                 bias += push * self.track_rows[track]
         overshoot = np.zeros(len(WAIT_LENGTHS_STEPS))
         for key, open_step in self.open_keys.items():
-            constraint = self.constraints.get(self._owner(key))
-            if constraint is not None and constraint.note_length_steps is not None:
+            length_steps = self._aimed_length_steps(key, open_step)
+            if length_steps is not None:
                 age = self.clock - open_step
                 bias[self.rows.key_rows(*key)] += np.clip(
-                    LENGTH_GAIN * np.log((age + 0.5) / constraint.note_length_steps), -MAX_LENGTH_BIAS, MAX_LENGTH_BIAS)
+                    LENGTH_GAIN * np.log((age + 0.5) / length_steps), -MAX_LENGTH_BIAS, MAX_LENGTH_BIAS)
                 overshoot = np.maximum(overshoot, np.clip(LENGTH_GAIN * np.log(
-                    (age + WAIT_LENGTHS_STEPS - 0.5) / constraint.note_length_steps), 0.0, MAX_LENGTH_BIAS))
+                    (age + WAIT_LENGTHS_STEPS - 0.5) / length_steps), 0.0, MAX_LENGTH_BIAS))
         bias[FIRST_WAIT_ROW:FIRST_WAIT_ROW + len(WAIT_LENGTHS_STEPS)] -= overshoot
         return bias
 
