@@ -12,6 +12,7 @@ import pytest
 from cmi_daemon.errors import CMIError
 from cmi_daemon.inference.controls import (ControlRequest, bar_position_qn, detect_grid, length_pattern, parse_grid,
                                            resolve_controls)
+from cmi_daemon.inference import sampling
 from cmi_daemon.inference.engine import Engine, InfillOptions
 from cmi_daemon.music.tempo import Meter, TimeSignature
 from cmi_daemon.music.tokens import Note, Song, read_midi
@@ -146,6 +147,27 @@ def test_notes_keep_the_lengths_their_bar_positions_have_in_the_context(engine, 
     ends = np.array([n.start_qn + n.duration_qn for n in new if n.start_qn + n.duration_qn < end_qn])
     assert musicality.on_grid(np.array([n.start_qn for n in new]), grid).all()
     assert not musicality.on_grid(ends, grid).all()
+
+
+@pytest.mark.parametrize("track", [0, 2], ids=["melody", "piano"])
+def test_infills_keep_to_the_pitch_classes_their_context_sounds(engine, song, track, monkeypatch):
+    """Measured on the song itself: the share of new notes whose pitch class sounds less than an
+    even share (1/12) of the time in the context bars of all tracks, with and without the bias."""
+    start_qn, end_qn = song.meter.bar_range_qn(*BARS)
+    sounding_qn = np.zeros(12)
+    for other in song.tracks:
+        for n in other.notes:
+            if start_qn - 32 <= n.start_qn < end_qn + 32 and not start_qn <= n.start_qn < end_qn:
+                sounding_qn[n.pitch % 12] += n.duration_qn
+    rare = sounding_qn / sounding_qn.sum() < 1 / 12
+
+    def rare_share():
+        pitches = [n.pitch for notes in infills(engine, song, track, seeds=(1, 2, 3, 4)) for n in notes]
+        return np.mean(rare[np.array(pitches) % 12])
+
+    biased = rare_share()
+    monkeypatch.setattr(sampling, "HARMONY_GAIN", 0.0)
+    assert biased < rare_share() - 0.03
 
 
 def test_a_bar_position_counts_from_the_bar_line_across_meter_changes():

@@ -5,9 +5,11 @@ note length, velocity range and the rhythmic grid; whatever they leave unset (No
 "auto") is what the track does in its context: CONTEXT_BARS bars each side of the range (the
 density: in the range itself, when the bars being rewritten hold notes of the track). The
 sampler (`sampling.TrackConstraints`) enforces the hard limits (polyphony, pitch and velocity
-range, onsets on the grid) while it samples and steers density and note length with logit
-biases; a note's length aims at what the track's notes at its position in the bar last in the
-context (the track's length pattern), so a rhythm's long and short notes stay long and short.
+range, onsets on the grid) while it samples and steers density, note length and pitch class
+with logit biases (pitch classes the context's pitched tracks seldom sound are held back, so an
+infill stays in its song's key and chords); a note's length aims at what the track's notes at
+its position in the bar last in the context (the track's length pattern), so a rhythm's long and
+short notes stay long and short.
 
 The grid of a track is the coarsest of GRID_STEPS_QN, at the phase of the context's onsets,
 that holds at least QUANTIZED_SHARE of them to within GRID_TOLERANCE of a step; a track played
@@ -157,6 +159,9 @@ class TrackControls:
     note_length_qn: Optional[float]
     velocity_range: Optional[tuple[int, int]]
     grid: Optional[Grid]
+    pitch_class_shares: Optional[tuple[float, ...]] = None
+    """Share of the sounding time each pitch class (C first) has in the context of the song's pitched
+    tracks, the harmony the track plays in; None for drums and a silent context."""
     length_pattern: tuple[tuple[float, float], ...] = ()
     """(position in the bar in QN, median length in QN) of the context's notes at each bar position
     (`length_pattern`): a new note aims at the length its position has there, else at
@@ -188,6 +193,8 @@ class TrackControls:
         if self.velocity_range is not None:
             parts.append(f"velocity {self.velocity_range[0]}-{self.velocity_range[1]}")
         parts.append(f"grid {self.grid.name() if self.grid else 'off'}")
+        if self.pitch_class_shares is not None:
+            parts.append("pitch classes of the context")
         return ", ".join(parts)
 
 
@@ -203,6 +210,15 @@ def context_notes(song: Song, track_indices: Sequence[int], start_qn: float,
     song_end_qn = max(end_qn, song.end_qn)
     span_qn = (start_qn - context_start_qn) + max(0.0, min(context_end_qn, song_end_qn) - end_qn)
     return notes, span_qn
+
+
+def pitch_class_shares(notes: Sequence[Note]) -> Optional[tuple[float, ...]]:
+    """Share of the notes' summed duration in each pitch class; None without notes."""
+    sounding_qn = np.zeros(12)
+    for note in notes:
+        sounding_qn[note.pitch % 12] += note.duration_qn
+    total_qn = sounding_qn.sum()
+    return None if total_qn <= 0 else tuple(float(x) for x in sounding_qn / total_qn)
 
 
 def bar_position_qn(song: Song, qn):
@@ -248,10 +264,10 @@ def resolve_controls(song: Song, track_index: int, start_qn: float, end_qn: floa
     replaced = sum(start_qn <= n.start_qn < end_qn for n in song.tracks[track_index].notes)
     pitches = [n.pitch for n in notes]
     velocities = [n.velocity for n in notes]
+    drums = song.tracks[track_index].is_drum
+    pitched = [i for i, t in enumerate(song.tracks) if not t.is_drum]
+    song_notes, _ = context_notes(song, pitched if not drums else [track_index], start_qn, end_qn)
     if request.grid == "auto":
-        pitched = [i for i, t in enumerate(song.tracks) if not t.is_drum]
-        song_notes, _ = context_notes(song, pitched if not song.tracks[track_index].is_drum else [track_index],
-                                      start_qn, end_qn)
         grid = detect_grid([n.start_qn for n in notes], [n.start_qn for n in song_notes])
     else:
         grid = None if request.grid == "off" else Grid(float(request.grid))
@@ -265,6 +281,7 @@ def resolve_controls(song: Song, track_index: int, start_qn: float, end_qn: floa
         note_length_qn=request.note_length_qn or (float(np.median([n.duration_qn for n in notes])) if notes else None),
         velocity_range=request.velocity_range or ((min(velocities), max(velocities)) if notes else None),
         grid=grid,
+        pitch_class_shares=None if drums else pitch_class_shares(song_notes),
         length_pattern=() if request.note_length_qn else length_pattern(song, notes))
 
 

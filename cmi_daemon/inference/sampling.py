@@ -62,6 +62,12 @@ MAX_DENSITY_PULL = 16.0
 LENGTH_GAIN = 8.0
 """Note-off logit bias per unit of log(a note's age / the note length)."""
 MAX_LENGTH_BIAS = 8.0
+HARMONY_GAIN = 1.0
+"""Note-on logit bias per unit of log(a pitch class's share of the context's sounding time / 1/12),
+for pitch classes below an even share; those at or above it are not biased."""
+HARMONY_FLOOR = 0.01
+"""Added to each share: a pitch class the context never sounds is held back by HARMONY_GAIN x
+log(HARMONY_FLOOR / (1/12 + HARMONY_FLOOR)), about 2.2, not forbidden (a passing note stays possible)."""
 NOTE_TOKENS_PER_BIN = vocab.N_PITCHES * vocab.N_VELOCITY_BINS
 ANS_ROW = 0
 FIRST_WAIT_ROW = 1
@@ -125,6 +131,8 @@ class TrackConstraints:
     """Notes the density asks for over the whole range."""
     note_length_steps: Optional[np.ndarray] = None
     """(n_steps + 1,) the length in steps a note opened at each step aims at, or None."""
+    pitch_class_bias: Optional[np.ndarray] = None
+    """(12,) note-on logit bias per pitch class from the context's harmony (`harmony_bias`), or None."""
 
     @classmethod
     def from_controls(cls, controls: TrackControls, song: Song, region: Region) -> "TrackConstraints":
@@ -147,7 +155,16 @@ class TrackConstraints:
             max_polyphony=controls.max_polyphony, grid_steps=grid_steps,
             expected_notes=None if controls.density_per_qn is None
             else controls.density_per_qn * (region.end_qn - region.start_qn),
-            note_length_steps=length_steps)
+            note_length_steps=length_steps,
+            pitch_class_bias=None if controls.pitch_class_shares is None else harmony_bias(controls.pitch_class_shares))
+
+
+def harmony_bias(shares: Sequence[float]) -> np.ndarray:
+    """(12,) note-on bias of each pitch class from its share of the context's sounding time: the
+    infill keeps to the pitch classes its context sounds (its key and chords), without a pull
+    toward the commonest of them."""
+    shares = np.asarray(shares, dtype=np.float64)
+    return np.minimum(0.0, HARMONY_GAIN * np.log((shares + HARMONY_FLOOR) / (1 / 12 + HARMONY_FLOOR)))
 
 
 def pitch_owners(region: Region, controls: dict[int, TrackControls]) -> dict[int, np.ndarray]:
@@ -259,6 +276,12 @@ class AnswerState:
                 low, high = constraint.velocity_bins
                 mask &= (velocity_bin >= low) & (velocity_bin <= high)
             self.track_rows[track] = mask
+        self.harmony_rows = np.zeros(len(rows), dtype=np.float64)
+        """Each track's harmony bias on its note-on rows (constant over the answer)."""
+        for track, constraint in self.constraints.items():
+            if constraint.pitch_class_bias is not None:
+                rows_of_track = self.track_rows[track]
+                self.harmony_rows[rows_of_track] = constraint.pitch_class_bias[pitch[rows_of_track] % 12]
         self.on_permitted = np.ones(len(rows), dtype=bool)
         """Note-on rows some track's pitch and velocity range allow."""
         for instrument_bin in self.owners:
@@ -397,10 +420,11 @@ class AnswerState:
         return min(MAX_DENSITY_PUSH, DENSITY_GAIN * float(np.log((expected + 1.0) / (n_notes + 1.0))))
 
     def row_bias(self) -> Optional[np.ndarray]:
-        """Logit biases (R,) of the density and note-length controls now, or None when there are none."""
-        if not any(c.expected_notes is not None or c.note_length_steps is not None for c in self.constraints.values()):
+        """Logit biases (R,) of the harmony, density and note-length controls now, or None when there are none."""
+        if all(c.expected_notes is None and c.note_length_steps is None and c.pitch_class_bias is None
+               for c in self.constraints.values()):
             return None
-        bias = np.zeros(len(self.rows), dtype=np.float64)
+        bias = self.harmony_rows.copy()
         for track, constraint in self.constraints.items():
             if constraint.expected_notes is not None:
                 push = self._density_push(track, constraint)
