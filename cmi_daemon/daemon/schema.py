@@ -260,44 +260,45 @@ def _parse_note(value: Any, path: str, max_position_qn: float) -> Note:
     return Note(start_qn, duration_qn, pitch, velocity)
 
 
-def _parse_tempo(reader: _Reader, limits: Limits) -> TempoMap:
-    values = reader.array("tempo", limits.max_tempo_changes, required=False)
+def _parse_changes(reader: _Reader, key: str, limits: Limits, fields: tuple[str, ...], parse_change, build,
+                   default):
+    """A time map from the list under key: each change a list of len(fields) values read by
+    parse_change(change, path), the map built by build(changes) (default() when the key is absent)."""
+    values = reader.array(key, limits.max_tempo_changes, required=False)
     if values is None:
-        return TempoMap.constant()
-    path = reader.child("tempo")
+        return default()
+    path = reader.child(key)
     changes = []
     for i, change in enumerate(values):
         item = f"{path}[{i}]"
-        if not isinstance(change, list) or len(change) != 2:
-            raise ProtocolError("invalid_field", f"{item} must be [qn, bpm]", item)
-        changes.append((check_number(change[0], f"{item}[0]", 0.0, limits.max_position_qn),
-                        check_number(change[1], f"{item}[1]", 1.0, 1000.0)))
+        if not isinstance(change, list) or len(change) != len(fields):
+            raise ProtocolError("invalid_field", f"{item} must be [{', '.join(fields)}]", item)
+        changes.append(parse_change(change, item))
     try:
-        return TempoMap.from_changes(changes)
+        return build(changes)
     except TimeMapError as error:
         raise ProtocolError("invalid_field", f"{path}: {error}", path) from None
+
+
+def _parse_tempo(reader: _Reader, limits: Limits) -> TempoMap:
+    def change(value: list, item: str) -> tuple[float, float]:
+        return (check_number(value[0], f"{item}[0]", 0.0, limits.max_position_qn),
+                check_number(value[1], f"{item}[1]", 1.0, 1000.0))
+
+    return _parse_changes(reader, "tempo", limits, ("qn", "bpm"), change, TempoMap.from_changes, TempoMap.constant)
 
 
 def _parse_meter(reader: _Reader, limits: Limits) -> Meter:
-    values = reader.array("time_signatures", limits.max_tempo_changes, required=False)
-    if values is None:
-        return Meter.constant()
-    path = reader.child("time_signatures")
-    changes = []
-    for i, change in enumerate(values):
-        item = f"{path}[{i}]"
-        if not isinstance(change, list) or len(change) != 3:
-            raise ProtocolError("invalid_field", f"{item} must be [qn, numerator, denominator]", item)
-        qn = check_number(change[0], f"{item}[0]", 0.0, limits.max_position_qn)
-        numerator = check_int(change[1], f"{item}[1]", 1, MAX_METER_NUMERATOR)
-        denominator = check_int(change[2], f"{item}[2]", 1, METER_DENOMINATORS[-1])
+    def change(value: list, item: str) -> tuple[float, int, int]:
+        qn = check_number(value[0], f"{item}[0]", 0.0, limits.max_position_qn)
+        numerator = check_int(value[1], f"{item}[1]", 1, MAX_METER_NUMERATOR)
+        denominator = check_int(value[2], f"{item}[2]", 1, METER_DENOMINATORS[-1])
         if denominator not in METER_DENOMINATORS:
             raise ProtocolError("invalid_field", f"{item}[2] = {denominator} is not a power of two", f"{item}[2]")
-        changes.append((qn, numerator, denominator))
-    try:
-        return Meter.from_changes(changes)
-    except TimeMapError as error:
-        raise ProtocolError("invalid_field", f"{path}: {error}", path) from None
+        return qn, numerator, denominator
+
+    return _parse_changes(reader, "time_signatures", limits, ("qn", "numerator", "denominator"), change,
+                          Meter.from_changes, Meter.constant)
 
 
 def _parse_range(reader: _Reader, limits: Limits) -> tuple[float, float]:
