@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from cmi_daemon.errors import CMIError
-from cmi_daemon.inference.controls import (ControlRequest, bar_position_qn, detect_grid, length_pattern, parse_grid,
-                                           resolve_controls)
+from cmi_daemon.inference.controls import (ControlRequest, Grid, TrackControls, bar_position_qn, detect_grid,
+                                           length_pattern, parse_grid, resolve_controls, snap_to_grid)
 from cmi_daemon.inference import sampling
 from cmi_daemon.inference.engine import Engine, InfillOptions
 from cmi_daemon.music.tempo import Meter, TimeSignature
@@ -168,6 +168,23 @@ def test_infills_keep_to_the_pitch_classes_their_context_sounds(engine, song, tr
     biased = rare_share()
     monkeypatch.setattr(sampling, "HARMONY_GAIN", 0.0)
     assert biased < rare_share() - 0.03
+
+
+def test_a_note_ended_at_a_lines_step_ends_on_the_line_and_one_between_lines_stays():
+    """The sampler works in steps (here 1/24 QN); a grid offset from QN 0, as many POP909 files'
+    are, has its lines between steps, so a note the sampler ended where the next starts must end
+    exactly on the line the next one is moved to, or the two would overlap."""
+    step_qn = 1 / 24
+    controls = {0: TrackControls(None, None, None, None, None, Grid(0.25, 0.1))}  # lines 0.1, 0.35, 0.6, ...
+    first = Note(8 * step_qn, 6 * step_qn, 71, 90)  # steps 8-14, the steps nearest the lines 0.35 and 0.6
+    second = Note(14 * step_qn, 6 * step_qn, 71, 90)
+    detached = Note(8 * step_qn, 4 * step_qn, 72, 90)  # ends at step 12 = 0.5, between the lines
+    snapped = snap_to_grid({0: [first, second, detached]}, controls, 0.0, 4.0, step_qn)[0]
+    assert snapped[0].start_qn == pytest.approx(0.35) and snapped[1].start_qn == pytest.approx(0.6)
+    assert snapped[0].start_qn + snapped[0].duration_qn == snapped[1].start_qn
+    assert musicality.max_polyphony(snapped[:2]) == 1
+    assert snapped[2].start_qn == pytest.approx(0.35)
+    assert snapped[2].start_qn + snapped[2].duration_qn == pytest.approx(0.5)
 
 
 def test_a_bar_position_counts_from_the_bar_line_across_meter_changes():

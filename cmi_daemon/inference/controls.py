@@ -287,20 +287,18 @@ def resolve_controls(song: Song, track_index: int, start_qn: float, end_qn: floa
 
 SNAP_SHARE = 1 / 4
 """An onset within this fraction of a grid step of a line is put exactly on it."""
-END_SNAP_SHARE = 1 / 16
-"""A note end within this fraction of a grid step of a line is put exactly on it: only the rounding
-of the sampler's steps, since notes may end between the lines (a detached note ends before the
-next onset)."""
 
 
 def snap_to_grid(notes_by_track: dict[int, list[Note]], controls: dict[int, TrackControls], start_qn: float,
-                 end_qn: float) -> dict[int, list[Note]]:
-    """Answer notes in [start_qn, end_qn] with their onsets (and ends) moved exactly onto their track's
-    grid lines.
+                 end_qn: float, step_qn: float) -> dict[int, list[Note]]:
+    """Answer notes in [start_qn, end_qn] with their onsets (and the ends that fall on a line) moved
+    exactly onto their track's grid lines.
 
-    The sampler already placed them on the lines' 8 ms steps: this removes the rounding of steps
-    to milliseconds to QN, so a DAW shows them quantised. The range's edges count as lines; edges
-    far from every line stay as they are."""
+    The sampler already placed onsets on the steps nearest the lines (step_qn: its step in QN, at
+    most): this removes the rounding of lines to steps, so a DAW shows them quantised. A note may
+    end between the lines (a detached note ends before the next onset), so an end moves only when
+    it is within half a step of a line, where the sampler ended it at the line. The range's edges
+    count as lines; edges far from every line stay as they are."""
     result = {}
     for track, notes in notes_by_track.items():
         grid = controls[track].grid if track in controls else None
@@ -310,8 +308,8 @@ def snap_to_grid(notes_by_track: dict[int, list[Note]], controls: dict[int, Trac
         snapped = []
         for note in notes:
             end = note.start_qn + note.duration_qn
-            on = _snap(note.start_qn, grid, start_qn, end_qn, SNAP_SHARE)
-            off = _snap(end, grid, start_qn, end_qn, END_SNAP_SHARE)
+            on = _snap(note.start_qn, grid, start_qn, end_qn, SNAP_SHARE * grid.step_qn)
+            off = _snap(end, grid, start_qn, end_qn, step_qn / 2)
             if off <= on:  # a note shorter than the snap: its onset goes on the line, its end stays
                 off = end
             snapped.append(note._replace(start_qn=on, duration_qn=off - on) if off > on else note)
@@ -319,9 +317,9 @@ def snap_to_grid(notes_by_track: dict[int, list[Note]], controls: dict[int, Trac
     return result
 
 
-def _snap(qn: float, grid: Grid, start_qn: float, end_qn: float, share: float) -> float:
-    """The nearest of the grid lines and the range's edges, if within share of a grid step."""
+def _snap(qn: float, grid: Grid, start_qn: float, end_qn: float, tolerance_qn: float) -> float:
+    """The nearest of the grid lines and the range's edges, if within tolerance_qn."""
     line = grid.phase_qn + round((qn - grid.phase_qn) / grid.step_qn) * grid.step_qn
     nearest = min((line, start_qn, end_qn) if start_qn <= line <= end_qn else (start_qn, end_qn),
                   key=lambda edge: abs(edge - qn))
-    return float(nearest) if abs(nearest - qn) <= share * grid.step_qn else qn
+    return float(nearest) if abs(nearest - qn) <= tolerance_qn + 1e-9 else qn

@@ -34,6 +34,7 @@ from .controls import ControlRequest, TrackControls, resolve_controls, snap_to_g
 from .device import onnx_providers, quiet_onnx_runtime
 from .sampling import (MAX_SEED, AnswerRows, AnswerState, SamplingOptions, TrackConstraints, fixed_events,
                        held_keys, pitch_owners, requires_note, sample_row)
+from ..music.timeunit import MS_PER_MINUTE
 from ..music.tokens import Note, Song
 
 MIN_ANSWER_CAP_TOKENS = 64
@@ -373,8 +374,9 @@ class Engine:
         decode_done = time.perf_counter()
 
         seeds = candidate_seeds(seed, options.n_candidates)
+        step_qn = vocab.WAIT_STEP_MS * float(np.max(song.tempo_map.bpm)) / MS_PER_MINUTE  # at the fastest tempo
         candidates = [Candidate(index, snap_to_grid(answer_notes(song, region, answer.answer_ids, owners), controls,
-                                             region.start_qn, region.end_qn),
+                                             region.start_qn, region.end_qn, step_qn),
                                 answer.answer_ids,
                                 answer.n_sampled, round((done_at - prefill_done) * 1000.0, 2), seeds[index])
                       for index, (answer, done_at) in enumerate(answers)]
