@@ -16,7 +16,7 @@ STOP_TIMEOUT_MS = 10_000
 
 def command_start(args) -> int:
     """Run the daemon: in the foreground (Ctrl-C stops it), or in the background with --detach."""
-    from ..daemon.service import run_foreground, start_detached
+    from .service import run_foreground, start_detached
     from ..daemon.settings import load_settings
 
     overrides = {"model": args.model, "port": args.port, "bind_address": args.bind, "queue_size": args.queue_size,
@@ -39,14 +39,14 @@ def _forwarded_flags(args) -> list[str]:
 
 def command_stop(args) -> int:
     """Ask the running daemon to finish its current request and exit."""
-    from ..daemon.service import stop
+    from .service import stop
 
     return stop(args.timeout_ms)
 
 
 def command_status(args) -> int:
     """Show what the daemon is doing; exit code 2 when no daemon answers."""
-    from ..daemon.service import format_status
+    from .service import format_status
 
     connection = load_connection()
     with DaemonClient(connection=connection, timeout_ms=args.timeout_ms) as client:

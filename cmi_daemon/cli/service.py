@@ -1,6 +1,7 @@
 """Running the daemon as a user service: one per user (a PID lock), logging, signals, detaching, stopping.
 
-`cli/daemon_commands.py` calls these for `cmi-daemon start|stop|status`.
+`daemon_commands` calls these for `cmi-daemon start|stop|status`; it sits above the daemon and its
+client, which it uses to stop a running daemon.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .. import paths
 from ..client import DaemonClient, DaemonNotRunning, load_connection, wait_for_exit
 from ..errors import CMIError
 from ..files import open_private, private_folder, remove_temporaries
-from .settings import Settings
+from ..daemon.settings import Settings
 
 LOG_FILE_BYTES = 1_000_000
 LOG_FILE_BACKUPS = 3
@@ -28,7 +29,7 @@ DETACH_START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_MARGIN_S = 10.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-log = logging.getLogger("cmi_daemon.daemon.service")
+log = logging.getLogger("cmi_daemon.cli.service")
 T = TypeVar("T")
 
 
@@ -172,7 +173,7 @@ def read_curve_secret_key(settings: Settings) -> Optional[bytes]:
 def run_foreground(settings: Settings, backend_factory: Callable[[Path, Settings], object],
                    console: bool = True) -> int:
     """Hold the lock, load the model, serve until a signal or `shutdown`, then clean up."""
-    from .server import Daemon
+    from ..daemon.server import Daemon
 
     log_path = setup_logging(settings.log_level, console)
     lock = DaemonLock(paths.lock_file())
