@@ -5,6 +5,7 @@ polyphony measures, which share no code with the engine's controls."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -196,6 +197,26 @@ def test_a_bar_position_counts_from_the_bar_line_across_meter_changes():
              [(0.0, 2.0), (3.0, 2.5), (6.0, 3.0), (10.0, 3.0), (1.0, 0.5), (4.0, 0.5), (7.0, 0.25), (2.0, 1.0)]]
     # Downbeats held long, second beats short; the one note on a third beat has no length of its own.
     assert length_pattern(song, notes) == ((0.0, 2.75), (1.0, 0.5))
+
+
+def test_a_track_silent_around_the_range_rests_unless_the_musician_sets_its_density(engine, song):
+    """A part that plays elsewhere in the song but not in the 8 bars each side of the range (a
+    bridge that enters later) stays silent when a musician infills every track there; it plays
+    when they ask it to."""
+    start_qn, end_qn = song.meter.bar_range_qn(*BARS)
+    first_qn, last_qn = song.meter.bar_range_qn(BARS[0] - 8, BARS[1] + 8)
+    bridge = song.tracks[1]
+    silent = replace(song, tracks=[song.tracks[0], replace(bridge, notes=[
+        n for n in bridge.notes if not first_qn <= n.start_qn < last_qn]), song.tracks[2]])
+    assert silent.tracks[1].notes and resolve_controls(silent, 1, start_qn, end_qn).rests
+    for seed in SEEDS:
+        result = engine.infill(silent, start_qn, end_qn, [0, 1, 2], InfillOptions(seed=seed))
+        notes = result.candidates[0].notes
+        assert notes[1] == [] and notes[0] and notes[2]
+        assert result.controls[1].describe() == "rests (silent around the range)"
+    asked = engine.infill(silent, start_qn, end_qn, [0, 1, 2],
+                          InfillOptions(seed=1, controls={1: ControlRequest(density_per_qn=1.0)}))
+    assert asked.candidates[0].notes[1]
 
 
 def test_defaults_come_from_the_tracks_context(song):

@@ -180,7 +180,15 @@ class TrackControls:
             lengths_qn[found] = pattern_lengths[nearest[found]]
         return lengths_qn
 
+    @property
+    def rests(self) -> bool:
+        """Silent around the range and in it while it plays elsewhere: the infill gives it no notes
+        unless the musician sets its density."""
+        return self.density_per_qn == 0
+
     def describe(self) -> str:
+        if self.rests:
+            return "rests (silent around the range)"
         parts = []
         if self.density_per_qn is not None:
             parts.append(f"density {self.density_per_qn:.2f}/QN")
@@ -259,7 +267,9 @@ def resolve_controls(song: Song, track_index: int, start_qn: float, end_qn: floa
                      request: ControlRequest = ControlRequest()) -> TrackControls:
     """The track's controls: the musician's values, the rest from its context bars; the density from
     the notes the infill replaces when the range holds some of the track's (bars being rewritten keep
-    their pace), else from the context."""
+    their pace), else from the context: 0 for a track that plays elsewhere in the song but neither
+    in the range nor around it, which therefore rests (`TrackControls.rests`); a track with no
+    notes at all (a new part) has none."""
     notes, span_qn = context_notes(song, [track_index], start_qn, end_qn)
     replaced = sum(start_qn <= n.start_qn < end_qn for n in song.tracks[track_index].notes)
     pitches = [n.pitch for n in notes]
@@ -271,10 +281,11 @@ def resolve_controls(song: Song, track_index: int, start_qn: float, end_qn: floa
         grid = detect_grid([n.start_qn for n in notes], [n.start_qn for n in song_notes])
     else:
         grid = None if request.grid == "off" else Grid(float(request.grid))
+    plays_elsewhere = bool(song.tracks[track_index].notes)
     return TrackControls(
         density_per_qn=request.density_per_qn if request.density_per_qn is not None
         else replaced / (end_qn - start_qn) if replaced
-        else (len(notes) / span_qn if notes and span_qn > 0 else None),
+        else (len(notes) / span_qn if (notes or plays_elsewhere) and span_qn > 0 else None),
         max_polyphony=request.max_polyphony or (max_polyphony(notes) if notes else None),
         pitch_range=request.pitch_range or (None if not notes else (min(pitches), max(pitches))
                                             if len(notes) >= MIN_GRID_ONSETS else widened(min(pitches), max(pitches))),

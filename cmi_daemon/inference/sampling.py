@@ -169,14 +169,17 @@ def harmony_bias(shares: Sequence[float]) -> np.ndarray:
 
 def pitch_owners(region: Region, controls: dict[int, TrackControls]) -> dict[int, np.ndarray]:
     """Target bin -> (128,) the target track each pitch of that bin belongs to, -1 where no track's
-    pitch range holds it: of the bin's tracks whose range holds the pitch, the one whose notes
-    around the range are nearest it on average. The sampler keeps each track to its own controls
-    through this, and `regions.answer_notes` gives each answer note to that track."""
+    pitch range holds it: of the bin's tracks whose range holds the pitch (a resting track's holds
+    none), the one whose notes around the range are nearest it on average. The sampler keeps each
+    track to its own controls through this, and `regions.answer_notes` gives each answer note to
+    that track."""
     owners = {}
     pitches = np.arange(vocab.N_PITCHES)
     for instrument_bin, tracks in region.target_bins.items():
         distance = np.full((len(tracks), vocab.N_PITCHES), np.inf)
         for row, track in enumerate(tracks):
+            if controls[track].rests:
+                continue
             low, high = controls[track].pitch_range or (0, vocab.N_PITCHES - 1)
             holds = (pitches >= low) & (pitches <= high)
             distance[row, holds] = np.abs(pitches[holds] - region.pitch_centre[track])
@@ -393,7 +396,7 @@ class AnswerState:
                 allowed[base + 1:base + vocab.N_VELOCITY_BINS] = False
         for track, constraint in self.constraints.items():
             full = constraint.max_polyphony is not None and self._sounding(track) >= constraint.max_polyphony
-            if full or not self._on_grid(track):
+            if full or constraint.expected_notes == 0 or not self._on_grid(track):
                 allowed &= ~self.track_rows[track]
         for key, open_step in self.open_keys.items():
             if open_step < self.clock:
