@@ -219,6 +219,20 @@ def test_a_track_silent_around_the_range_rests_unless_the_musician_sets_its_dens
     assert asked.candidates[0].notes[1]
 
 
+def test_a_new_lead_part_is_one_line_in_the_treble_on_the_songs_grid(engine, song):
+    """An empty track named Lead (a part the musician is starting) infilled over the song: the model
+    alone wrote chords of up to 7 notes off the grid here; a new lead is one line, C4-C6."""
+    start_qn, end_qn = song.meter.bar_range_qn(*BARS)
+    empty = replace(song, tracks=[replace(song.tracks[0], notes=[], name="Lead"), *song.tracks[1:]])
+    others = np.array([n.start_qn for t in song.tracks[1:] for n in t.notes
+                       if start_qn - 32 <= n.start_qn < end_qn + 32 and not start_qn <= n.start_qn < end_qn])
+    grid = musicality.context_grid(others)
+    for notes in infills(engine, empty, 0):
+        assert notes and musicality.max_polyphony(notes) == 1
+        assert all(60 <= n.pitch <= 84 for n in notes)
+        assert musicality.on_grid(np.array([n.start_qn for n in notes]), grid).all()
+
+
 def test_defaults_come_from_the_tracks_context(song):
     start_qn, end_qn = song.meter.bar_range_qn(*BARS)
     melody, piano = (resolve_controls(song, t, start_qn, end_qn) for t in (0, 2))

@@ -12,7 +12,7 @@ import pytest
 from cmi_daemon.inference.engine import Engine, InfillOptions
 from cmi_daemon.music import vocab
 from cmi_daemon.music.notes import Note
-from cmi_daemon.music.roles import (ACCOMPANIMENT, BASS, DRUMS, MELODY, distinct_bins, name_role, song_roles,
+from cmi_daemon.music.roles import (ACCOMPANIMENT, BASS, DRUMS, MELODY, distinct_bins, name_role, part_role, song_roles,
                               with_bins)
 from cmi_daemon.music.tokens import Song, Track, read_midi
 from conftest import GROOVE_FIXTURES, POP909_FIXTURES, shared_data
@@ -89,3 +89,11 @@ def test_the_engine_remaps_only_for_a_model_trained_with_role_bins(tmp_path_fact
     assert answer_bins(before) == {8}  # all three tracks are piano to the model
     assert 11 in answer_bins(after) <= {11, 5, 8}  # the melody on lead, the others fixed on guitar and piano
     assert all(c.notes[0] for c in after.candidates)
+
+
+@pytest.mark.parametrize("name, program, is_drum, role", [
+    ("Lead", 0, False, MELODY), ("", 33, False, BASS), ("", 73, False, MELODY), ("", 0, False, ACCOMPANIMENT),
+    ("Strings", 48, False, ACCOMPANIMENT), ("", 0, True, DRUMS), ("Synth bass", 81, False, BASS)])
+def test_an_empty_parts_role_comes_from_its_name_else_its_instrument(name, program, is_drum, role):
+    song = Song([Track(name, program, is_drum, [])])
+    assert part_role(song, 0) == role

@@ -25,6 +25,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import numpy as np
 
 from ..errors import CMIError
+from ..music.roles import ACCOMPANIMENT, BASS, MELODY, part_role
 from ..music.tokens import Note, Song
 
 CONTEXT_BARS = 8
@@ -46,6 +47,10 @@ MAX_DENSITY_PER_QN = 64.0
 MAX_NOTE_LENGTH_QN = 64.0
 LENGTH_POSITION_TOLERANCE_QN = 1 / 24
 """Onsets this near one another's bar position share a length in the track's length pattern."""
+NEW_PART_DEFAULTS = {MELODY: (1, (60, 84)), BASS: (1, (28, 55)), ACCOMPANIMENT: (4, (45, 79))}
+"""Role -> (polyphony, pitch range) of a track with no notes yet: a new lead is one line in the
+treble (C4-C6), a bass one line below G3, an accompaniment chords of up to four notes around
+middle C; each at the model's own pace."""
 MIN_NOTES_PER_LENGTH_POSITION = 3
 """Context notes a bar position needs for its own length (fewer: a phrase's last note, say, and
 notes there aim at the track's median length)."""
@@ -268,8 +273,9 @@ def resolve_controls(song: Song, track_index: int, start_qn: float, end_qn: floa
     """The track's controls: the musician's values, the rest from its context bars; the density from
     the notes the infill replaces when the range holds some of the track's (bars being rewritten keep
     their pace), else from the context: 0 for a track that plays elsewhere in the song but neither
-    in the range nor around it, which therefore rests (`TrackControls.rests`); a track with no
-    notes at all (a new part) has none."""
+    in the range nor around it, which therefore rests (`TrackControls.rests`). A track with no
+    notes at all (a new part) takes the polyphony and register of its role (`roles.part_role`: its
+    name or instrument; NEW_PART_DEFAULTS), and the song's grid and pitch classes."""
     notes, span_qn = context_notes(song, [track_index], start_qn, end_qn)
     replaced = sum(start_qn <= n.start_qn < end_qn for n in song.tracks[track_index].notes)
     pitches = [n.pitch for n in notes]
@@ -277,17 +283,21 @@ def resolve_controls(song: Song, track_index: int, start_qn: float, end_qn: floa
     drums = song.tracks[track_index].is_drum
     pitched = [i for i, t in enumerate(song.tracks) if not t.is_drum]
     song_notes, _ = context_notes(song, pitched if not drums else [track_index], start_qn, end_qn)
+    plays_elsewhere = bool(song.tracks[track_index].notes)
     if request.grid == "auto":
-        grid = detect_grid([n.start_qn for n in notes], [n.start_qn for n in song_notes])
+        own_onsets = notes if plays_elsewhere else song_notes  # a new part plays on the song's grid
+        grid = detect_grid([n.start_qn for n in own_onsets], [n.start_qn for n in song_notes])
     else:
         grid = None if request.grid == "off" else Grid(float(request.grid))
-    plays_elsewhere = bool(song.tracks[track_index].notes)
+    new_polyphony, new_pitch_range = NEW_PART_DEFAULTS.get(part_role(song, track_index), (None, None))
+    if plays_elsewhere:
+        new_polyphony = new_pitch_range = None
     return TrackControls(
         density_per_qn=request.density_per_qn if request.density_per_qn is not None
         else replaced / (end_qn - start_qn) if replaced
         else (len(notes) / span_qn if (notes or plays_elsewhere) and span_qn > 0 else None),
-        max_polyphony=request.max_polyphony or (max_polyphony(notes) if notes else None),
-        pitch_range=request.pitch_range or (None if not notes else (min(pitches), max(pitches))
+        max_polyphony=request.max_polyphony or (max_polyphony(notes) if notes else new_polyphony),
+        pitch_range=request.pitch_range or (new_pitch_range if not notes else (min(pitches), max(pitches))
                                             if len(notes) >= MIN_GRID_ONSETS else widened(min(pitches), max(pitches))),
         note_length_qn=request.note_length_qn or (float(np.median([n.duration_qn for n in notes])) if notes else None),
         velocity_range=request.velocity_range or ((min(velocities), max(velocities)) if notes else None),

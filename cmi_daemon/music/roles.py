@@ -75,6 +75,18 @@ def name_role(name: str) -> Optional[str]:
     return None
 
 
+def part_role(song: Song, track_index: int) -> str:
+    """The role of a track from what it is, not what it plays (a new, empty part): its drum flag,
+    its name (NAME_HINTS), else the first role whose ROLE_BINS hold its instrument bin, else
+    accompaniment."""
+    track = song.tracks[track_index]
+    if track.is_drum:
+        return DRUMS
+    instrument_bin = track_bin(song, track_index)
+    return name_role(track.name) or next((role for role in (MELODY, BASS, ACCOMPANIMENT)
+                                          if instrument_bin in ROLE_BINS[role]), ACCOMPANIMENT)
+
+
 def song_roles(song: Song, drum_hints: Sequence[bool] = ()) -> list[Optional[str]]:
     """The role of each track (None for a track without notes and without a telling name).
 
