@@ -1,1 +1,1 @@
-"""The daemon: its protocol and messages, settings, server, backend and process lifecycle."""
+"""The daemon: its protocol and messages, settings, server and backend (the process around it is cli.service)."""
