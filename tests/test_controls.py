@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cmi_daemon.errors import CMIError
-from cmi_daemon.inference.controls import (ControlRequest, Grid, TrackControls, bar_position_qn, detect_grid,
+from cmi_daemon.inference.controls import (ControlRequest, Grid, TrackControls, detect_grid,
                                            length_pattern, parse_grid, resolve_controls, snap_to_grid)
 from cmi_daemon.inference import sampling
 from cmi_daemon.inference.engine import Engine, InfillOptions
@@ -191,7 +191,7 @@ def test_a_note_ended_at_a_lines_step_ends_on_the_line_and_one_between_lines_sta
 def test_a_bar_position_counts_from_the_bar_line_across_meter_changes():
     meter = Meter((TimeSignature(0.0, 3, 4), TimeSignature(6.0, 4, 4)))
     song = Song([], meter=meter)
-    assert np.allclose(bar_position_qn(song, [0.0, 2.5, 3.0, 5.75, 6.0, 9.5, 10.0]),
+    assert np.allclose(meter.position_in_bar_qn([0.0, 2.5, 3.0, 5.75, 6.0, 9.5, 10.0]),
                        [0.0, 2.5, 0.0, 2.75, 0.0, 3.5, 0.0])
     notes = [Note(qn, length, 60, 90) for qn, length in
              [(0.0, 2.0), (3.0, 2.5), (6.0, 3.0), (10.0, 3.0), (1.0, 0.5), (4.0, 0.5), (7.0, 0.25), (2.0, 1.0)]]

@@ -179,7 +179,7 @@ class TrackControls:
         lengths_qn = np.full(len(onsets_qn), self.note_length_qn)
         if self.length_pattern:
             positions, pattern_lengths = np.array(self.length_pattern).T
-            position = bar_position_qn(song, onsets_qn)
+            position = song.meter.position_in_bar_qn(onsets_qn)
             nearest = np.abs(position[:, None] - positions[None, :]).argmin(axis=1)
             found = np.abs(positions[nearest] - position) <= LENGTH_POSITION_TOLERANCE_QN
             lengths_qn[found] = pattern_lengths[nearest[found]]
@@ -234,25 +234,13 @@ def pitch_class_shares(notes: Sequence[Note]) -> Optional[tuple[float, ...]]:
     return None if total_qn <= 0 else tuple(float(x) for x in sounding_qn / total_qn)
 
 
-def bar_position_qn(song: Song, qn):
-    """QN from the start of the bar holding each qn (a bar starts at its signature's start and
-    every bar length after it)."""
-    qn = np.asarray(qn, dtype=np.float64)
-    signatures = song.meter.signatures
-    index = np.clip(np.searchsorted([sig.start_qn for sig in signatures], qn, side="right") - 1, 0, None)
-    start_qn = np.array([sig.start_qn for sig in signatures])[index]
-    bar_qn = np.array([sig.bar_length_qn for sig in signatures])[index]
-    offset = qn - start_qn
-    return offset - np.floor(offset / bar_qn + 1e-9) * bar_qn
-
-
 def length_pattern(song: Song, notes: Sequence[Note]) -> tuple[tuple[float, float], ...]:
     """(bar position in QN, median length in QN) of the notes starting at each bar position (to
     LENGTH_POSITION_TOLERANCE_QN) where MIN_NOTES_PER_LENGTH_POSITION notes or more start, in
     position order: a track's rhythm holds its notes' lengths by where they fall in the bar (a
     bass's downbeat held for two beats, its off-beats short)."""
     by_position: dict[float, list[float]] = {}
-    positions = bar_position_qn(song, [n.start_qn for n in notes]) if notes else []
+    positions = song.meter.position_in_bar_qn([n.start_qn for n in notes])
     for note, position in zip(notes, positions):
         snapped = round(float(position) / LENGTH_POSITION_TOLERANCE_QN) * LENGTH_POSITION_TOLERANCE_QN
         by_position.setdefault(snapped, []).append(note.duration_qn)
@@ -289,9 +277,8 @@ def resolve_controls(song: Song, track_index: int, start_qn: float, end_qn: floa
         grid = detect_grid([n.start_qn for n in own_onsets], [n.start_qn for n in song_notes])
     else:
         grid = None if request.grid == "off" else Grid(float(request.grid))
-    new_polyphony, new_pitch_range = NEW_PART_DEFAULTS.get(part_role(song, track_index), (None, None))
-    if plays_elsewhere:
-        new_polyphony = new_pitch_range = None
+    new_polyphony, new_pitch_range = ((None, None) if plays_elsewhere
+                                      else NEW_PART_DEFAULTS.get(part_role(song, track_index), (None, None)))
     return TrackControls(
         density_per_qn=request.density_per_qn if request.density_per_qn is not None
         else replaced / (end_qn - start_qn) if replaced

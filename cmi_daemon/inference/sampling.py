@@ -19,8 +19,9 @@ answer as it grows and says what is allowed next:
   pitches it owns in its bin (`pitch_owners`: tracks of one bin share it by pitch range and
   register): note-ons only inside its pitch and velocity range and while fewer of its notes than
   its polyphony sound; on its grid, its note-ons only on the lines, and waits only to a line of
-  some track while no answer note sounds (the model's timing renormalised over the allowed steps,
-  not snapped afterwards; a note may end between the lines, as a detached note does); a logit
+  some track or to where an open answer note reaches the length it aims at (the model's timing
+  renormalised over the allowed steps, not snapped afterwards; so a note may end between the
+  lines, as a detached note does); a logit
   bias on its note-ons pulls its note count toward its density, one on each open note's
   note-off pulls its length toward the length its onset's bar position has in the track's
   context (`TrackControls.lengths_at_qn`), and one on each wait that would
@@ -311,7 +312,7 @@ class AnswerState:
         return None if owner is None or owner[key[1]] < 0 else int(owner[key[1]])
 
     def _on_grid(self, track: Optional[int]) -> bool:
-        """Whether the track's notes may start or end at the clock."""
+        """Whether the track's notes may start at the clock (they may end anywhere)."""
         constraint = self.constraints.get(track)
         if constraint is None or constraint.grid_steps is None:
             return True

@@ -178,6 +178,15 @@ class Meter:
         signature = self.signatures[index]
         return self._first_bars[index] + (qn - signature.start_qn) / signature.bar_length_qn
 
+    def position_in_bar_qn(self, qn) -> np.ndarray:
+        """QN from the start of the bar holding each of qn (an array): bar_at_qn's fraction, in QN."""
+        qn = np.asarray(qn, dtype=np.float64)
+        starts_qn = np.array([s.start_qn for s in self.signatures])
+        index = np.clip(np.searchsorted(starts_qn, qn, side="right") - 1, 0, None)
+        bar_qn = np.array([s.bar_length_qn for s in self.signatures])[index]
+        offset_qn = qn - starts_qn[index]
+        return offset_qn - np.floor(offset_qn / bar_qn + 1e-9) * bar_qn
+
     def bar_range_qn(self, first_bar: int, last_bar: int) -> tuple[float, float]:
         """[start_qn, end_qn) of bars first_bar..last_bar inclusive, as a musician says "bars 9-12"."""
         if last_bar < first_bar:
