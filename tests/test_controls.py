@@ -35,12 +35,14 @@ def song():
     return read_midi(POP909_FIXTURES[0])
 
 
-def infills(engine, song, track, request=None, seeds=SEEDS):
-    """New notes of `track` for bars BARS under the request, one list per seed."""
+def infills(engine, song, track, request=None, seeds=SEEDS, follow_repeat=1.0):
+    """New notes of `track` for bars BARS under the request, one list per seed. A test of what one
+    control does alone passes follow_repeat=0: the song's repeat of the bars would steer the same
+    notes (tests/test_repeats.py)."""
     start_qn, end_qn = song.meter.bar_range_qn(*BARS)
     controls = {} if request is None else {track: request}
-    return [engine.infill(song, start_qn, end_qn, [track], InfillOptions(seed=seed, controls=controls))
-            .candidates[0].notes[track] for seed in seeds]
+    options = [InfillOptions(seed=seed, controls=controls, follow_repeat=follow_repeat) for seed in seeds]
+    return [engine.infill(song, start_qn, end_qn, [track], o).candidates[0].notes[track] for o in options]
 
 
 def context_onsets(song, track):
@@ -124,7 +126,7 @@ def test_notes_are_as_long_as_the_tracks_context_by_default(engine, song, track)
     start_qn, end_qn = song.meter.bar_range_qn(*BARS)
     context = [n.duration_qn for n in song.tracks[track].notes
                if start_qn - 32 <= n.start_qn < end_qn + 32 and not start_qn <= n.start_qn < end_qn]
-    new = [n.duration_qn for notes in infills(engine, song, track) for n in notes]
+    new = [n.duration_qn for notes in infills(engine, song, track, follow_repeat=0.0) for n in notes]
     assert new and 0.75 <= np.median(new) / np.median(context) <= 1.33
 
 
@@ -140,11 +142,11 @@ def test_notes_keep_the_lengths_their_bar_positions_have_in_the_context(engine, 
 
     def overlaps(request):
         return [metrics.overlap(metrics.duration_histogram(notes), metrics.duration_histogram(context))
-                for notes in infills(engine, song, track, request)]
+                for notes in infills(engine, song, track, request, follow_repeat=0.0)]
 
     assert np.mean(overlaps(None)) > np.mean(overlaps(one_length)) + 0.05
     grid = musicality.context_grid(context_onsets(song, track))
-    new = [n for notes in infills(engine, song, track) for n in notes]
+    new = [n for notes in infills(engine, song, track, follow_repeat=0.0) for n in notes]
     ends = np.array([n.start_qn + n.duration_qn for n in new if n.start_qn + n.duration_qn < end_qn])
     assert musicality.on_grid(np.array([n.start_qn for n in new]), grid).all()
     assert not musicality.on_grid(ends, grid).all()
@@ -163,7 +165,8 @@ def test_infills_keep_to_the_pitch_classes_their_context_sounds(engine, song, tr
     rare = sounding_qn / sounding_qn.sum() < 1 / 12
 
     def rare_share():
-        pitches = [n.pitch for notes in infills(engine, song, track, seeds=(1, 2, 3, 4)) for n in notes]
+        pitches = [n.pitch for notes in infills(engine, song, track, seeds=(1, 2, 3, 4), follow_repeat=0.0)
+                   for n in notes]
         return np.mean(rare[np.array(pitches) % 12])
 
     biased = rare_share()

@@ -23,7 +23,8 @@ from ..errors import CMIError
 from ..inference.sampling import SamplingOptions
 from ..music.tokens import Note, Song
 
-OPTION_NAMES = ("candidates", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "profile")
+OPTION_NAMES = ("candidates", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "profile",
+                "follow_repeat")
 """The infill options of docs/protocol.md 5.2 that are flags: --candidates, --top-p, ..."""
 CONTROL_FLAGS = {"density_per_qn": "--density", "max_polyphony": "--polyphony", "pitch_range": "--pitch-range",
                  "note_length_qn": "--note-length", "velocity_range": "--velocity-range", "grid": "--grid"}
@@ -96,6 +97,9 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
                         help="where new notes start and end: auto (the grid of the track's context bars, none "
                              "when it is played freely), off, or 1/4, 1/8, 1/8T, 1/16, 1/16T, 1/32, 1/32T, 1/64"
                              + for_tracks + "; default auto")
+    parser.add_argument(flag("follow_repeat"), type=finite_number, metavar="F",
+                        help="how closely the infill follows the song's own repeat of the bars (a verse or chorus "
+                             "played again elsewhere whose surroundings match), 0..1; 0: the model alone (default 1)")
     parser.add_argument(flag("profile"), metavar="NAME",
                         help=f"the DIL profile whose learned taste conditions the infill (default "
                              f"{schema.DEFAULT_PROFILE!r}); offline it is only read, the daemon also learns")

@@ -41,7 +41,9 @@ def engine_options(options: schema.InfillRequestOptions) -> InfillOptions:
         repetition_penalty=(defaults.repetition_penalty if options.repetition_penalty is None
                             else options.repetition_penalty))
     return InfillOptions(n_candidates=options.candidates, seed=options.seed, sampling=sampling,
-                         controls=dict(options.controls))
+                         controls=dict(options.controls),
+                         follow_repeat=InfillOptions.follow_repeat if options.follow_repeat is None
+                         else options.follow_repeat)
 
 
 class EngineBackend:
@@ -88,8 +90,10 @@ class EngineBackend:
                                     profile=request.options.profile)
         timings_ms = dict(result.timings_ms)
         timings_ms["infill"] = round((time.perf_counter() - started_s) * 1000.0, 3)
+        repeat = None if result.repeat is None else {
+            "offset_qn": result.repeat.offset_qn, "similarity": round(result.repeat.similarity, 4)}
         return BackendResult([candidate.notes for candidate in result.candidates], timings_ms,
-                            [candidate.seed for candidate in result.candidates])
+                            [candidate.seed for candidate in result.candidates], repeat)
 
 
 def load_engine_backend(model_dir: Path, settings: Settings) -> EngineBackend:

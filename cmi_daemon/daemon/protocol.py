@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import msgpack
 
-PROTOCOL_VERSION = "1.1"
+PROTOCOL_VERSION = "1.2"
 PROTOCOL_MAJOR = PROTOCOL_VERSION.split(".")[0]
 SIGNATURE_SCHEME = "hmac-sha256"
 SIGNATURE_HEX_CHARS = 64

@@ -56,6 +56,8 @@ class InfillRequestOptions:
     profile: str = DEFAULT_PROFILE
     controls: tuple[tuple[int, track_controls.ControlRequest], ...] = ()
     """(track index, what the request sets of its controls), at most one per target track."""
+    follow_repeat: Optional[float] = None
+    """0..1: how closely the infill follows the song's own repeat of the range (since 1.2)."""
 
 
 @dataclass(frozen=True)
@@ -342,6 +344,7 @@ def parse_options(value: Any, limits: Limits, warnings: list[str],
         profile=reader.string("profile", required=False, max_chars=MAX_PROFILE_CHARS, pattern=PROFILE_PATTERN,
                               default=DEFAULT_PROFILE),
         controls=_parse_controls(reader, limits, warnings),
+        follow_repeat=reader.number("follow_repeat", 0.0, 1.0, required=False),
     )
     reader.finish()
     return options

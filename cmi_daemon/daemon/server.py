@@ -66,6 +66,8 @@ class BackendResult:
     candidates: list[dict[int, list[Note]]]
     timings_ms: dict[str, float] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=list)
+    repeat: Optional[dict] = None
+    """The song's repeat of the range that guided the candidates ({"offset_qn", "similarity"}), if any."""
 
 
 class InfillBackend(Protocol):
@@ -593,6 +595,7 @@ class Daemon:
                            for c, seed in zip(candidates, seeds)],
             "timings_ms": timings_ms,
             "model": str(self.model_info.get("name", "")),
+            "repeat": result.repeat,
         }
         self._remember(request, candidates)
         job.replied = True

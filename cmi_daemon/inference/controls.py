@@ -257,15 +257,25 @@ def widened(low: int, high: int) -> tuple[int, int]:
 
 
 def resolve_controls(song: Song, track_index: int, start_qn: float, end_qn: float,
-                     request: ControlRequest = ControlRequest()) -> TrackControls:
-    """The track's controls: the musician's values, the rest from its context bars; the density from
-    the notes the infill replaces when the range holds some of the track's (bars being rewritten keep
-    their pace), else from the context: 0 for a track that plays elsewhere in the song but neither
-    in the range nor around it, which therefore rests (`TrackControls.rests`). A track with no
-    notes at all (a new part) takes the polyphony and register of its role (`roles.part_role`: its
-    name or instrument; NEW_PART_DEFAULTS), and the song's grid and pitch classes."""
+                     request: ControlRequest = ControlRequest(),
+                     repeat_notes: Optional[Sequence[Note]] = None) -> TrackControls:
+    """The track's controls: the musician's values, the rest from its context bars and, where the
+    song repeats the range (`repeats.find_repeat`), the repeat's notes of the track (repeat_notes,
+    moved into the range) with them. The density comes from the notes the infill replaces when the
+    range holds some of the track's (bars being rewritten keep their pace), else from the repeat,
+    else from the context: 0 for a track that plays elsewhere in the song but neither in the range
+    nor around it, which therefore rests (`TrackControls.rests`). A track with no notes at all (a
+    new part) takes the polyphony and register of its role (`roles.part_role`: its name or
+    instrument; NEW_PART_DEFAULTS), and the song's grid and pitch classes."""
     notes, span_qn = context_notes(song, [track_index], start_qn, end_qn)
     replaced = sum(start_qn <= n.start_qn < end_qn for n in song.tracks[track_index].notes)
+    density_per_qn = (request.density_per_qn if request.density_per_qn is not None
+                      else replaced / (end_qn - start_qn) if replaced
+                      else len(repeat_notes) / (end_qn - start_qn) if repeat_notes is not None
+                      and song.tracks[track_index].notes
+                      else len(notes) / span_qn if (notes or song.tracks[track_index].notes) and span_qn > 0
+                      else None)
+    notes = notes + list(repeat_notes or ())
     pitches = [n.pitch for n in notes]
     velocities = [n.velocity for n in notes]
     drums = song.tracks[track_index].is_drum
@@ -280,9 +290,7 @@ def resolve_controls(song: Song, track_index: int, start_qn: float, end_qn: floa
     new_polyphony, new_pitch_range = ((None, None) if plays_elsewhere
                                       else NEW_PART_DEFAULTS.get(part_role(song, track_index), (None, None)))
     return TrackControls(
-        density_per_qn=request.density_per_qn if request.density_per_qn is not None
-        else replaced / (end_qn - start_qn) if replaced
-        else (len(notes) / span_qn if (notes or plays_elsewhere) and span_qn > 0 else None),
+        density_per_qn=density_per_qn,
         max_polyphony=request.max_polyphony or (max_polyphony(notes) if notes else new_polyphony),
         pitch_range=request.pitch_range or (new_pitch_range if not notes else (min(pitches), max(pitches))
                                             if len(notes) >= MIN_GRID_ONSETS else widened(min(pitches), max(pitches))),

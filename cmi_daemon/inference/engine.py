@@ -30,10 +30,11 @@ from .bundle import (CONTEXT_ENCODER_GRAPH, GENERATOR_WEIGHTS, PREDICTOR_GRAPH, 
                      STEP_GRAPH, Bundle, load_bundle)
 from ..errors import CMIError, InfillCancelled
 from ..music.regions import Region, answer_notes, jepa_sequence, region_in_window
+from ..music.repeats import Repeat, find_repeat
 from .controls import ControlRequest, TrackControls, resolve_controls, snap_to_grid
 from .device import onnx_providers, quiet_onnx_runtime
-from .sampling import (MAX_SEED, AnswerRows, AnswerState, SamplingOptions, TrackConstraints, fixed_events,
-                       held_keys, pitch_owners, requires_note, sample_row)
+from .sampling import (MAX_SEED, AnswerRows, AnswerState, RepeatGuide, SamplingOptions, TrackConstraints,
+                       fixed_events, held_keys, pitch_owners, requires_note, sample_row)
 from ..music.timeunit import MS_PER_MINUTE
 from ..music.tokens import Note, Song
 
@@ -59,11 +60,16 @@ class InfillOptions:
     """Cap on sampled answer tokens (default: from the blank's expected length)."""
     controls: Optional[dict[int, ControlRequest]] = field(default_factory=dict)
     """Target track -> what the musician sets of its controls; a track not named takes its context's.
-    None: no controls at all, the model's notes under the range's constraints alone."""
+    None: no controls at all (nor a repeat guide), the model's notes under the range's constraints alone."""
+    follow_repeat: float = 1.0
+    """0..1: how closely the infill follows the song's own repeat of the range where it has one
+    (`repeats.find_repeat`; the sampler's `RepeatGuide`); 0 leaves the model to itself."""
 
     def __post_init__(self):
         if self.n_candidates < 1:
             raise CMIError(f"{self.n_candidates} candidates asked for: ask for 1 or more")
+        if not 0.0 <= self.follow_repeat <= 1.0:
+            raise CMIError(f"follow_repeat {self.follow_repeat:g}: choose a value in 0..1")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise CMIError(f"seed {self.seed} is out of range: use 0..{MAX_SEED}")
 
@@ -101,6 +107,8 @@ class InfillResult:
     """region, conditioning, prefill, decode, total."""
     controls: dict[int, TrackControls] = field(default_factory=dict)
     """Target track -> the controls its notes were sampled under."""
+    repeat: Optional[Repeat] = None
+    """The song's repeat of the range that guided the candidates, if any."""
 
 
 ProgressCallback = Callable[[float], None]
@@ -363,14 +371,22 @@ class Engine:
 
         cap = options.max_answer_tokens or max(MIN_ANSWER_CAP_TOKENS, ANSWER_CAP_FACTOR * n_blank)
         held = held_keys(song, region)
+        repeat = (find_repeat(song, region.start_qn, region.end_qn, region.target_tracks)
+                  if options.controls is not None and options.follow_repeat > 0 else None)
         controls = {} if options.controls is None else {
             track: resolve_controls(song, track, region.start_qn, region.end_qn,
-                                    options.controls.get(track, ControlRequest()))
+                                    options.controls.get(track, ControlRequest()),
+                                    repeat.notes[track] if repeat is not None else None)
             for track in region.target_tracks}
         constraints = {track: TrackConstraints.from_controls(c, song, region) for track, c in controls.items()}
         owners = pitch_owners(region, controls) if controls else None
+        guide = (RepeatGuide.from_repeat(
+            repeat, song, region, constraints, options.follow_repeat * repeat.confidence,
+            lengths_set=[t for t, request in options.controls.items() if request.note_length_qn],
+            densities_set=[t for t, request in options.controls.items() if request.density_per_qn])
+                 if repeat is not None else None)
         answers = self._decode(region, rows, head_rows, logits, state, cond, options, seed, cap, held, constraints,
-                               owners, cancel, progress)
+                               owners, guide, cancel, progress)
         decode_done = time.perf_counter()
 
         seeds = candidate_seeds(seed, options.n_candidates)
@@ -385,14 +401,14 @@ class Engine:
             ("prefill", prefill_done - conditioning_done), ("decode", decode_done - prefill_done),
             ("total", decode_done - started))}
         return InfillResult(region.start_qn, region.end_qn, region.target_tracks, seed, candidates,
-                            len(prompt), n_blank, timings_ms, controls)
+                            len(prompt), n_blank, timings_ms, controls, repeat)
 
     def _decode(self, region, rows, head_rows, logits, state, cond, options, seed, cap, held, constraints, owners,
-                cancel, progress):
+                guide, cancel, progress):
         n = options.n_candidates
         events = fixed_events(region)
         need_note = requires_note(region, constraints)
-        answers = [AnswerState(rows, region.n_steps, events, need_note, cap, held, constraints, owners)
+        answers = [AnswerState(rows, region.n_steps, events, need_note, cap, held, constraints, owners, guide)
                    for _ in range(n)]
         rngs = [np.random.default_rng(candidate_seed) for candidate_seed in candidate_seeds(seed, n)]
         done_at = [0.0] * n

@@ -33,12 +33,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Collection, Optional, Sequence
 
 import numpy as np
 
 from ..music import vocab
 from ..music.regions import Region, track_bin
+from ..music.repeats import Repeat
 from ..music.tokens import Song, ms_to_step
 from .controls import TrackControls
 
@@ -69,6 +70,12 @@ for pitch classes below an even share; those at or above it are not biased."""
 HARMONY_FLOOR = 0.01
 """Added to each share: a pitch class the context never sounds is held back by HARMONY_GAIN x
 log(HARMONY_FLOOR / (1/12 + HARMONY_FLOOR)), about 2.2, not forbidden (a passing note stays possible)."""
+GUIDE_GAIN = 8.0
+"""Logit bias toward the repeat guide's notes at full strength (`RepeatGuide`): on a guide note's
+note-on at its step, on the wait that lands on the next guide onset, and against waits past it."""
+GUIDE_STRAY_SHARE = 1.0
+"""Of GUIDE_GAIN, the bias against a note-on the guide does not have at the clock, and against
+waiting on while guide notes of the clock are still to play."""
 NOTE_TOKENS_PER_BIN = vocab.N_PITCHES * vocab.N_VELOCITY_BINS
 ANS_ROW = 0
 FIRST_WAIT_ROW = 1
@@ -160,6 +167,53 @@ class TrackConstraints:
             pitch_class_bias=None if controls.pitch_class_shares is None else harmony_bias(controls.pitch_class_shares))
 
 
+@dataclass(frozen=True)
+class RepeatGuide:
+    """The notes of the song's repeat of the range (`repeats.Repeat`) in the region's steps: the
+    sampler leans toward playing them where they fall (the model still chooses, and every control
+    still holds), so an infill of a repeated section keeps the song's figure."""
+
+    onsets: dict[int, frozenset[tuple[int, int]]]
+    """Step (relative to the range start) -> the (bin, pitch) keys that start there."""
+    length_steps: dict[tuple[int, int, int], float]
+    """(step, bin, pitch) -> the length in steps of the guide note starting there."""
+    gain: float
+    """Logit bias at this strength: GUIDE_GAIN x strength."""
+    tracks: frozenset[int]
+    """The target tracks it guides: those the repeat speaks for (they play in the song) and whose
+    density the musician left to it. Other tracks' note-ons are not held back by it."""
+
+    @classmethod
+    def from_repeat(cls, repeat: Repeat, song: Song, region: Region, constraints: dict[int, "TrackConstraints"],
+                    strength: float, lengths_set: Collection[int] = (),
+                    densities_set: Collection[int] = ()) -> "RepeatGuide":
+        """Onsets go to the step of their track's nearest grid line, where it has a grid: the sampler
+        starts notes there only. The tracks of lengths_set keep the note length the musician set;
+        the others' notes aim at the lengths of the guide's. The tracks of densities_set, and those
+        with no notes in the song (a new part), are not guided."""
+        onsets: dict[int, set[tuple[int, int]]] = {}
+        length_steps = {}
+        tempo_map = song.tempo_map
+        for track, notes in repeat.notes.items():
+            if track in densities_set:
+                continue
+            grid = constraints[track].grid_steps if track in constraints else None
+            instrument_bin = track_bin(song, track)
+            for note in notes:
+                on, off = (int(s) - region.start_step for s in ms_to_step(
+                    tempo_map.ms_at(np.array([note.start_qn, note.start_qn + note.duration_qn]))))
+                if grid is not None and len(grid):
+                    on = int(grid[np.abs(grid - on).argmin()])
+                if not 0 <= on < region.n_steps:
+                    continue
+                onsets.setdefault(on, set()).add((instrument_bin, note.pitch))
+                if track not in lengths_set:
+                    length_steps[(on, instrument_bin, note.pitch)] = float(max(1, off - on))
+        guided = frozenset(t for t in repeat.notes if song.tracks[t].notes and t not in densities_set)
+        return cls({step: frozenset(keys) for step, keys in onsets.items()}, length_steps, GUIDE_GAIN * strength,
+                   guided)
+
+
 def harmony_bias(shares: Sequence[float]) -> np.ndarray:
     """(12,) note-on bias of each pitch class from its share of the context's sounding time: the
     infill keeps to the pitch classes its context sounds (its key and chords), without a pull
@@ -243,7 +297,7 @@ class AnswerState:
     def __init__(self, rows: AnswerRows, n_steps: int, events: Sequence[tuple[int, int]], need_note: bool,
                  max_sampled_tokens: int, held: Optional[dict[tuple[int, int], int]] = None,
                  constraints: Optional[dict[int, TrackConstraints]] = None,
-                 owners: Optional[dict[int, np.ndarray]] = None):
+                 owners: Optional[dict[int, np.ndarray]] = None, guide: Optional[RepeatGuide] = None):
         self.rows = rows
         self.n_steps = n_steps
         self.events = deque(events)
@@ -297,6 +351,15 @@ class AnswerState:
                               if gridded and all(g is not None for g in gridded) else None)
         """Where waits may end when every track that can play has a grid (besides the next fixed event
         and the end)."""
+        self.guide = guide if guide is not None and guide.gain > 0 else None
+        self.guide_steps = np.array(sorted(self.guide.onsets) if self.guide else [], dtype=np.int64)
+        self.guide_played: set[tuple[int, int]] = set()
+        """Keys of the guide's notes at the clock that the answer has played."""
+        self.guided_rows = np.zeros(len(rows), dtype=bool)
+        """Note-on rows of the tracks the guide guides (every note-on row without controls)."""
+        if self.guide is not None:
+            for track in self.guide.tracks:
+                self.guided_rows |= self.track_rows.get(track, rows.note_on_rows)
 
     @property
     def finishing(self) -> bool:
@@ -349,7 +412,10 @@ class AnswerState:
         return np.array(ends, dtype=np.int64)
 
     def _aimed_length_steps(self, key: tuple[int, int], open_step: int) -> Optional[float]:
-        """The length in steps the key's note opened at open_step aims at; None without a length control."""
+        """The length in steps the key's note opened at open_step aims at: the guide's note's where it
+        has that note, else the length control's; None without either."""
+        if self.guide is not None and (open_step, *key) in self.guide.length_steps:
+            return self.guide.length_steps[(open_step, *key)]
         constraint = self.constraints.get(self._owner(key))
         if constraint is None or constraint.note_length_steps is None:
             return None
@@ -423,12 +489,44 @@ class AnswerState:
             return -min(MAX_DENSITY_PULL, DENSITY_PULL_PER_NOTE * (n_notes - expected + 1.0))
         return min(MAX_DENSITY_PUSH, DENSITY_GAIN * float(np.log((expected + 1.0) / (n_notes + 1.0))))
 
+    def _guide_bias(self) -> np.ndarray:
+        """The repeat guide's bias (R,) now: toward the guide's notes of the clock still to play and
+        the note-offs of the guide's notes that have reached their length, against other note-ons,
+        toward the wait onto the guide's next onset or note end and against waits past it."""
+        guide = self.guide
+        bias = np.zeros(len(self.rows))
+        stray = GUIDE_STRAY_SHARE * guide.gain
+        bias[self.guided_rows] -= stray
+        due = guide.onsets.get(self.clock, frozenset()) - self.guide_played
+        for key in due:
+            base = self.rows.key_rows(*key)
+            if base is not None:
+                bias[base + 1:base + vocab.N_VELOCITY_BINS] += stray + guide.gain
+        ends = {key: open_step + round(guide.length_steps[(open_step, *key)])
+                for key, open_step in self.open_keys.items() if (open_step, *key) in guide.length_steps}
+        ending = [key for key, end in ends.items() if end <= self.clock and self.open_keys[key] < self.clock]
+        for key in ending:
+            bias[self.rows.key_rows(*key)] += guide.gain
+        waits = slice(FIRST_WAIT_ROW, FIRST_WAIT_ROW + len(WAIT_LENGTHS_STEPS))
+        if due or ending:
+            bias[waits] -= stray
+        later = np.concatenate([self.guide_steps[self.guide_steps > self.clock],
+                                [end for end in ends.values() if end > self.clock]])
+        if len(later):
+            landing = self.clock + WAIT_LENGTHS_STEPS
+            target = later.min()
+            bias[waits] += np.where(landing == target, guide.gain, np.where(landing > target, -guide.gain, 0.0))
+        return bias
+
     def row_bias(self) -> Optional[np.ndarray]:
-        """Logit biases (R,) of the harmony, density and note-length controls now, or None when there are none."""
-        if all(c.expected_notes is None and c.note_length_steps is None and c.pitch_class_bias is None
-               for c in self.constraints.values()):
+        """Logit biases (R,) of the harmony, density and note-length controls and the repeat guide
+        now, or None when there are none."""
+        if self.guide is None and all(c.expected_notes is None and c.note_length_steps is None
+                                      and c.pitch_class_bias is None for c in self.constraints.values()):
             return None
         bias = self.harmony_rows.copy()
+        if self.guide is not None:
+            bias += self._guide_bias()
         for track, constraint in self.constraints.items():
             if constraint.expected_notes is not None:
                 push = self._density_push(track, constraint)
@@ -469,6 +567,7 @@ class AnswerState:
             self.done = True
         elif vocab.is_wait(token_id):
             self.clock += vocab.wait_steps(token_id)
+            self.guide_played.clear()
         else:
             instrument_bin, pitch, velocity_bin = vocab.note_fields(token_id)
             key = (instrument_bin, pitch)
@@ -478,6 +577,7 @@ class AnswerState:
                 self.fixed_keys.discard(key)
             elif velocity_bin:
                 self.open_keys[key] = self.clock
+                self.guide_played.add(key)
                 self.n_notes += 1
                 owner = self._owner(key)
                 if owner in self.notes_per_track:

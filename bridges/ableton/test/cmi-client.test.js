@@ -69,7 +69,7 @@ describe("cmi-client against a live daemon", () => {
 
   it("says hello and reports status", async () => {
     const hello = await client.hello();
-    assert.equal(hello.protocol, "1.1");
+    assert.equal(hello.protocol, "1.2");
     assert.ok(hello.capabilities.includes("infill"));
     const status = await client.status();
     assert.equal(status.pid, daemon.pid);
