@@ -19,6 +19,7 @@ import zmq
 from cmi_daemon import paths
 from cmi_daemon.cli import main as cli, install_reaper
 from cmi_daemon.daemon import protocol
+from cmi_daemon.music.repeats import SEND_BARS
 from cmi_daemon.errors import CMIError
 from cmi_daemon.music.tokens import read_midi
 from cmi_daemon.paths import default_model_dir
@@ -382,15 +383,16 @@ def daemon_hello(daemon_home) -> dict:
 
 @pytest.mark.slow
 def test_the_request_follows_reapers_time_map(reaper, song_project, daemon_home):
-    """Tempo and meter come from the markers in project QN, context is hello's 8 bars each side, notes in
-    project QN."""
+    """Tempo and meter come from the markers in project QN, context is hello's bars each side (8 here,
+    to count them across the meter changes), notes in project QN."""
     sys.path.insert(0, str(BRIDGE))
     import cmi_reaper
 
     selection = cmi_reaper.read_selection()
     hello = daemon_hello(daemon_home)
-    assert hello["limits"]["context_bars"] == 8
-    content = cmi_reaper.infill_content(selection, cmi_reaper.daemon_limits(hello))
+    assert hello["limits"]["context_bars"] == SEND_BARS
+    eight = dict(hello, limits=dict(hello["limits"], context_bars=8))
+    content = cmi_reaper.infill_content(selection, cmi_reaper.daemon_limits(eight))
     assert content["range"] == [RANGE_START_QN, RANGE_END_QN]
     assert [t["name"] for t in content["tracks"]] == ["MELODY", "PIANO"] and content["targets"] == [0, 1]
     assert [0.0, 4, 4] == content["time_signatures"][0]

@@ -25,7 +25,7 @@ import zmq
 
 from .. import __version__
 from ..errors import CMIError, InfillCancelled
-from ..inference.controls import CONTEXT_BARS
+from ..music.repeats import SEND_BARS
 from ..music.tokens import Note, Song
 from . import protocol, schema
 from .profiles import ProfileBook
@@ -435,7 +435,7 @@ class Daemon:
             "capabilities": list(protocol.MESSAGE_TYPES),
             "limits": {**self.limits.as_dict(), **schema.fixed_limits(), "queue_size": self.settings.queue_size,
                        "request_timeout_ms": self.settings.request_timeout_ms,
-                       "context_bars": CONTEXT_BARS},
+                       "context_bars": SEND_BARS},
         }
 
     def _on_status(self, identity, envelope, warnings) -> dict:

@@ -29,9 +29,9 @@ from ..music.roles import ACCOMPANIMENT, BASS, MELODY, part_role
 from ..music.tokens import Note, Song
 
 CONTEXT_BARS = 8
-"""Bars of context each side of a range: their notes set a track's default controls, a bridge sends
-this many (`hello` reports it as limits.context_bars; the engine keeps what fits the model's
-window), and the evaluation and benchmarks give their blanks this much."""
+"""Bars of context each side of a range: their notes set a track's default controls, and the
+evaluation and benchmarks give their blanks this much (a bridge sends more,
+`repeats.SEND_BARS`, for the song's repeats)."""
 GRID_STEPS_QN = (1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 6, 1 / 8, 1 / 12, 1 / 16)
 """Quarter, 8th, 8th triplet, 16th, 16th triplet, 32nd, 16th + 8th-triplet union, 64th; coarsest first."""
 GRID_NAMES = {"1/4": 1.0, "1/8": 1 / 2, "1/8T": 1 / 3, "1/16": 1 / 4, "1/16T": 1 / 6, "1/32": 1 / 8,

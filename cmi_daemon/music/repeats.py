@@ -18,6 +18,10 @@ import numpy as np
 
 from .tokens import Note, Song
 
+SEND_BARS = 64
+"""Bars each side of a range a bridge sends (`hello` reports it as limits.context_bars): a song's
+repeats lie far from the range (the first chorus, three minutes before the last); the controls read
+the nearest `controls.CONTEXT_BARS` of them, the model what fits its window."""
 SURROUND_QN = 8.0
 """QN each side of a range whose notes are matched against each candidate section's."""
 OFFSET_STEP_QN = 0.5

@@ -207,20 +207,21 @@ describe("the CMI device in a fake Live, against a live daemon", () => {
   });
 
   it("sends hello's context bars around the range of a large clip, in chunks under the message cap", async () => {
-    const big = live.addSessionClip(keys, chords(400, 0.125, [60, 64, 67]), { lengthBeats: 400, loopStartBeats: 200,
-      loopEndBeats: 204 });
+    const big = live.addSessionClip(keys, chords(800, 0.125, [60, 64, 67]), { lengthBeats: 800, loopStartBeats: 400,
+      loopEndBeats: 404 });
     live.showClip(big);
-    const outside = notesIn(big, 200, 204, false);
+    const outside = notesIn(big, 400, 404, false);
     const before = snapshot(big);
     const { request, reply } = await infillAndWait(keysDevice);
     const sent = keysDevice.messages("request").at(-1);
     assert.ok(sent.chunkCount > 1, `${sent.chunkCount} chunk(s)`);
     const { limits } = keysDevice.messages("response").find((r) => r.body.content.limits).body.content;
-    const [fromBeats, toBeats] = [200 - 4 * limits.context_bars, 204 + 4 * limits.context_bars];
+    const [fromBeats, toBeats] = [400 - 4 * limits.context_bars, 404 + 4 * limits.context_bars];
+    assert.ok(fromBeats > 0 && toBeats < 800, `the clip reaches past beats ${fromBeats}-${toBeats}`);
     assert.deepEqual(request.tracks[0].notes, clipNotes(before.filter((n) => n.start_time >= fromBeats
       && n.start_time < toBeats)), `the notes of beats ${fromBeats}-${toBeats} only`);
-    assert.deepEqual(notesIn(big, 200, 204, false), outside);
-    assert.deepEqual(clipNotes(notesIn(big, 200, 204)), candidateNotes(reply, 0, 0));
+    assert.deepEqual(notesIn(big, 400, 404, false), outside);
+    assert.deepEqual(clipNotes(notesIn(big, 400, 404)), candidateNotes(reply, 0, 0));
   });
 
   for (const [refused, how] of [[["string"], "throw"], [["string"], "silent"]]) {
