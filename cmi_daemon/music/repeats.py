@@ -114,8 +114,9 @@ def find_repeat(song: Song, start_qn: float, end_qn: float, target_tracks: Seque
         return None
     similarity, k = best
     offset_qn = k * OFFSET_STEP_QN
-    notes = {index: [n._replace(start_qn=n.start_qn - offset_qn,
-                                duration_qn=min(n.duration_qn, end_qn - (n.start_qn - offset_qn)))
-                     for n in song.tracks[index].notes if start_qn + offset_qn <= n.start_qn < end_qn + offset_qn]
+    moved = {index: [n._replace(start_qn=n.start_qn - offset_qn) for n in song.tracks[index].notes]
              for index in target_tracks}
+    notes = {index: [n._replace(duration_qn=min(n.duration_qn, end_qn - n.start_qn))
+                     for n in track_notes if start_qn <= n.start_qn < end_qn]
+             for index, track_notes in moved.items()}
     return Repeat(offset_qn, float(similarity), notes)

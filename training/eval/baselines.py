@@ -1,4 +1,4 @@
-"""Infilling systems under evaluation: the interface every system implements, and two baselines.
+"""Infilling systems under evaluation: the interface every system implements, and three baselines.
 
 A system gets the song with the blank's ground truth removed (the target tracks' notes that start
 inside [start_qn, end_qn) are gone), the blank, the target tracks and a seeded random generator,
@@ -12,6 +12,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from cmi_daemon.music.repeats import find_repeat
 from cmi_daemon.music.tokens import Note, Song
 
 
@@ -135,4 +136,18 @@ class RepeatPreviousBars:
         return result
 
 
-BASELINES: tuple[InfillSystem, ...] = (RandomNotes(), RepeatPreviousBars())
+@dataclass(frozen=True)
+class CopyOfTheRepeat:
+    """The song's repeat of the blank as the engine finds it (`repeats.find_repeat`), copied as it
+    is, no model: how much of an engine's infill the search alone gives. Nothing where the song
+    has no repeat."""
+
+    name: str = "copy of the song's repeat"
+
+    def infill(self, song: Song, blank: Blank, target_tracks: Sequence[int],
+               rng: np.random.Generator) -> dict[int, list[Note]]:
+        repeat = find_repeat(song, blank.start_qn, blank.end_qn, target_tracks)
+        return {t: list(repeat.notes[t]) if repeat is not None else [] for t in target_tracks}
+
+
+BASELINES: tuple[InfillSystem, ...] = (RandomNotes(), RepeatPreviousBars(), CopyOfTheRepeat())
