@@ -259,12 +259,13 @@ def widened(low: int, high: int) -> tuple[int, int]:
 def resolve_controls(song: Song, track_index: int, start_qn: float, end_qn: float,
                      request: ControlRequest = ControlRequest(),
                      repeat_notes: Optional[Sequence[Note]] = None) -> TrackControls:
-    """The track's controls: the musician's values, the rest from its context bars and, where the
-    song repeats the range (`repeats.find_repeat`), the repeat's notes of the track (repeat_notes,
-    moved into the range) with them. The density comes from the notes the infill replaces when the
-    range holds some of the track's (bars being rewritten keep their pace), else from the repeat,
-    else from the context: 0 for a track that plays elsewhere in the song but neither in the range
-    nor around it, which therefore rests (`TrackControls.rests`). A track with no notes at all (a
+    """The track's controls: the musician's values, the rest from its context bars. The density
+    comes from the notes the infill replaces when the range holds some of the track's (bars being
+    rewritten keep their pace), else, where the song repeats the range (`repeats.find_repeat`),
+    from the repeat's notes of the track (repeat_notes, moved into the range), else from the
+    context: 0 for a track that plays elsewhere in the song but neither in the range nor around
+    it, which therefore rests (`TrackControls.rests`). The hard limits (grid, polyphony, ranges)
+    are the context's alone: a repeat's note beyond them is not played. A track with no notes at all (a
     new part) takes the polyphony and register of its role (`roles.part_role`: its name or
     instrument; NEW_PART_DEFAULTS), and the song's grid and pitch classes."""
     notes, span_qn = context_notes(song, [track_index], start_qn, end_qn)
@@ -275,7 +276,6 @@ def resolve_controls(song: Song, track_index: int, start_qn: float, end_qn: floa
                       and song.tracks[track_index].notes
                       else len(notes) / span_qn if (notes or song.tracks[track_index].notes) and span_qn > 0
                       else None)
-    notes = notes + list(repeat_notes or ())
     pitches = [n.pitch for n in notes]
     velocities = [n.velocity for n in notes]
     drums = song.tracks[track_index].is_drum
