@@ -575,19 +575,24 @@ def test_infill_settings_are_kept_with_the_project_and_shape_the_infill(reaper, 
                                                                        monkeypatch):
     """The settings dialog shows what the project holds, keeps what the musician types (empty fields
     follow each track), and the next infill's notes keep to it: one note at a time, pitches 60-72,
-    onsets on the 1/8 grid of the bar lines."""
+    onsets on the 1/8 grid of the bar lines, the song's repeats not followed."""
     monkeypatch.setenv("CMI_HOME", str(daemon_home))
-    reaper.user_inputs.extend([",1,60-72,,,1/8", None])
+    reaper.user_inputs.extend([",1,60-72,,,1/8,0", None])
     reaper.run_script(SETTINGS_SCRIPT)
     assert reaper.message_boxes == [], reaper.message_boxes
     title, n_fields, captions, shown = reaper.dialogs[0]
-    assert (title, n_fields, shown) == ("CMI: Infill settings", 6, ",,,,,")
-    assert captions.endswith(",extrawidth=120") and len(captions.split(",")) == 7
+    assert (title, n_fields, shown) == ("CMI: Infill settings", 7, ",,,,,,")
+    assert captions.endswith(",extrawidth=120") and len(captions.split(",")) == 8
     assert json.loads(reaper.project_ext_state[("CMI", "controls")]) == {
-        "max_polyphony": 1, "pitch_range": [60, 72], "grid": "1/8"}
+        "max_polyphony": 1, "pitch_range": [60, 72], "grid": "1/8", "follow_repeat": 0.0}
     reaper.run_script(SETTINGS_SCRIPT)  # shown again, then cancelled: nothing changes
-    assert reaper.dialogs[1][3] == ",1,60-72,,,1/8"
+    assert reaper.dialogs[1][3] == ",1,60-72,,,1/8,0"
     assert json.loads(reaper.project_ext_state[("CMI", "controls")])["max_polyphony"] == 1
+    sys.path.insert(0, str(BRIDGE))
+    import cmi_reaper
+
+    options = cmi_reaper.infill_options(2)
+    assert options["follow_repeat"] == 0.0 and all("follow_repeat" not in c for c in options["controls"])
 
     reaper.run_script(INFILL_SCRIPT)
     drive(reaper)
@@ -603,10 +608,12 @@ def test_infill_settings_are_kept_with_the_project_and_shape_the_infill(reaper, 
 
 
 def test_a_setting_it_cannot_read_is_refused_and_nothing_is_kept(reaper):
-    reaper.user_inputs.append("lots,,,,,")
+    reaper.user_inputs.extend(["lots,,,,,,", ",,,,,,2"])
+    reaper.run_script(SETTINGS_SCRIPT)
     reaper.run_script(SETTINGS_SCRIPT)
     assert ("CMI", "controls") not in reaper.project_ext_state
     assert "Notes per quarter note: 'lots' is not a value it takes" in reaper.message_boxes[0][0]
+    assert "Follow the song's repeats (0-1): '2' is not a value it takes" in reaper.message_boxes[1][0]
 
 
 @pytest.mark.slow

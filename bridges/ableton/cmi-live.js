@@ -8,7 +8,8 @@
 // new note in one of them, and the notes that were there are put back if it then takes none of the rest.
 //
 // Messages in (from the device's UI and the node part): init, infill, again, keep, candidate N,
-// temperature T, control NAME VALUE (the per-track controls' dials and grid menu), ready,
+// temperature T, repeats F (how closely to follow the song's repeats, 0..1), control NAME VALUE (the
+// per-track controls' dials and grid menu), ready,
 // response ID INDEX COUNT CHUNK.
 // Outlets: 0 to node.script (request ID INDEX COUNT CHUNK), 1 to the status comment (set TEXT),
 // 2 to the candidate menu (clear, append ITEM, set N).
@@ -46,6 +47,7 @@ var INSTRUMENT_DEVICE_TYPE = 1;
 
 var device = null;
 var temperatureValue = 1.0;
+var followRepeatValue = 1.0;
 // The control dials as set: 0 (Low 0, High 127, Vel Lo 1, Vel Hi 127, grid auto) leaves a control to the
 // clip's own notes.
 var controlValues = { polyphony: 0, density: 0, length: 0, low: 0, high: ALL_PITCHES - 1, vello: MIN_VELOCITY,
@@ -285,10 +287,11 @@ function infillRequest(clip, limits) {
 	};
 }
 
-// The options of an infill: candidates, temperature and the controls the dials set.
+// The options of an infill: candidates, temperature, how closely to follow the song's repeats and the
+// controls the dials set.
 function infillOptions(limits) {
 	var options = { candidates: Math.min(CANDIDATES, limits.max_candidates),
-		temperature: Math.min(temperatureValue, limits.max_temperature) };
+		temperature: Math.min(temperatureValue, limits.max_temperature), follow_repeat: followRepeatValue };
 	var controls = { track: 0 };
 	if (controlValues.polyphony >= 1) controls.max_polyphony = Math.round(controlValues.polyphony);
 	if (controlValues.density > 0) controls.density_per_qn = controlValues.density;
@@ -496,4 +499,8 @@ function control(name, newValue) {
 
 function temperature(newTemperature) {
 	temperatureValue = Math.max(0, newTemperature);
+}
+
+function repeats(newValue) {
+	followRepeatValue = Math.max(0, Math.min(1, newValue));
 }

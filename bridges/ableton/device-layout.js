@@ -27,6 +27,10 @@ module.exports = {
     { id: "temperature", ui: "live.dial", label: "Temperature", at: [640, 20], view: [200, 4, 44, 48],
       range: [0, 2], initial: 1 },
     { id: "to-temperature", text: "prepend temperature", at: [640, 100] },
+    // How closely an infill follows the song's repeat of the bars (options.follow_repeat): 1 leans on it, 0 ignores it.
+    { id: "repeats", ui: "live.dial", label: "Repeats", at: [720, 20], view: [200, 54, 44, 48], range: [0, 1],
+      initial: 1 },
+    { id: "to-repeats", text: "prepend repeats", at: [720, 100] },
     // Per-track controls (docs/controls.md); 0 (and Low 0 / High 127, Grid auto) follow the clip's own notes.
     { id: "polyphony", ui: "live.dial", label: "Poly", at: [800, 20], view: [250, 4, 44, 48], range: [0, 16], initial: 0 },
     { id: "to-polyphony", text: "prepend control polyphony", at: [800, 100] },
@@ -65,6 +69,8 @@ module.exports = {
     ["to-candidate", 0, "live", 0],
     ["temperature", 0, "to-temperature", 0],
     ["to-temperature", 0, "live", 0],
+    ["repeats", 0, "to-repeats", 0],
+    ["to-repeats", 0, "live", 0],
     ["polyphony", 0, "to-polyphony", 0],
     ["to-polyphony", 0, "live", 0],
     ["density", 0, "to-density", 0],

@@ -68,8 +68,14 @@ CONTROL_FIELDS = (
     ("velocity_range", "Velocity range (e.g. 60-110)", "range"),
     ("grid", "Grid (auto or off or 1/16 or 1/8T ...)", str),
 )
-"""Settings of the dialog: the daemon's per-track controls (docs/protocol.md 5.2), a caption each;
-an empty field takes what the track does around the selection."""
+"""The daemon's per-track controls (docs/protocol.md 5.2), a caption each; an empty field takes what
+the track does around the selection."""
+OPTION_FIELDS = (
+    ("follow_repeat", "Follow the song's repeats (0-1)", "share"),
+)
+"""The request's own options in the dialog; an empty field takes the daemon's default."""
+SETTING_FIELDS = CONTROL_FIELDS + OPTION_FIELDS
+"""Every field of the settings dialog, in its order."""
 USER_INPUT_CHARS = 512
 START_COMMAND = "cmi-daemon start --detach"
 CLIENT_NAME = "cmi-reaper"
@@ -604,13 +610,14 @@ def saved_controls() -> dict:
         controls = json.loads(text)
     except ValueError:
         return {}
-    return {key: controls[key] for key, _, _ in CONTROL_FIELDS if key in controls} if isinstance(controls, dict) else {}
+    return {key: controls[key] for key, _, _ in SETTING_FIELDS if key in controls} if isinstance(controls, dict) else {}
 
 
 def infill_options(n_tracks: int) -> dict:
-    """The infill's options: one candidate, and the project's settings for every track."""
-    controls = saved_controls()
-    options = {"candidates": 1}
+    """The infill's options: one candidate, the project's request options, and its controls for every track."""
+    settings = saved_controls()
+    options = {"candidates": 1, **{key: settings[key] for key, _, _ in OPTION_FIELDS if key in settings}}
+    controls = {key: settings[key] for key, _, _ in CONTROL_FIELDS if key in settings}
     if controls:
         options["controls"] = [dict(controls, track=index) for index in range(n_tracks)]
     return options
@@ -634,6 +641,11 @@ def parse_control(caption: str, kind, text: str):
         if kind == "range":
             low, high = (int(part) for part in text.split("-"))
             return [low, high]
+        if kind == "share":
+            value = float(text)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(text)
+            return value
         return kind(text)
     except ValueError:
         raise BridgeError(f"{caption}: {text!r} is not a value it takes. Leave it empty for what the track "
@@ -643,23 +655,23 @@ def parse_control(caption: str, kind, text: str):
 def start_settings() -> None:
     """Ask for the infill settings and keep them with the project."""
     current = saved_controls()
-    captions = ",".join(caption for _, caption, _ in CONTROL_FIELDS) + ",extrawidth=120"
-    defaults = ",".join(control_text(current.get(key)) for key, _, _ in CONTROL_FIELDS)
-    ok, _, _, _, answer, _ = rpr.RPR_GetUserInputs(SETTINGS_ACTION, len(CONTROL_FIELDS), captions, defaults,
+    captions = ",".join(caption for _, caption, _ in SETTING_FIELDS) + ",extrawidth=120"
+    defaults = ",".join(control_text(current.get(key)) for key, _, _ in SETTING_FIELDS)
+    ok, _, _, _, answer, _ = rpr.RPR_GetUserInputs(SETTINGS_ACTION, len(SETTING_FIELDS), captions, defaults,
                                                    USER_INPUT_CHARS)
     if not ok:
         return
     texts = answer.split(",")
-    if len(texts) != len(CONTROL_FIELDS):
+    if len(texts) != len(SETTING_FIELDS):
         raise BridgeError(f"{SETTINGS_ACTION}: a field held a comma; write ranges as 48-72.")
     controls = {}
-    for (key, caption, kind), text in zip(CONTROL_FIELDS, texts):
+    for (key, caption, kind), text in zip(SETTING_FIELDS, texts):
         value = parse_control(caption, kind, text)
         if value is not None:
             controls[key] = value
     rpr.RPR_SetProjExtState(CURRENT_PROJECT, EXT_SECTION, CONTROLS_KEY, json.dumps(controls))
     show_status("infill settings for this project: " + (", ".join(f"{caption} {control_text(controls[key])}"
-                                                                 for key, caption, _ in CONTROL_FIELDS
+                                                                 for key, caption, _ in SETTING_FIELDS
                                                                  if key in controls)
                                                        or "all from each track's own bars") + ".")
 

@@ -232,7 +232,7 @@ class FakeDevice {
     this.send("temperature", 0, [value]);
   }
 
-  // A control dial (polyphony, density, length, low, high) turned, or the grid menu's item chosen.
+  // A dial (the controls' polyphony, density, length, low, high; repeats) turned, or the grid menu's item chosen.
   turn(controlId, value) {
     const ui = this.boxes.get(controlId).ui;
     if (ui !== "live.dial" && ui !== "live.menu") throw new Error(`${controlId} is not a dial or menu`);

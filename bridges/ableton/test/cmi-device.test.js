@@ -142,6 +142,7 @@ describe("the CMI device in a fake Live, against a live daemon", () => {
     assert.deepEqual(request.tempo, [[0, 100]]);
     assert.deepEqual(request.time_signatures, [[0, 4, 4]]);
     assert.equal(request.options.temperature, 0.5);
+    assert.equal(request.options.follow_repeat, 1, "the repeats dial at rest follows the song's repeats");
     assert.deepEqual(request.tracks[0].notes.slice(0, 2), [[0, 0.5, 60, 90], [1, 0.5, 65, 90]]);
     assert.equal(request.tracks[0].name, "Keys");
     assert.deepEqual(notesIn(sessionClip, 4, 8, false), outside);
@@ -290,11 +291,12 @@ describe("the CMI device in a fake Live, against a live daemon", () => {
     assert.equal(free.options.controls, undefined, "dials at rest leave every control to the clip");
     assert.equal(free.tracks[0].drum, false);
     for (const [dial, value] of [["polyphony", 1], ["low", 62], ["high", 70], ["grid", 4], ["length", 0.5],
-      ["vello", 100]]) {
+      ["vello", 100], ["repeats", 0]]) {
       keysDevice.turn(dial, value);
     }
     try {
       const { request, reply } = await infillAndWait(keysDevice);
+      assert.equal(request.options.follow_repeat, 0);
       assert.deepEqual(request.options.controls,
         [{ track: 0, max_polyphony: 1, pitch_range: [62, 70], velocity_range: [100, 127], grid: "1/8T",
           note_length_qn: 0.5 }]);
@@ -311,7 +313,7 @@ describe("the CMI device in a fake Live, against a live daemon", () => {
       }
     } finally {
       for (const [dial, value] of [["polyphony", 0], ["low", 0], ["high", 127], ["grid", 0], ["length", 0],
-        ["vello", 1]]) {
+        ["vello", 1], ["repeats", 1]]) {
         keysDevice.turn(dial, value);
       }
     }
