@@ -68,8 +68,8 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 def find_repeat(song: Song, start_qn: float, end_qn: float, target_tracks: Sequence[int],
                 min_similarity: float = MIN_SIMILARITY) -> Optional[Repeat]:
     """The section of the song that best repeats [start_qn, end_qn), or None when no section's
-    surroundings share min_similarity of the range's notes. Sections overlap neither the range nor
-    the song's start; of equally good ones the nearest wins."""
+    surroundings share min_similarity of the range's notes. A section neither overlaps the range
+    nor starts before the song; of equally good ones the nearest wins, the earlier of two as near."""
     width_qn = end_qn - start_qn
     targets = set(target_tracks)
     rows = [(index, n.pitch, n.start_qn) for index, track in enumerate(song.tracks) for n in track.notes
