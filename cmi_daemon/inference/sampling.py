@@ -182,6 +182,9 @@ class RepeatGuide:
     tracks: frozenset[int]
     """The target tracks it guides: those the repeat speaks for (they play in the song) and whose
     density the musician left to it. Other tracks' note-ons are not held back by it."""
+    track_onsets: dict[int, np.ndarray]
+    """Guided track -> the sorted steps of its guide notes' onsets, one per note: where its density
+    expects its notes (`AnswerState._density_push`)."""
 
     @classmethod
     def from_repeat(cls, repeat: Repeat, song: Song, region: Region, constraints: dict[int, "TrackConstraints"],
@@ -193,6 +196,7 @@ class RepeatGuide:
         with no notes in the song (a new part), are not guided."""
         onsets: dict[int, set[tuple[int, int]]] = {}
         length_steps = {}
+        track_onsets: dict[int, list[int]] = {}
         tempo_map = song.tempo_map
         for track, notes in repeat.notes.items():
             if track in densities_set:
@@ -207,11 +211,12 @@ class RepeatGuide:
                 if not 0 <= on < region.n_steps:
                     continue
                 onsets.setdefault(on, set()).add((instrument_bin, note.pitch))
+                track_onsets.setdefault(track, []).append(on)
                 if track not in lengths_set:
                     length_steps[(on, instrument_bin, note.pitch)] = float(max(1, off - on))
         guided = frozenset(t for t in repeat.notes if song.tracks[t].notes and t not in densities_set)
         return cls({step: frozenset(keys) for step, keys in onsets.items()}, length_steps, GUIDE_GAIN * strength,
-                   guided)
+                   guided, {t: np.sort(steps) for t, steps in track_onsets.items() if t in guided})
 
 
 def harmony_bias(shares: Sequence[float]) -> np.ndarray:
@@ -481,9 +486,13 @@ class AnswerState:
     def _density_push(self, track: int, constraint: TrackConstraints) -> float:
         """The note-on bias that keeps the track's note count to its density's pace: a pull of
         DENSITY_PULL_PER_NOTE per note once the count reaches the pace (plus a lead of up to
-        DENSITY_LEAD_NOTES), a gentle push while it is behind."""
+        DENSITY_LEAD_NOTES), a gentle push while it is behind. The pace is even over the range,
+        or, for a track the guide guides, where the guide's notes fall."""
         ahead = min(constraint.max_polyphony or 1, DENSITY_LEAD_NOTES)
-        expected = constraint.expected_notes * self.clock / max(1, self.n_steps) + ahead
+        guide_onsets = self.guide.track_onsets.get(track) if self.guide is not None else None
+        share = (np.searchsorted(guide_onsets, self.clock, side="right") / len(guide_onsets)
+                 if guide_onsets is not None and len(guide_onsets) else self.clock / max(1, self.n_steps))
+        expected = constraint.expected_notes * share + ahead
         n_notes = self.notes_per_track[track]
         if n_notes >= expected:
             return -min(MAX_DENSITY_PULL, DENSITY_PULL_PER_NOTE * (n_notes - expected + 1.0))
