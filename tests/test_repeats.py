@@ -5,6 +5,7 @@ every control."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -114,3 +115,21 @@ def test_follow_repeat_is_checked_on_the_wire_and_in_the_engine():
         schema.parse_options({"follow_repeat": 1.5}, Limits(), [])
     with pytest.raises(CMIError, match="follow_repeat"):
         InfillOptions(follow_repeat=-0.1)
+
+
+def test_the_infill_command_says_which_repeat_it_followed(tmp_path, capsys, monkeypatch):
+    """`cmi-daemon infill --json` names the section it followed, and none with --follow-repeat 0."""
+    from cmi_daemon.cli.main import main
+
+    monkeypatch.setenv("CMI_HOME", str(tmp_path / "home"))
+    path = POP909_FIXTURES[1]
+    song = read_midi(path)
+    start_qn, end_qn = song.meter.bar_range_qn(33, 36)
+    expected = find_repeat(song, start_qn, end_qn, TARGETS)
+    reports = []
+    for index, follow in enumerate(("1", "0")):
+        assert main(["infill", str(path), "--bars", "33-36", "--seed", "1", "--follow-repeat", follow,
+                     "-o", str(tmp_path / f"out{index}.mid"), "--json"]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert expected is not None and reports[0]["repeat"]["offset_qn"] == expected.offset_qn
+    assert reports[1]["repeat"] is None

@@ -83,7 +83,7 @@ def infill_via_daemon(args, midi, song, bars: tuple[int, int], range_qn: tuple[f
     infill_cli.report(args, song, bars, range_qn, targets,
                       f"infilled by the daemon ({reply['model']}) on {hello.get('device')}", reply.get("seed"),
                       candidates, [candidate.get("seed") for candidate in reply["candidates"]], output_paths,
-                      reply["timings_ms"])
+                      reply["timings_ms"], reply.get("repeat"))
     return 0
 
 

@@ -175,13 +175,19 @@ def limits_from_hello(hello: dict) -> Limits:
 
 def report(args, song: Song, bars: tuple[int, int], range_qn: tuple[float, float], targets: Sequence[int],
            model_line: str, seed: Optional[int], candidates: Sequence[Mapping[int, Sequence[Note]]],
-           seeds: Sequence[Optional[int]], paths: Sequence[Path], timings_ms: dict) -> None:
-    """Print what was written: a summary (on stderr with --json), and with --json the new notes on stdout."""
+           seeds: Sequence[Optional[int]], paths: Sequence[Path], timings_ms: dict,
+           repeat: Optional[Mapping] = None) -> None:
+    """Print what was written: a summary (on stderr with --json), and with --json the new notes on
+    stdout; repeat is the song's repeat that guided the infill (the reply's `repeat`), if any."""
     out = sys.stderr if args.json else sys.stdout
     (first_bar, last_bar), (start_qn, end_qn) = bars, range_qn
     print(f"{args.file}: bars {first_bar}-{last_bar} (QN {start_qn:g}-{end_qn:g}), tracks "
           + ", ".join(f"{t + 1} {song.tracks[t].name}" for t in targets), file=out)
     print(f"{model_line}, seed {seed}, {timings_ms.get('total', float('nan')):.0f} ms", file=out)
+    if repeat is not None:
+        print(f"following the song's repeat of these bars at QN {start_qn + repeat['offset_qn']:g}-"
+              f"{end_qn + repeat['offset_qn']:g} (similarity {repeat['similarity']:.2f}; --follow-repeat 0 "
+              "leaves the model to itself)", file=out)
     for index, (notes, candidate_seed, path) in enumerate(zip(candidates, seeds, paths), start=1):
         counts = ", ".join(f"track {t + 1}: {len(track_notes)}" for t, track_notes in notes.items())
         print(f"candidate {index} (seed {candidate_seed}): notes {counts} -> {path}", file=out)
@@ -190,7 +196,7 @@ def report(args, song: Song, bars: tuple[int, int], range_qn: tuple[float, float
 
         print(json.dumps({
             "file": str(args.file), "bars": [first_bar, last_bar], "start_qn": start_qn, "end_qn": end_qn,
-            "tracks": [t + 1 for t in targets], "seed": seed, "timings_ms": timings_ms,
+            "tracks": [t + 1 for t in targets], "seed": seed, "timings_ms": timings_ms, "repeat": repeat,
             "candidates": [{"index": index, "seed": candidate_seed, "output": str(path),
                             "tracks": {str(t + 1): notes_json(track_notes) for t, track_notes in notes.items()}}
                            for index, (notes, candidate_seed, path) in enumerate(zip(candidates, seeds, paths),

@@ -114,7 +114,7 @@ def command_infill(args) -> int:
                       f"model {engine.bundle.path} on {onnx_device(engine.providers)}, "
                       f"{result.n_prompt_tokens} prompt tokens", result.seed,
                       [c.notes for c in result.candidates], [c.seed for c in result.candidates], paths,
-                      result.timings_ms)
+                      result.timings_ms, None if result.repeat is None else result.repeat.as_wire())
     return 0
 
 

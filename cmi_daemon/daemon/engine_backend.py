@@ -90,10 +90,9 @@ class EngineBackend:
                                     profile=request.options.profile)
         timings_ms = dict(result.timings_ms)
         timings_ms["infill"] = round((time.perf_counter() - started_s) * 1000.0, 3)
-        repeat = None if result.repeat is None else {
-            "offset_qn": result.repeat.offset_qn, "similarity": round(result.repeat.similarity, 4)}
         return BackendResult([candidate.notes for candidate in result.candidates], timings_ms,
-                            [candidate.seed for candidate in result.candidates], repeat)
+                            [candidate.seed for candidate in result.candidates],
+                            None if result.repeat is None else result.repeat.as_wire())
 
 
 def load_engine_backend(model_dir: Path, settings: Settings) -> EngineBackend:

@@ -47,6 +47,10 @@ class Repeat:
     notes: dict[int, list[Note]]
     """Target track -> the section's notes moved into the range (starting in it, cut at its end)."""
 
+    def as_wire(self) -> dict:
+        """What the protocol's reply says of it (docs/protocol.md, `repeat`)."""
+        return {"offset_qn": float(self.offset_qn), "similarity": round(self.similarity, 4)}
+
     @property
     def confidence(self) -> float:
         """0..1: how far to follow it, rising from 0 at MIN_SIMILARITY to 1 at FULL_SIMILARITY (a weak
