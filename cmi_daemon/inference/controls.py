@@ -265,23 +265,22 @@ def resolve_controls(song: Song, track_index: int, start_qn: float, end_qn: floa
     from the repeat's notes of the track (repeat_notes, moved into the range), else from the
     context: 0 for a track that plays elsewhere in the song but neither in the range nor around
     it, which therefore rests (`TrackControls.rests`). The hard limits (grid, polyphony, ranges)
-    are the context's alone: a repeat's note beyond them is not played. A track with no notes at all (a
-    new part) takes the polyphony and register of its role (`roles.part_role`: its name or
+    are the context's alone: a repeat's note beyond them is not played. A track with no notes at
+    all (a new part) takes the polyphony and register of its role (`roles.part_role`: its name or
     instrument; NEW_PART_DEFAULTS), and the song's grid and pitch classes."""
     notes, span_qn = context_notes(song, [track_index], start_qn, end_qn)
     replaced = sum(start_qn <= n.start_qn < end_qn for n in song.tracks[track_index].notes)
+    plays_elsewhere = bool(song.tracks[track_index].notes)
     density_per_qn = (request.density_per_qn if request.density_per_qn is not None
                       else replaced / (end_qn - start_qn) if replaced
-                      else len(repeat_notes) / (end_qn - start_qn) if repeat_notes is not None
-                      and song.tracks[track_index].notes
-                      else len(notes) / span_qn if (notes or song.tracks[track_index].notes) and span_qn > 0
+                      else len(repeat_notes) / (end_qn - start_qn) if repeat_notes is not None and plays_elsewhere
+                      else len(notes) / span_qn if (notes or plays_elsewhere) and span_qn > 0
                       else None)
     pitches = [n.pitch for n in notes]
     velocities = [n.velocity for n in notes]
     drums = song.tracks[track_index].is_drum
     pitched = [i for i, t in enumerate(song.tracks) if not t.is_drum]
     song_notes, _ = context_notes(song, pitched if not drums else [track_index], start_qn, end_qn)
-    plays_elsewhere = bool(song.tracks[track_index].notes)
     if request.grid == "auto":
         own_onsets = notes if plays_elsewhere else song_notes  # a new part plays on the song's grid
         grid = detect_grid([n.start_qn for n in own_onsets], [n.start_qn for n in song_notes])

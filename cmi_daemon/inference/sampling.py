@@ -72,7 +72,8 @@ HARMONY_FLOOR = 0.01
 log(HARMONY_FLOOR / (1/12 + HARMONY_FLOOR)), about 2.2, not forbidden (a passing note stays possible)."""
 GUIDE_GAIN = 8.0
 """Logit bias toward the repeat guide's notes at full strength (`RepeatGuide`): on a guide note's
-note-on at its step, on the wait that lands on the next guide onset, and against waits past it."""
+note-on at its step and its note-off at its length, on the wait that lands on the guide's next
+onset or note end, and against waits past it."""
 GUIDE_STRAY_SHARE = 1.0
 """Of GUIDE_GAIN, the bias against a note-on the guide does not have at the clock, and against
 waiting on while guide notes of the clock are still to play."""
@@ -194,16 +195,16 @@ class RepeatGuide:
         starts notes there only. The tracks of lengths_set keep the note length the musician set;
         the others' notes aim at the lengths of the guide's. The tracks of densities_set, and those
         with no notes in the song (a new part), are not guided."""
+        guided = frozenset(t for t in repeat.notes if song.tracks[t].notes and t not in densities_set)
         onsets: dict[int, set[tuple[int, int]]] = {}
         length_steps = {}
         track_onsets: dict[int, list[int]] = {}
         tempo_map = song.tempo_map
-        for track, notes in repeat.notes.items():
-            if track in densities_set:
-                continue
+        # In the repeat's track order: where two tracks' notes share a key, the last one's length holds.
+        for track in (t for t in repeat.notes if t in guided):
             grid = constraints[track].grid_steps if track in constraints else None
             instrument_bin = track_bin(song, track)
-            for note in notes:
+            for note in repeat.notes[track]:
                 on, off = (int(s) - region.start_step for s in ms_to_step(
                     tempo_map.ms_at(np.array([note.start_qn, note.start_qn + note.duration_qn]))))
                 if grid is not None and len(grid):
@@ -214,9 +215,8 @@ class RepeatGuide:
                 track_onsets.setdefault(track, []).append(on)
                 if track not in lengths_set:
                     length_steps[(on, instrument_bin, note.pitch)] = float(max(1, off - on))
-        guided = frozenset(t for t in repeat.notes if song.tracks[t].notes and t not in densities_set)
         return cls({step: frozenset(keys) for step, keys in onsets.items()}, length_steps, GUIDE_GAIN * strength,
-                   guided, {t: np.sort(steps) for t, steps in track_onsets.items() if t in guided})
+                   guided, {t: np.sort(steps) for t, steps in track_onsets.items()})
 
 
 def harmony_bias(shares: Sequence[float]) -> np.ndarray:
