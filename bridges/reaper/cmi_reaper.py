@@ -600,8 +600,9 @@ def infill_content(selection: Selection, limits: DaemonLimits) -> dict:
 
 # ----- settings -----
 
-def saved_controls() -> dict:
-    """The project's infill settings (control name -> value); {} when none were set."""
+def saved_settings() -> dict:
+    """The project's infill settings (setting name -> value: the per-track controls and the request
+    options); {} when none were set."""
     size, _, _, _, text, _ = rpr.RPR_GetProjExtState(CURRENT_PROJECT, EXT_SECTION, CONTROLS_KEY, "",
                                                      USER_INPUT_CHARS)
     if not size:
@@ -615,7 +616,7 @@ def saved_controls() -> dict:
 
 def infill_options(n_tracks: int) -> dict:
     """The infill's options: one candidate, the project's request options, and its controls for every track."""
-    settings = saved_controls()
+    settings = saved_settings()
     options = {"candidates": 1, **{key: settings[key] for key, _, _ in OPTION_FIELDS if key in settings}}
     controls = {key: settings[key] for key, _, _ in CONTROL_FIELDS if key in settings}
     if controls:
@@ -654,7 +655,7 @@ def parse_control(caption: str, kind, text: str):
 
 def start_settings() -> None:
     """Ask for the infill settings and keep them with the project."""
-    current = saved_controls()
+    current = saved_settings()
     captions = ",".join(caption for _, caption, _ in SETTING_FIELDS) + ",extrawidth=120"
     defaults = ",".join(control_text(current.get(key)) for key, _, _ in SETTING_FIELDS)
     ok, _, _, _, answer, _ = rpr.RPR_GetUserInputs(SETTINGS_ACTION, len(SETTING_FIELDS), captions, defaults,
